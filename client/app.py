@@ -1,0 +1,85 @@
+"""Thin Flower glue for a site: decode a request, call :class:`client.site.Site`, encode the reply.
+
+A refusal (privacy budget spent, delta too large, mismatched adapter) is a normal reply
+with ``status.state = "refused"`` and a reason; it carries no tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import RoundRequest, Site, SiteRefusal
+from common.wire import ADAPTER, METRICS, PLAN, STATUS, from_array_record, to_array_record
+
+log = logging.getLogger("fedtune.client")
+
+SiteFactory = Callable[[Context], Site]
+
+
+def decode_request(content: RecordDict) -> RoundRequest:
+    plan = content[PLAN]
+    fields = RoundRequest.__dataclass_fields__
+    return RoundRequest(**{name: plan[name.replace("_", "-")] for name in fields if name.replace("_", "-") in plan})
+
+
+def _status(site_id: str, state: str, reason: str = "") -> ConfigRecord:
+    return ConfigRecord({"site-id": site_id, "state": state, "reason": reason})
+
+
+def build_client_app(site_for: SiteFactory) -> ClientApp:
+    """A ClientApp whose site (data, model, ledger) is found by ``site_for(context)``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        site = site_for(context)
+        try:
+            request = decode_request(msg.content)
+            outcome = site.train(request, from_array_record(msg.content[ADAPTER]))
+        except SiteRefusal as exc:
+            log.warning("%s refused round: %s", site.site_id, exc)
+            return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
+        metrics = MetricRecord({
+            "num-examples": outcome.num_examples, "train-loss": outcome.train_loss, "steps": outcome.steps,
+            "epsilon": outcome.epsilon, "noise-multiplier": outcome.noise_multiplier,
+            "sample-rate": outcome.sample_rate, "seconds": outcome.seconds,
+        })
+        content = RecordDict({
+            ADAPTER: to_array_record(outcome.adapter), METRICS: metrics, STATUS: _status(site.site_id, "trained"),
+        })
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        site = site_for(context)
+        fingerprint = str(msg.content[PLAN].get("a-fingerprint", "")) if PLAN in msg.content else ""
+        try:
+            metrics = site.evaluate(from_array_record(msg.content[ADAPTER]), fingerprint)
+        except SiteRefusal as exc:
+            return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
+        return Message(
+            RecordDict({METRICS: MetricRecord(metrics), STATUS: _status(site.site_id, "evaluated")}), reply_to=msg
+        )
+
+    return app
+
+
+def simulated_site_factory(cfg, spec, run_dir: Path) -> SiteFactory:
+    """Sites of a simulation: each derives its own share of the data from its partition id."""
+    cache: dict[int, Site] = {}
+
+    def site_for(context: Context) -> Site:
+        from common.data.federation_data import build_site_splits
+
+        pid = int(context.node_config["partition-id"])
+        if pid not in cache:
+            splits, _ = build_site_splits(cfg)
+            cache[pid] = Site(f"site-{pid}", cfg, spec, splits[pid], Path(run_dir) / "sites" / f"site-{pid}")
+        return cache[pid]
+
+    return site_for

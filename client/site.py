@@ -1,0 +1,132 @@
+"""One site's runtime: its data (never sent), its adapted model, its privacy ledger.
+
+The Flower glue in ``client.app`` only decodes messages and calls :meth:`Site.train` or
+:meth:`Site.evaluate`; everything a site decides (how much noise, whether it may train at
+all) is decided here, from its own data size and its own ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.dp_training import LocalTrainPlan, train_adapter
+from common.config import FedtuneConfig
+from common.data.encoding import EncodedSet, encode_examples
+from common.data.federation_data import SiteSplit, load_label_set
+from common.evaluation import evaluate_model
+from common.models.loading import BaseModelSpec
+from common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
+from common.privacy.accounting import calibrate_noise
+from common.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+
+log = logging.getLogger("fedtune.site")
+
+
+class SiteRefusal(RuntimeError):
+    """The site declines a request; the reason is sent back to the server verbatim."""
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """What the server asks of a site for one round (decoded from the ``plan`` record)."""
+
+    run_id: str
+    round: int
+    total_rounds: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    optimizer: str
+    dp: bool
+    epsilon: float
+    delta: float
+    max_grad_norm: float
+    a_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    adapter: dict[str, np.ndarray]
+    num_examples: int
+    train_loss: float
+    steps: int
+    epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    seconds: float
+
+
+_MODELS: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _cached_model(spec: BaseModelSpec, cfg: FedtuneConfig) -> tuple[Any, Any]:
+    """One adapted model per process (a simulation actor serves many sites); weights are reset per request."""
+    key = (spec, cfg.lora.model_dump_json())
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = build_adapted_model(spec, cfg.lora)
+    return _MODELS[key]
+
+
+class Site:
+    def __init__(self, site_id: str, cfg: FedtuneConfig, spec: BaseModelSpec, split: SiteSplit, state_dir: Path):
+        self.site_id, self.cfg, self.spec, self.state_dir = site_id, cfg, spec, Path(state_dir)
+        self.model, self.tokenizer = _cached_model(spec, cfg)
+        labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
+        self.train_set: EncodedSet = encode_examples(split.train, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
+        self.val_set: EncodedSet = encode_examples(split.val, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
+        self.ledger_path = self.state_dir / "privacy_ledger.json"
+
+    def _set_global(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> None:
+        if self.cfg.lora.ffa and fingerprint and fingerprint != frozen_a_fingerprint(self.model):
+            raise SiteRefusal("FFA-LoRA frozen A matrices differ from the server's: check lora.init_seed and model")
+        load_adapter_state(self.model, adapter, self.cfg.lora.ffa)
+
+    def train(self, request: RoundRequest, adapter: dict[str, np.ndarray]) -> TrainOutcome:
+        start = time.time()
+        n = len(self.train_set)
+        self._set_global(adapter, request.a_fingerprint)
+        plan = LocalTrainPlan(
+            steps=request.local_steps, batch_size=min(request.batch_size, n), lr=request.lr,
+            optimizer=request.optimizer, max_grad_norm=request.max_grad_norm,
+            # Sampling and noise seeds come from the OS CSPRNG and never leave the site: noise
+            # derived from anything the server knows could be subtracted again.
+            seed=secrets.randbits(63),
+        )
+        q = plan.sample_rate(n)
+        sigma, eps_after, ledger = 0.0, float("inf"), None
+        if request.dp:
+            if request.delta >= 1.0 / n:
+                raise SiteRefusal(f"delta={request.delta} is not below 1/n = 1/{n} for this site's data; lower privacy.delta")
+            ledger = PrivacyLedger.open(self.ledger_path, request.delta)
+            sigma = calibrate_noise(request.epsilon, request.delta, q, request.total_rounds * request.local_steps)
+            try:
+                eps_after = ledger.check_budget(sigma, q, plan.steps, request.epsilon)
+            except PrivacyBudgetExceeded as exc:
+                raise SiteRefusal(str(exc)) from exc
+            plan = LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": sigma})
+        torch.set_num_threads(self.cfg.train.torch_threads)
+        result = train_adapter(self.model, self.train_set, self.cfg.model.task, plan)
+        if ledger is not None:
+            eps_after = ledger.record(request.run_id, request.round, sigma, q, result.steps).epsilon
+        log.info(
+            "%s round %d: %d steps, loss %.4f, noise %.3f, epsilon %.3f (%.1fs)",
+            self.site_id, request.round, result.steps, result.mean_loss, sigma, eps_after, time.time() - start,
+        )
+        return TrainOutcome(
+            adapter=adapter_state(self.model, self.cfg.lora.ffa), num_examples=n, train_loss=result.mean_loss,
+            steps=result.steps, epsilon=eps_after, noise_multiplier=sigma, sample_rate=q, seconds=time.time() - start,
+        )
+
+    def evaluate(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> dict[str, float]:
+        self._set_global(adapter, fingerprint)
+        torch.set_num_threads(self.cfg.train.torch_threads)
+        return evaluate_model(self.model, self.val_set, self.cfg.model.task, self.cfg.train.eval_batch_size)

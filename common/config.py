@@ -1,0 +1,214 @@
+"""One typed configuration for a federation, validated once at the edge.
+
+A run is described by a TOML file (see ``common/presets``) plus ``--set key=value``
+overrides. Everything downstream receives a :class:`FedtuneConfig`, never raw dicts.
+Relative paths are resolved against the directory of the TOML file that names them.
+"""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+DEFAULT_PRESET = "banking77-minilm"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the file and field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = "fedtune"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    """Which base model to adapt: a built-in name or a local Hugging Face directory."""
+
+    name: str = "minilm-l6"
+    path: Path | None = None
+    task: Literal["causal-lm", "classification"] = "classification"
+    max_length: int = Field(64, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class LoraSettings(_Section):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=list)
+    ffa: bool = False
+    init_seed: int = 0
+
+
+class DataConfig(_Section):
+    """Where the records are and which fields hold what."""
+
+    path: Path
+    test_path: Path | None = None
+    labels_file: Path | None = None
+    labels: list[str] = Field(default_factory=list)
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    max_records: int = Field(0, ge=0)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    max_eval_examples: int = Field(256, gt=0)
+
+    @field_validator("path", "test_path", "labels_file")
+    @classmethod
+    def _must_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.exists():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
+class PartitionConfig(_Section):
+    scheme: Literal["iid", "dirichlet", "column"] = "iid"
+    num_clients: int = Field(3, gt=0)
+    alpha: float = Field(0.5, gt=0)
+    column: str = "source"
+    min_examples: int = Field(20, gt=0)
+
+
+class FederationConfig(_Section):
+    rounds: int = Field(3, gt=0)
+    min_clients: int = Field(1, gt=0)
+    cpus_per_client: float = Field(1.0, gt=0)
+    round_timeout_s: float = Field(3600.0, gt=0)
+
+
+class TrainConfig(_Section):
+    local_steps: int = Field(10, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    eval_batch_size: int = Field(32, gt=0)
+    torch_threads: int = Field(1, gt=0)
+
+
+class PrivacyConfig(_Section):
+    """Target (epsilon, delta) for each site over the whole federation."""
+
+    enabled: bool = True
+    epsilon: float = Field(8.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class FedtuneConfig(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    lora: LoraSettings = LoraSettings()
+    data: DataConfig
+    partition: PartitionConfig = PartitionConfig()
+    federation: FederationConfig = FederationConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> FedtuneConfig:
+        if self.federation.min_clients > self.partition.num_clients:
+            raise ValueError(
+                f"federation.min_clients ({self.federation.min_clients}) exceeds "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
+        if self.model.task == "classification" and not (self.data.labels or self.data.labels_file):
+            raise ValueError("classification needs the agreed label set: set data.labels or data.labels_file")
+        return self
+
+
+_PATH_FIELDS = {("data", "path"), ("data", "test_path"), ("data", "labels_file"), ("model", "path")}
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    for section, key in _PATH_FIELDS:
+        value = raw.get(section, {}).get(key)
+        if isinstance(value, str) and value:
+            path = Path(value).expanduser()
+            raw[section][key] = str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=1e-3")
+    key, text = item.split("=", 1)
+    try:
+        value: Any = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides; values are parsed as TOML literals."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against the README's config reference)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = e.get("input")
+        got_text = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {field}: {msg}{got_text}")
+    return "\n".join(lines)
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.toml")))
+        raise ConfigError(f"unknown preset {name!r}; known presets: {known}")
+    return path
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> FedtuneConfig:
+    """Read a TOML file (default: the built-in preset), apply overrides, validate."""
+    path = Path(path) if path is not None else preset_path(DEFAULT_PRESET)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    apply_overrides(raw, overrides or [])
+    _resolve_paths(raw, path.parent)
+    try:
+        return FedtuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(str(path), exc)) from exc
+
+
+def config_to_toml_dict(cfg: FedtuneConfig) -> dict[str, Any]:
+    """A JSON/TOML-serialisable view (paths as strings, None dropped) for the run directory."""
+    return cfg.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,1 @@
+"""Base models (built-in, local or tiny), and LoRA adapters on them."""

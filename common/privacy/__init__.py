@@ -1,0 +1,1 @@
+"""Differential-privacy maths (noise calibration, accounting) and each site's privacy ledger."""

@@ -1,0 +1,1 @@
+"""The operator's side: aggregation, checkpoints, evaluation and the Flower ServerApp."""

@@ -1,0 +1,39 @@
+"""Thin Flower glue for the operator: a ServerApp that runs :class:`FederationServer`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.atomic_files import atomic_write_json
+from common.config import FedtuneConfig
+from common.data.encoding import encode_examples
+from common.data.federation_data import load_label_set, load_pool_and_test
+from common.models.loading import BaseModelSpec
+from server.federation import FederationServer
+from server.global_model import GlobalModel
+
+
+def build_server_app(cfg: FedtuneConfig, spec: BaseModelSpec, run_dir: Path, resume: bool = False) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        model = GlobalModel(cfg, spec)
+        _, test = load_pool_and_test(cfg)
+        labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
+        test_set = encode_examples(test, model.tokenizer, cfg.model.task, labels, cfg.model.max_length)
+        server = FederationServer(cfg, model, test_set, run_dir)
+        records = server.run(grid, resume)
+        outcome = server.finish(records)
+        atomic_write_json(Path(run_dir) / "result.json", {"records": len(records), **outcome})
+        print("\n" + outcome["table"], flush=True)
+
+    return app
+
+
+def read_result(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "result.json").read_text())

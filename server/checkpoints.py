@@ -1,0 +1,63 @@
+"""Per-round checkpoints of the global adapter, in peft's own format, written atomically.
+
+``round-0003/`` holds ``adapter_model.safetensors`` and ``adapter_config.json`` (so
+``PeftModel.from_pretrained`` loads it) plus ``round.json``. A round directory appears
+only once complete (staged, then renamed), so the newest one is always safe to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.atomic_files import atomic_write_json, publish_dir, staging_dir
+
+_ROUND_DIR = re.compile(r"^round-(\d{4})$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    round: int
+    directory: Path
+    info: dict[str, Any]
+
+
+class CheckpointStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path_for(self, round_: int) -> Path:
+        return self.root / f"round-{round_:04d}"
+
+    def save(self, round_: int, peft_model: Any, info: dict[str, Any]) -> Path:
+        staging = staging_dir(self.root, f"round-{round_:04d}")
+        try:
+            peft_model.save_pretrained(staging)
+            atomic_write_json(staging / "round.json", {"round": round_, **info})
+            final = self.path_for(round_)
+            publish_dir(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return final
+
+    def rounds(self) -> list[int]:
+        if not self.root.exists():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            match = _ROUND_DIR.match(child.name)
+            if match and (child / "round.json").exists() and (child / "adapter_model.safetensors").exists():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    def latest(self) -> Checkpoint | None:
+        rounds = self.rounds()
+        if not rounds:
+            return None
+        directory = self.path_for(rounds[-1])
+        return Checkpoint(rounds[-1], directory, json.loads((directory / "round.json").read_text()))

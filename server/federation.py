@@ -1,0 +1,153 @@
+"""The server's round loop: broadcast the global adapter, aggregate, evaluate, checkpoint.
+
+Only adapter tensors and a small training plan go out; only adapter tensors and
+aggregate metrics come back. Every round ends with a checkpoint, so a crash loses at most
+the round in flight, and ``resume`` continues from the newest complete round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+from common.config import FedtuneConfig
+from common.data.encoding import EncodedSet
+from common.wire import ADAPTER, METRICS, PLAN, STATUS, from_array_record, payload_nbytes, to_array_record
+from server.aggregation import aggregate_adapters
+from server.checkpoints import CheckpointStore
+from server.global_model import GlobalModel
+from server.messaging import FederationError, send_and_collect, wait_for_nodes
+from server.report import MetricsLog, plot_curves, summary_table
+
+log = logging.getLogger("fedtune.server")
+
+
+@dataclass
+class RoundReplies:
+    """What came back from the sites in one round, by site id."""
+
+    updates: list[tuple[dict, float]] = field(default_factory=list)
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: str) -> ConfigRecord:
+    t, p = cfg.train, cfg.privacy
+    return ConfigRecord({
+        "run-id": run_id, "round": round_, "total-rounds": cfg.federation.rounds, "local-steps": t.local_steps,
+        "batch-size": t.batch_size, "lr": t.lr, "optimizer": t.optimizer, "dp": p.enabled, "epsilon": p.epsilon,
+        "delta": p.delta, "max-grad-norm": p.max_grad_norm, "a-fingerprint": a_fingerprint,
+    })
+
+
+def collect_train_replies(requests: list[Message], replies: list[Message]) -> RoundReplies:
+    out = RoundReplies()
+    sent = {m.metadata.message_id: payload_nbytes(m.content) for m in requests}
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    for node_id in [m.metadata.dst_node_id for m in requests if m.metadata.message_id not in answered]:
+        out.failed[f"node-{node_id}"] = "no reply before the round timeout"
+    for reply in replies:
+        if reply.has_error():
+            out.failed[f"node-{reply.metadata.src_node_id}"] = reply.error.reason.splitlines()[-1][:300]
+            continue
+        status = reply.content[STATUS]
+        site = str(status["site-id"])
+        if status["state"] != "trained":
+            out.refused[site] = str(status["reason"])
+            continue
+        metrics = dict(reply.content[METRICS])
+        metrics["bytes-sent"] = sent[reply.metadata.reply_to_message_id]
+        metrics["bytes-received"] = payload_nbytes(reply.content)
+        out.train[site] = metrics
+        out.updates.append((from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"])))
+    return out
+
+
+class FederationServer:
+    def __init__(self, cfg: FedtuneConfig, model: GlobalModel, test_set: EncodedSet, run_dir: Path) -> None:
+        self.cfg, self.model, self.test_set, self.run_dir = cfg, model, test_set, Path(run_dir)
+        self.store = CheckpointStore(self.run_dir / "checkpoints")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.run_id = json.loads((self.run_dir / "run.json").read_text())["run-id"]
+
+    def _messages(self, nodes: list[int], message_type: str, plan: ConfigRecord) -> list[Message]:
+        adapter = to_array_record(self.model.state())
+        return [
+            Message(RecordDict({ADAPTER: adapter, PLAN: plan}), message_type=message_type, dst_node_id=n)
+            for n in nodes
+        ]
+
+    def evaluate_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
+        plan = ConfigRecord({"round": round_, "a-fingerprint": self.model.a_fingerprint})
+        replies = send_and_collect(
+            grid, self._messages(nodes, MessageType.EVALUATE, plan), f"round {round_} site eval",
+            self.cfg.federation.round_timeout_s,
+        )
+        clients = {}
+        for reply in replies:
+            if not reply.has_error() and METRICS in reply.content:
+                clients[str(reply.content[STATUS]["site-id"])] = dict(reply.content[METRICS])
+        return {"round": round_, "server": self.model.evaluate(self.test_set), "clients": clients}
+
+    def run(self, grid: Grid, resume: bool) -> list[dict[str, Any]]:
+        fed = self.cfg.federation
+        nodes = wait_for_nodes(grid, self.cfg.partition.num_clients, fed.round_timeout_s)
+        latest = self.store.latest() if resume else None
+        if latest is not None:
+            self.model.restore(latest.directory)
+            self.metrics.keep_through(latest.round)
+            start = latest.round + 1
+            log.info("resuming after round %d from %s", latest.round, latest.directory)
+        else:
+            self.metrics.keep_through(-1)
+            self.metrics.append(self.evaluate_round(grid, nodes, 0) | {"status": "base model"})
+            start = 1
+        for round_ in tqdm(range(start, fed.rounds + 1), desc="rounds", unit="round", initial=start - 1,
+                           total=fed.rounds, dynamic_ncols=True):
+            record = self.train_round(grid, nodes, round_)
+            self.store.save(round_, self.model.model, {"status": record["status"], "run-id": self.run_id})
+            self.metrics.append(record)
+            if record["status"] == "stopped: every site refused":
+                log.error("every site refused round %d; stopping the federation", round_)
+                break
+        return self.metrics.read()
+
+    def train_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
+        plan = training_plan(self.cfg, self.run_id, round_, self.model.a_fingerprint)
+        requests = self._messages(nodes, MessageType.TRAIN, plan)
+        replies = send_and_collect(grid, requests, f"round {round_} training", self.cfg.federation.round_timeout_s)
+        got = collect_train_replies(requests, replies)
+        for site, reason in {**got.refused, **got.failed}.items():
+            log.warning("round %d: %s did not contribute: %s", round_, site, reason)
+        if got.failed and not got.updates and not got.refused:
+            raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
+        if len(got.updates) >= self.cfg.federation.min_clients:
+            self.model.update(aggregate_adapters(got.updates))
+            status = f"aggregated {len(got.updates)} sites"
+        elif got.refused and not got.updates and not got.failed:
+            status = "stopped: every site refused"
+        else:
+            status = f"skipped: {len(got.updates)} updates < min_clients {self.cfg.federation.min_clients}"
+            log.error("round %d %s; the global adapter is unchanged", round_, status)
+        record = self.evaluate_round(grid, nodes, round_)
+        return record | {"train": got.train, "refused": got.refused, "failed": got.failed, "status": status}
+
+    def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Merged model from the newest checkpoint, plus the summary table and plot."""
+        task = self.cfg.model.task
+        latest = self.store.latest()
+        merged = None
+        if latest is not None:
+            merged = self.model.export_merged(latest.directory, self.run_dir / "merged")
+        table = summary_table(records, task)
+        (self.run_dir / "summary.txt").write_text(table + "\n", encoding="utf-8")
+        plot = plot_curves(records, task, self.run_dir / "curves.png")
+        return {"table": table, "plot": str(plot), "merged": str(merged) if merged else None}

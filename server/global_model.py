@@ -1,0 +1,59 @@
+"""The server's copy of the shared model: base plus global adapter, for evaluation and export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic_files import publish_dir, staging_dir
+from common.config import FedtuneConfig
+from common.data.encoding import EncodedSet
+from common.evaluation import evaluate_model
+from common.models.loading import BaseModelSpec, load_base_model
+from common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
+
+
+class GlobalModel:
+    def __init__(self, cfg: FedtuneConfig, spec: BaseModelSpec) -> None:
+        self.cfg, self.spec = cfg, spec
+        self.model, self.tokenizer = build_adapted_model(spec, cfg.lora)
+        self.a_fingerprint = frozen_a_fingerprint(self.model) if cfg.lora.ffa else ""
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The tensors sent to sites (B and head only under FFA-LoRA)."""
+        return adapter_state(self.model, self.cfg.lora.ffa)
+
+    def update(self, state: dict[str, np.ndarray]) -> None:
+        load_adapter_state(self.model, state, self.cfg.lora.ffa)
+
+    def restore(self, checkpoint_dir: Path) -> None:
+        """Load a peft checkpoint written by :class:`server.checkpoints.CheckpointStore`."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(checkpoint_dir) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.model, tensors)
+        if self.cfg.lora.ffa and frozen_a_fingerprint(self.model) != self.a_fingerprint:
+            raise ValueError(f"{checkpoint_dir}: its LoRA A matrices are not the ones of lora.init_seed; cannot resume")
+
+    def evaluate(self, data: EncodedSet) -> dict[str, float]:
+        return evaluate_model(self.model, data, self.cfg.model.task, self.cfg.train.eval_batch_size)
+
+    def export_merged(self, checkpoint_dir: Path, out_dir: Path) -> Path:
+        """Base + adapter merged into plain weights that ``AutoModelFor...from_pretrained`` loads."""
+        from peft import PeftModel
+
+        base = load_base_model(self.spec, pad_token_id=self.tokenizer.pad_token_id)
+        merged: Any = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
+        staging = staging_dir(Path(out_dir).parent, Path(out_dir).name)
+        try:
+            merged.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            publish_dir(staging, Path(out_dir))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return Path(out_dir)

@@ -1,0 +1,45 @@
+"""Send requests to sites through Flower's Grid and collect replies, with a progress bar."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from tqdm.auto import tqdm
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (too few sites, timeouts); the message says what to check."""
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
+    """Block until at least ``count`` SuperNodes are connected."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {len(nodes)} of the {count} required sites connected within {timeout_s:.0f}s; "
+                "check that the SuperNodes are running and can reach the SuperLink"
+            )
+        time.sleep(0.2)
+
+
+def send_and_collect(grid: Grid, messages: Iterable[Message], desc: str, timeout_s: float) -> list[Message]:
+    """Push all messages, then pull replies as they arrive (each reply is pulled exactly once)."""
+    pending = set(grid.push_messages(list(messages)))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    with tqdm(total=len(pending), desc=desc, unit="site", leave=False, dynamic_ncols=True) as bar:
+        while pending and time.monotonic() < deadline:
+            for reply in grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+                bar.update(1)
+            if pending:
+                time.sleep(0.2)
+    return replies

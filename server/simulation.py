@@ -1,0 +1,92 @@
+"""A whole federation on one machine, through Flower's simulation engine (Ray).
+
+Each simulated site is a Flower SuperNode whose ClientApp runs in a Ray actor with
+``federation.cpus_per_client`` CPUs; Ray is also how the same code scales past one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from common.atomic_files import atomic_write_json
+from common.config import ConfigError, FedtuneConfig, config_to_toml_dict
+from common.data.federation_data import SiteSplit, build_site_splits
+from common.models.loading import BaseModelSpec, resolve_model_dir
+from common.data.federation_data import load_label_set
+
+log = logging.getLogger("fedtune.simulation")
+
+
+def check_privacy_feasible(cfg: FedtuneConfig, sites: list[SiteSplit]) -> None:
+    """delta must be below 1/n on every site, or the (epsilon, delta) guarantee means little."""
+    if not cfg.privacy.enabled:
+        return
+    smallest = min(len(s.train) for s in sites)
+    if cfg.privacy.delta >= 1.0 / smallest:
+        raise ConfigError(
+            f"privacy.delta = {cfg.privacy.delta} must be below 1/n for every site; the smallest site has "
+            f"n = {smallest} training records, so use delta < {1.0 / smallest:.2e}"
+        )
+
+
+def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
+    labels = tuple(load_label_set(cfg.data)) if cfg.model.task == "classification" else ()
+    return BaseModelSpec(resolve_model_dir(cfg.model, cfg.run.seed), cfg.model.task, cfg.model.dtype, labels)
+
+
+def new_run_dir(cfg: FedtuneConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}-{uuid.uuid4().hex[:4]}"
+    run_dir.mkdir(parents=True)
+    atomic_write_json(run_dir / "config.json", config_to_toml_dict(cfg))
+    atomic_write_json(run_dir / "run.json", {"run-id": uuid.uuid4().hex, "created": time.time()})
+    return run_dir
+
+
+def load_run_config(run_dir: Path) -> FedtuneConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"{run_dir} is not a fedtune run directory (no config.json); cannot resume")
+    return FedtuneConfig.model_validate(json.loads(path.read_text()))
+
+
+def partition_summary(sites: list[SiteSplit], test_size: int) -> str:
+    rows = [f"  site-{i}: {len(s.train):5d} train / {len(s.val):4d} val records" for i, s in enumerate(sites)]
+    return "\n".join(["data partition (records stay on their site):", *rows, f"  server held-out: {test_size} records"])
+
+
+def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Run (or resume) a simulated federation; returns the run directory."""
+    from flwr.simulation import run_simulation
+
+    from client.app import build_client_app, simulated_site_factory
+    from server.app import build_server_app
+
+    sites, test = build_site_splits(cfg)
+    check_privacy_feasible(cfg, sites)
+    spec = model_spec(cfg)  # fetched once here, so actors only read the cache
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    print(partition_summary(sites, len(test)), flush=True)
+    print(f"run directory: {run_dir}", flush=True)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    server_app = build_server_app(cfg, spec, run_dir, resume=resume)
+    client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.partition.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0},
+            "init_args": {"include_dashboard": False, "logging_level": logging.WARNING},
+        },
+    )
+    if not (run_dir / "result.json").exists():
+        raise RuntimeError(f"the simulation ended without finishing the run; see the log above. Resume with "
+                           f"`fedtune simulate --resume {run_dir}`")
+    return run_dir

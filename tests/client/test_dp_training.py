@@ -1,0 +1,92 @@
+"""DP-SGD on LoRA adapters: exactness at zero noise, clipping, and what gets trained."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from client.dp_training import LocalTrainPlan, train_adapter
+from common.config import LoraSettings
+from common.data.encoding import encode_examples
+from common.data.federation_data import Example
+from common.models.lora import adapter_state, build_adapted_model
+
+QA = [
+    Example("What is anemia?", "A condition in which the blood lacks healthy red blood cells."),
+    Example("Who gets gout?", "Mostly adult men; risk rises with age and uric acid levels."),
+    Example("Is asthma curable?", "No, but it can be controlled with medicines and by avoiding triggers."),
+    Example("What causes flu?", "Influenza viruses."),
+    Example("How is diabetes diagnosed?", "With blood tests such as fasting glucose and the A1C test, repeated to confirm."),
+    Example("What is a stroke?", "Brain damage caused by interrupted blood flow."),
+]
+INTENTS = [
+    Example("my card has not arrived yet", "card_arrival"),
+    Example("how do I link my new card", "card_linking"),
+    Example("what rate do you use for euros", "exchange_rate"),
+    Example("still waiting for the card", "card_arrival"),
+    Example("add a card to the app", "card_linking"),
+    Example("is the exchange rate fixed", "exchange_rate"),
+]
+
+
+def _setup(spec, ffa=False, seed=0):
+    model, tok = build_adapted_model(spec, LoraSettings(rank=4, alpha=8, ffa=ffa, init_seed=seed))
+    # Move B off zero so gradients reach every LoRA matrix.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    examples = QA if spec.task == "causal-lm" else INTENTS
+    return model, encode_examples(examples, tok, spec.task, list(spec.labels), 48)
+
+
+@pytest.mark.parametrize("spec_name", ["tiny_llama_spec", "tiny_bert_spec"])
+@pytest.mark.parametrize("ffa", [False, True])
+def test_dp_step_without_noise_or_clipping_equals_plain_step(spec_name, ffa, request):
+    """Known Opacus/peft breakage guard: DP-SGD at sigma=0 with no effective clipping is plain SGD."""
+    spec = request.getfixturevalue(spec_name)
+    model, data = _setup(spec, ffa)
+    twin = copy.deepcopy(model)
+    before = adapter_state(model, ffa=False)
+    plan = LocalTrainPlan(steps=3, batch_size=4, lr=0.5, optimizer="sgd", seed=7)
+    torch.manual_seed(0)  # same dropout masks in both runs
+    train_adapter(model, data, spec.task, plan)
+    torch.manual_seed(0)
+    train_adapter(twin, data, spec.task, LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": 1e6}))
+    plain, private = adapter_state(model, ffa=False), adapter_state(twin, ffa=False)
+    moved = [k for k in plain if not torch.allclose(torch.from_numpy(plain[k]), torch.from_numpy(before[k]))]
+    assert moved, "the plain step did not move any adapter weight"
+    for key in plain:
+        torch.testing.assert_close(torch.from_numpy(private[key]), torch.from_numpy(plain[key]), rtol=1e-5, atol=1e-7)
+    if ffa:
+        assert all("lora_A" not in k for k in moved), "FFA-LoRA must keep every A matrix frozen"
+    else:
+        assert any("lora_A" in k for k in moved) and any("lora_B" in k for k in moved)
+
+
+def test_dp_step_clips_each_record_and_adds_calibrated_noise(tiny_bert_spec):
+    """With a tiny clip bound the update is bounded by lr*C*B/B; with noise it differs from the noiseless one."""
+    model, data = _setup(tiny_bert_spec)
+    before = {k: torch.from_numpy(v) for k, v in adapter_state(model, ffa=False).items()}
+    clip, lr = 1e-3, 1.0
+    plan = LocalTrainPlan(steps=1, batch_size=6, lr=lr, optimizer="sgd", noise_multiplier=0.0, max_grad_norm=clip, seed=3)
+    noisy_model = copy.deepcopy(model)
+    train_adapter(model, data, "classification", plan)
+    after = {k: torch.from_numpy(v) for k, v in adapter_state(model, ffa=False).items()}
+    update = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in after))
+    assert 0 < update <= lr * clip * len(data) / plan.batch_size * (1 + 1e-4)
+    train_adapter(noisy_model, data, "classification", LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 1.0}))
+    noisy = {k: torch.from_numpy(v) for k, v in adapter_state(noisy_model, ffa=False).items()}
+    assert any(not torch.allclose(noisy[k], after[k]) for k in after)
+
+
+def test_training_touches_only_adapter_parameters(tiny_llama_spec):
+    model, data = _setup(tiny_llama_spec)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train_adapter(model, data, "causal-lm", LocalTrainPlan(steps=2, batch_size=3, lr=0.1, noise_multiplier=1.0, seed=1))
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+        assert not hasattr(p, "grad_sample"), "Opacus state must not leak out of a round"
