@@ -7,6 +7,9 @@ all) is decided here, from its own data size and its own ledger.
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import secrets
 import time
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from client.dp_training import LocalTrainPlan, train_adapter
+from common.atomic_files import atomic_write_bytes
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet, encode_examples
 from common.data.federation_data import SiteSplit, load_label_set
@@ -64,6 +68,14 @@ class TrainOutcome:
     seconds: float
 
 
+def adapter_digest(adapter: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(adapter):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(adapter[key], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 _MODELS: dict[tuple, tuple[Any, Any]] = {}
 
 
@@ -90,7 +102,40 @@ class Site:
             raise SiteRefusal("FFA-LoRA frozen A matrices differ from the server's: check lora.init_seed and model")
         load_adapter_state(self.model, adapter, self.cfg.lora.ffa)
 
+    def _replay_path(self) -> Path:
+        return self.state_dir / "last_update.npz"
+
+    def _replay(self, request: RoundRequest, input_digest: str) -> TrainOutcome | None:
+        """The update already released for this very request, if any.
+
+        A server that crashed and resumes asks again for a round the site already trained.
+        Sending the same update again is post-processing of an output already released, so
+        it costs no privacy; training again would spend the budget twice.
+        """
+        path = self._replay_path()
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as saved:
+            meta = json.loads(str(saved["__meta__"]))
+            if (meta["run_id"], meta["round"], meta["input"]) != (request.run_id, request.round, input_digest):
+                return None
+            adapter = {k: saved[k] for k in saved.files if k != "__meta__"}
+        log.info("%s round %d: replaying the update already sent for this request (no new privacy cost)",
+                 self.site_id, request.round)
+        return TrainOutcome(adapter=adapter, **meta["outcome"])
+
+    def _remember(self, request: RoundRequest, input_digest: str, outcome: TrainOutcome) -> None:
+        fields = {k: v for k, v in outcome.__dict__.items() if k != "adapter"}
+        meta = {"run_id": request.run_id, "round": request.round, "input": input_digest, "outcome": fields}
+        buffer = io.BytesIO()
+        np.savez(buffer, __meta__=np.array(json.dumps(meta)), **outcome.adapter)
+        atomic_write_bytes(self._replay_path(), buffer.getvalue())
+
     def train(self, request: RoundRequest, adapter: dict[str, np.ndarray]) -> TrainOutcome:
+        input_digest = adapter_digest(adapter)
+        replayed = self._replay(request, input_digest)
+        if replayed is not None:
+            return replayed
         start = time.time()
         n = len(self.train_set)
         self._set_global(adapter, request.a_fingerprint)
@@ -121,10 +166,12 @@ class Site:
             "%s round %d: %d steps, loss %.4f, noise %.3f, epsilon %.3f (%.1fs)",
             self.site_id, request.round, result.steps, result.mean_loss, sigma, eps_after, time.time() - start,
         )
-        return TrainOutcome(
+        outcome = TrainOutcome(
             adapter=adapter_state(self.model, self.cfg.lora.ffa), num_examples=n, train_loss=result.mean_loss,
             steps=result.steps, epsilon=eps_after, noise_multiplier=sigma, sample_rate=q, seconds=time.time() - start,
         )
+        self._remember(request, input_digest, outcome)
+        return outcome
 
     def evaluate(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> dict[str, float]:
         self._set_global(adapter, fingerprint)

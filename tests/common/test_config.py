@@ -1,0 +1,95 @@
+"""Configuration is validated once, and every error names the field and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, load_config, preset_path
+
+BASE = """
+[model]
+name = "tiny-bert"
+task = "classification"
+[data]
+path = "{data}"
+labels = ["a", "b"]
+"""
+
+
+def _write(tmp_path: Path, extra: str = "", data: str | None = None) -> Path:
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\nhello,a\n")
+    path = tmp_path / "fedtune.toml"
+    path.write_text(BASE.format(data=data or csv) + extra)
+    return path
+
+
+def test_presets_load_and_resolve_paths_against_the_file():
+    for name in ("banking77-minilm", "medquad-smollm2"):
+        cfg = load_config(preset_path(name))
+        assert cfg.data.path.is_absolute() and cfg.data.path.exists()
+
+
+def test_relative_paths_resolve_against_the_toml_directory(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nhi,a\n")
+    cfg = load_config(_write(tmp_path, data="d.csv"))
+    assert cfg.data.path == (tmp_path / "d.csv").resolve()
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(_write(tmp_path), ["train.lr=0.01", "privacy.epsilon=3", "lora.ffa=true"])
+    assert cfg.train.lr == 0.01 and cfg.privacy.epsilon == 3.0 and cfg.lora.ffa is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["privacy.epsilon=0"], "privacy.epsilon: Input should be greater than 0 (got 0)"),
+        (["privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0"),
+        (["privacy.delta=1.5"], "privacy.delta: Input should be less than 1"),
+        (["lora.rank=0"], "lora.rank: Input should be greater than 0"),
+        (["train.lrr=0.1"], "train.lrr: unknown key"),
+        (["modle.name='x'"], "modle: unknown key"),
+        (["model.task='translation'"], "model.task: Input should be 'causal-lm' or 'classification'"),
+        (["federation.min_clients=9"], "federation.min_clients (9) exceeds partition.num_clients (3)"),
+    ],
+)
+def test_impossible_values_fail_fast_naming_the_field(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path), overrides)
+    assert expected in str(err.value)
+    assert str(tmp_path / "fedtune.toml") in str(err.value)
+
+
+def test_missing_data_file_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.path: Value error, file not found: .*nope\.csv"):
+        load_config(_write(tmp_path, data=str(tmp_path / "nope.csv")))
+
+
+def test_missing_config_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_classification_requires_the_agreed_label_set(tmp_path):
+    path = _write(tmp_path)
+    path.write_text(path.read_text().replace('labels = ["a", "b"]\n', ""))
+    with pytest.raises(ConfigError, match="classification needs the agreed label set"):
+        load_config(path)
+
+
+def test_delta_must_be_below_one_over_n_on_every_site(tmp_path):
+    from server.simulation import check_privacy_feasible
+    from common.data.federation_data import Example, SiteSplit
+
+    cfg = load_config(_write(tmp_path), ["privacy.delta=0.03"])
+    sites = [SiteSplit(train=[Example("t", "a")] * 150, val=[]), SiteSplit(train=[Example("t", "a")] * 50, val=[])]
+    with pytest.raises(ConfigError, match=r"privacy.delta = 0.03 must be below 1/n .* n = 50"):
+        check_privacy_feasible(cfg, sites)
+    check_privacy_feasible(load_config(_write(tmp_path), ["privacy.delta=0.001"]), sites)

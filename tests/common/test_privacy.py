@@ -1,0 +1,66 @@
+"""Epsilon comes from the accountant over every step taken; the ledger persists and refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from common.privacy.accounting import calibrate_noise, epsilon_spent
+from common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+
+
+def test_epsilon_equals_the_accountants_figure_for_the_steps_taken():
+    acc = RDPAccountant()
+    history = [(1.1, 0.05, 10), (1.1, 0.05, 10), (0.9, 0.02, 7)]
+    for sigma, q, steps in history:
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert epsilon_spent(history, 1e-5) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    assert epsilon_spent([], 1e-5) == 0.0
+
+
+def test_calibrated_noise_meets_the_target_for_the_planned_steps():
+    sigma = calibrate_noise(8.0, 1e-5, 0.02, 400)
+    eps = epsilon_spent([(sigma, 0.02, 400)], 1e-5)
+    assert 7.9 <= eps <= 8.0
+    assert epsilon_spent([(sigma, 0.02, 401)], 1e-5) > eps
+    assert calibrate_noise(1.0, 1e-5, 0.02, 400) > sigma
+
+
+def test_ledger_persists_across_restarts_and_reports_accountant_epsilon(tmp_path):
+    path = tmp_path / "site" / "privacy_ledger.json"
+    ledger = PrivacyLedger.open(path, delta=1e-5)
+    ledger.record("run-a", 1, 1.2, 0.05, 20)
+    ledger.record("run-a", 2, 1.2, 0.05, 20)
+    reopened = PrivacyLedger.open(path, delta=1e-5)
+    assert [e.round for e in reopened.entries] == [1, 2]
+    assert reopened.steps == 40
+    assert reopened.epsilon == pytest.approx(epsilon_spent([(1.2, 0.05, 40)], 1e-5), rel=1e-9)
+    stored = json.loads(path.read_text())
+    assert stored["entries"][-1]["epsilon"] == pytest.approx(reopened.epsilon)
+    assert stored["entries"][0]["epsilon"] < stored["entries"][1]["epsilon"]
+
+
+def test_ledger_refuses_a_round_that_would_exceed_the_budget(tmp_path):
+    path = tmp_path / "ledger.json"
+    sigma = calibrate_noise(2.0, 1e-5, 0.05, 30)
+    ledger = PrivacyLedger.open(path, delta=1e-5)
+    for round_ in (1, 2, 3):
+        ledger.check_budget(sigma, 0.05, 10, max_epsilon=2.0)
+        ledger.record("r", round_, sigma, 0.05, 10)
+    before = path.read_bytes()
+    with pytest.raises(PrivacyBudgetExceeded, match=r"privacy budget exhausted.*over this site's limit of 2.0"):
+        PrivacyLedger.open(path, delta=1e-5).check_budget(sigma, 0.05, 10, max_epsilon=2.0)
+    assert path.read_bytes() == before, "a refused round must not touch the ledger"
+
+
+def test_ledger_rejects_mixed_delta_and_corrupt_files(tmp_path):
+    path = tmp_path / "ledger.json"
+    PrivacyLedger.open(path, delta=1e-5).record("r", 1, 1.0, 0.1, 5)
+    with pytest.raises(LedgerError, match="budgets cannot be mixed"):
+        PrivacyLedger.open(path, delta=1e-4)
+    path.write_text("{ not json")
+    with pytest.raises(LedgerError, match="unreadable privacy ledger"):
+        PrivacyLedger.open(path, delta=1e-5)

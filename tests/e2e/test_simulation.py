@@ -1,0 +1,195 @@
+"""A real Flower simulation (Ray) of 3 sites x 2 rounds with DP-SGD on a tiny LoRA model.
+
+Checks the whole privacy story end to end: what travels, what each site's ledger says,
+that the held-out metric moves, that checkpoints and the merged model load with plain
+peft/transformers, and that a resumed run replays rather than re-spends privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import load_config
+from common.privacy.accounting import epsilon_spent
+from common.wire import ADAPTER, METRICS, PLAN, STATUS, array_record_nbytes
+
+pytestmark = pytest.mark.e2e
+
+SAMPLES = Path(__file__).resolve().parents[2] / "common" / "data" / "samples"
+EPSILON = 4.0
+
+
+def _config(tmp_path: Path):
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(f"""
+[run]
+name = "e2e"
+output_dir = "{tmp_path / 'runs'}"
+[model]
+name = "tiny-llama"
+task = "causal-lm"
+max_length = 48
+[lora]
+rank = 4
+alpha = 16
+ffa = true
+[data]
+path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
+max_records = 360
+max_eval_examples = 24
+[partition]
+scheme = "column"
+column = "source"
+num_clients = 3
+min_examples = 10
+[federation]
+rounds = 2
+min_clients = 3
+[train]
+local_steps = 4
+batch_size = 8
+lr = 0.02
+[privacy]
+epsilon = {EPSILON}
+delta = 1e-3
+""")
+    return load_config(toml)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    import server.federation as federation
+    from server.simulation import simulate
+
+    tmp_path = tmp_path_factory.mktemp("sim")
+    cfg = _config(tmp_path)
+    seen: list[tuple[list, list]] = []
+    real = federation.send_and_collect
+
+    def spy(grid, messages, desc, timeout_s):
+        messages = list(messages)
+        replies = real(grid, messages, desc, timeout_s)
+        seen.append((messages, replies))
+        return replies
+
+    federation.send_and_collect = spy
+    try:
+        run_dir = simulate(cfg)
+    finally:
+        federation.send_and_collect = real
+    return cfg, run_dir, seen
+
+
+def _is_float32_payload(nbytes: int, n_params: int, n_arrays: int) -> bool:
+    """4 bytes a value plus one small .npy header (at most 256 bytes) per named tensor."""
+    return 4 * n_params < nbytes <= 4 * n_params + 256 * n_arrays
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_rounds_aggregate_every_site_and_improve_held_out_loss(finished_run):
+    _, run_dir, _ = finished_run
+    records = _records(run_dir)
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["status"] for r in records[1:]] == ["aggregated 3 sites"] * 2
+    assert records[2]["server"]["loss"] < records[0]["server"]["loss"]
+    assert set(records[2]["clients"]) == {"site-0", "site-1", "site-2"}
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    assert "held-out loss" in (run_dir / "summary.txt").read_text()
+
+
+def test_only_adapter_tensors_travel(finished_run):
+    cfg, _, seen = finished_run
+    from common.models.lora import build_adapted_model
+    from server.simulation import model_spec
+
+    model, _ = build_adapted_model(model_spec(cfg), cfg.lora)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_B" in n for n in trainable), "FFA-LoRA trains B only"
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert len(seen) == 5  # eval round 0, then train + eval for two rounds
+    for requests, replies in seen:
+        assert len(requests) == len(replies) == 3
+        for msg in requests:
+            assert set(msg.content.keys()) == {ADAPTER, PLAN}
+            keys = list(msg.content[ADAPTER].keys())
+            assert keys and all("lora_B" in k for k in keys)
+            assert _is_float32_payload(array_record_nbytes(msg.content[ADAPTER]), n_params, len(keys))
+        for reply in replies:
+            assert not reply.has_error()
+            assert set(reply.content.keys()) <= {ADAPTER, METRICS, STATUS}
+            if ADAPTER in reply.content:
+                assert list(reply.content[ADAPTER].keys()) == keys
+                assert _is_float32_payload(array_record_nbytes(reply.content[ADAPTER]), n_params, len(keys))
+            for value in reply.content[METRICS].values():
+                assert isinstance(value, (int, float)), "metrics are aggregate scalars, never per-record data"
+            assert set(reply.content[STATUS].keys()) == {"site-id", "state", "reason"}
+
+
+def test_bytes_are_reported_per_site_per_round(finished_run):
+    _, run_dir, seen = finished_run
+    train = _records(run_dir)[1]["train"]
+    requests, replies = seen[1]
+    assert {t["bytes-sent"] for t in train.values()} == {array_record_nbytes(requests[0].content[ADAPTER])}
+    assert {t["bytes-received"] for t in train.values()} == {array_record_nbytes(replies[0].content[ADAPTER])}
+
+
+def test_each_site_ledger_holds_accountant_epsilon_within_target(finished_run):
+    cfg, run_dir, _ = finished_run
+    records = _records(run_dir)
+    for site in ("site-0", "site-1", "site-2"):
+        ledger = json.loads((run_dir / "sites" / site / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
+        assert sum(e["steps"] for e in ledger["entries"]) == 2 * cfg.train.local_steps
+        eps = epsilon_spent(history, cfg.privacy.delta)
+        assert ledger["epsilon"] == pytest.approx(eps, rel=1e-9)
+        assert records[2]["train"][site]["epsilon"] == pytest.approx(eps, rel=1e-9)
+        assert 0.5 * EPSILON < eps <= EPSILON
+
+
+def test_checkpoints_and_merged_model_load_with_plain_libraries(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, run_dir, _ = finished_run
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
+    from server.simulation import model_spec
+
+    base = AutoModelForCausalLM.from_pretrained(model_spec(cfg).directory)
+    peft_model = PeftModel.from_pretrained(base, run_dir / "checkpoints" / "round-0002").eval()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
+    ids = tokenizer("Question: What is gout?\nAnswer: ", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+        fresh = AutoModelForCausalLM.from_pretrained(model_spec(cfg).directory)(ids).logits
+    assert not torch.allclose(fresh, merged(ids).logits), "the merged model must differ from the base"
+
+
+def test_resume_redoes_a_lost_round_by_replaying_site_updates(finished_run):
+    from safetensors.numpy import load_file
+
+    from server.simulation import simulate
+
+    cfg, run_dir, _ = finished_run
+    ckpt = run_dir / "checkpoints" / "round-0002"
+    original = load_file(str(ckpt / "adapter_model.safetensors"))
+    ledgers = {p: p.read_bytes() for p in (run_dir / "sites").glob("*/privacy_ledger.json")}
+    shutil.rmtree(ckpt)  # as if the server crashed before round 2 was checkpointed
+    simulate(cfg, run_dir=run_dir, resume=True)
+    resumed = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert set(resumed) == set(original)
+    for key in original:
+        np.testing.assert_array_equal(resumed[key], original[key])
+    assert [r["round"] for r in _records(run_dir)] == [0, 1, 2]
+    for path, before in ledgers.items():
+        assert path.read_bytes() == before, "replaying a released update must not spend privacy again"
