@@ -75,7 +75,9 @@ def simulated_site_factory(cfg, spec, run_dir: Path) -> SiteFactory:
 
     def site_for(context: Context) -> Site:
         from common.data.federation_data import build_site_splits
+        from common.logs import configure_logging
 
+        configure_logging()
         pid = int(context.node_config["partition-id"])
         if pid not in cache:
             splits, _ = build_site_splits(cfg)

@@ -151,8 +151,11 @@ class Site:
         if request.dp:
             if request.delta >= 1.0 / n:
                 raise SiteRefusal(f"delta={request.delta} is not below 1/n = 1/{n} for this site's data; lower privacy.delta")
-            ledger = PrivacyLedger.open(self.ledger_path, request.delta)
-            sigma = calibrate_noise(request.epsilon, request.delta, q, request.total_rounds * request.local_steps)
+            accountant = self.cfg.privacy.accountant
+            ledger = PrivacyLedger.open(self.ledger_path, request.delta, accountant)
+            sigma = calibrate_noise(
+                request.epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant
+            )
             try:
                 eps_after = ledger.check_budget(sigma, q, plan.steps, request.epsilon)
             except PrivacyBudgetExceeded as exc:

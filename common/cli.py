@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
+from common.logs import configure_logging
 from common.config import PRESETS_DIR, ConfigError, load_config, preset_path
 
 
@@ -27,10 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flwr").setLevel(logging.INFO)
-    for noisy in ("transformers", "httpx", "urllib3", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    configure_logging()
     try:
         if args.command == "presets":
             for path in sorted(PRESETS_DIR.glob("*.toml")):

@@ -1,0 +1,83 @@
+"""A site decides for itself: it calibrates its noise, keeps its ledger, and refuses when spent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.site import RoundRequest, Site, SiteRefusal
+from common.config import load_config
+from common.data.federation_data import Example, SiteSplit
+from common.privacy.accounting import epsilon_spent
+
+SAMPLES = Path(__file__).resolve().parents[2] / "common" / "data" / "samples"
+
+
+@pytest.fixture()
+def site(tmp_path, tiny_llama_spec):
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"""
+[model]
+name = "tiny-llama"
+task = "causal-lm"
+max_length = 32
+[data]
+path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
+""")
+    cfg = load_config(toml)
+    split = SiteSplit(
+        train=[Example(f"question {i}?", f"answer number {i}.") for i in range(60)],
+        val=[Example("question x?", "answer x.")] * 4,
+    )
+    return Site("site-0", cfg, tiny_llama_spec, split, tmp_path / "site-0")
+
+
+def _request(round_: int, **kw) -> RoundRequest:
+    base = dict(run_id="run-1", round=round_, total_rounds=2, local_steps=3, batch_size=8, lr=0.01,
+                optimizer="adam", dp=True, epsilon=3.0, delta=1e-3, max_grad_norm=1.0)
+    return RoundRequest(**{**base, **kw})
+
+
+def test_site_spends_within_budget_then_refuses(site):
+    from common.models.lora import adapter_state
+
+    adapter = adapter_state(site.model, ffa=False)
+    first = site.train(_request(1), adapter)
+    second = site.train(_request(2), first.adapter)
+    ledger = json.loads(site.ledger_path.read_text())
+    assert [e["round"] for e in ledger["entries"]] == [1, 2]
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
+    assert second.epsilon == pytest.approx(epsilon_spent(history, 1e-3), rel=1e-9)
+    assert first.epsilon < second.epsilon <= 3.0
+    assert first.sample_rate == pytest.approx(8 / 60)
+    before = site.ledger_path.read_bytes()
+    with pytest.raises(SiteRefusal, match="privacy budget exhausted"):
+        site.train(_request(3), second.adapter)
+    assert site.ledger_path.read_bytes() == before
+
+
+def test_site_refuses_delta_not_below_one_over_n(site):
+    from common.models.lora import adapter_state
+
+    with pytest.raises(SiteRefusal, match=r"delta=0.05 is not below 1/n = 1/60"):
+        site.train(_request(1, delta=0.05), adapter_state(site.model, ffa=False))
+    assert not site.ledger_path.exists()
+
+
+def test_a_repeated_request_replays_the_released_update_without_new_cost(site):
+    from common.models.lora import adapter_state
+
+    adapter = adapter_state(site.model, ffa=False)
+    first = site.train(_request(1), adapter)
+    ledger = site.ledger_path.read_bytes()
+    again = site.train(_request(1), adapter)
+    assert site.ledger_path.read_bytes() == ledger
+    assert again.epsilon == first.epsilon
+    for key in first.adapter:
+        np.testing.assert_array_equal(again.adapter[key], first.adapter[key])
+    changed = {k: v + 1.0 for k, v in adapter.items()}
+    site.train(_request(1), changed)  # a different input is a new computation: it spends
+    assert len(json.loads(site.ledger_path.read_text())["entries"]) == 2
