@@ -22,9 +22,16 @@ SiteFactory = Callable[[Context], Site]
 
 
 def decode_request(content: RecordDict) -> RoundRequest:
+    """The round plan, or a refusal naming what is missing (a server of another version, say)."""
+    if PLAN not in content or ADAPTER not in content:
+        raise SiteRefusal(f"malformed request: expected records {ADAPTER!r} and {PLAN!r}, got {list(content)}")
     plan = content[PLAN]
-    fields = RoundRequest.__dataclass_fields__
-    return RoundRequest(**{name: plan[name.replace("_", "-")] for name in fields if name.replace("_", "-") in plan})
+    values = {name: plan[name.replace("_", "-")] for name in RoundRequest.__dataclass_fields__
+              if name.replace("_", "-") in plan}
+    try:
+        return RoundRequest(**values)
+    except TypeError as exc:
+        raise SiteRefusal(f"malformed request plan: {exc}") from exc
 
 
 def _status(site_id: str, state: str, reason: str = "") -> ConfigRecord:

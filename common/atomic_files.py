@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,28 @@ def staging_dir(parent: Path, name: str) -> Path:
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".staging"))
+
+
+def write_dir_atomically(final: Path, build: Callable[[Path], None], replace: bool = True) -> Path:
+    """Have ``build`` fill a staging directory, then move it into place in one rename.
+
+    With ``replace=False`` an existing directory is kept (another process built it first),
+    which makes one-time caches safe to build from concurrent processes.
+    """
+    final = Path(final)
+    if not replace and final.exists():
+        return final
+    staging = staging_dir(final.parent, final.name)
+    try:
+        build(staging)
+        if not replace and final.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            publish_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
 
 
 def _fsync_dir(path: Path) -> None:

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.logs import configure_logging
 from common.config import PRESETS_DIR, ConfigError, load_config, preset_path
+from common.logs import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:

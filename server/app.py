@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flwr.app import Context
@@ -34,6 +33,3 @@ def build_server_app(cfg: FedtuneConfig, spec: BaseModelSpec, run_dir: Path, res
 
     return app
 
-
-def read_result(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "result.json").read_text())

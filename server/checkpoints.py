@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.atomic_files import atomic_write_json, publish_dir, staging_dir
+from common.atomic_files import atomic_write_json, write_dir_atomically
 
 _ROUND_DIR = re.compile(r"^round-(\d{4})$")
 
@@ -34,16 +33,12 @@ class CheckpointStore:
         return self.root / f"round-{round_:04d}"
 
     def save(self, round_: int, peft_model: Any, info: dict[str, Any]) -> Path:
-        staging = staging_dir(self.root, f"round-{round_:04d}")
-        try:
+        def build(staging: Path) -> None:
             peft_model.save_pretrained(staging)
             atomic_write_json(staging / "round.json", {"round": round_, **info})
-            final = self.path_for(round_)
-            publish_dir(staging, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return final
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return write_dir_atomically(self.path_for(round_), build)
 
     def rounds(self) -> list[int]:
         if not self.root.exists():

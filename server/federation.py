@@ -95,6 +95,10 @@ class FederationServer:
         for reply in replies:
             if not reply.has_error() and METRICS in reply.content:
                 clients[str(reply.content[STATUS]["site-id"])] = dict(reply.content[METRICS])
+            else:
+                reason = reply.error.reason if reply.has_error() else reply.content[STATUS]["reason"]
+                log.warning("round %d: node %d did not evaluate: %s", round_, reply.metadata.src_node_id,
+                            str(reason).splitlines()[-1][:300])
         return {"round": round_, "server": self.model.evaluate(self.test_set), "clients": clients}
 
     def run(self, grid: Grid, resume: bool) -> list[dict[str, Any]]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from common.atomic_files import publish_dir, staging_dir
+from common.atomic_files import write_dir_atomically
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet
 from common.evaluation import evaluate_model
@@ -48,12 +47,9 @@ class GlobalModel:
 
         base = load_base_model(self.spec, pad_token_id=self.tokenizer.pad_token_id)
         merged: Any = PeftModel.from_pretrained(base, str(checkpoint_dir)).merge_and_unload()
-        staging = staging_dir(Path(out_dir).parent, Path(out_dir).name)
-        try:
+
+        def build(staging: Path) -> None:
             merged.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
-            publish_dir(staging, Path(out_dir))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return Path(out_dir)
+
+        return write_dir_atomically(Path(out_dir), build)

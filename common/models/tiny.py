@@ -6,10 +6,9 @@ byte-level tokenizer), so every later step loads them exactly like a real local 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from common.atomic_files import publish_dir, staging_dir
+from common.atomic_files import write_dir_atomically
 from common.models.builtin import cache_root
 
 TINY_MODELS = ("tiny-llama", "tiny-bert")
@@ -57,21 +56,15 @@ def resolve_tiny(name: str, seed: int = 0) -> Path:
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {TINY_MODELS}")
     final = cache_root() / "models" / f"{name}-seed{seed}"
-    if (final / "config.json").exists():
+    if final.exists():
         return final
-    tokenizer = byte_level_tokenizer()
-    config = _tiny_config(name, len(tokenizer))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config) if name == "tiny-llama" else AutoModel.from_config(config)
-    staging = staging_dir(final.parent, final.name)
-    try:
+
+    def build(staging: Path) -> None:
+        tokenizer = byte_level_tokenizer()
+        config = _tiny_config(name, len(tokenizer))
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config) if name == "tiny-llama" else AutoModel.from_config(config)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if (final / "config.json").exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            publish_dir(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+
+    return write_dir_atomically(final, build, replace=False)

@@ -85,8 +85,8 @@ def test_classification_requires_the_agreed_label_set(tmp_path):
 
 
 def test_delta_must_be_below_one_over_n_on_every_site(tmp_path):
-    from server.simulation import check_privacy_feasible
     from common.data.federation_data import Example, SiteSplit
+    from server.simulation import check_privacy_feasible
 
     cfg = load_config(_write(tmp_path), ["privacy.delta=0.03"])
     sites = [SiteSplit(train=[Example("t", "a")] * 150, val=[]), SiteSplit(train=[Example("t", "a")] * 50, val=[])]
