@@ -20,6 +20,9 @@ log = logging.getLogger("fedtune.client")
 
 SiteFactory = Callable[[Context], Site]
 
+# Everything a trained reply's metrics may hold: public plan values and DP accounting.
+TRAIN_REPLY_METRICS = ("num-examples", "steps", "epsilon", "noise-multiplier", "sample-rate")
+
 
 def decode_request(content: RecordDict) -> RoundRequest:
     """The round plan, or a refusal naming what is missing (a server of another version, say)."""
@@ -51,10 +54,11 @@ def build_client_app(site_for: SiteFactory) -> ClientApp:
         except SiteRefusal as exc:
             log.warning("%s refused round: %s", site.site_id, exc)
             return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
+        # The training loss is computed on raw training records without noise, so it is not
+        # covered by the DP guarantee: it stays in the site's log and is never sent.
         metrics = MetricRecord({
-            "num-examples": outcome.num_examples, "train-loss": outcome.train_loss, "steps": outcome.steps,
-            "epsilon": outcome.epsilon, "noise-multiplier": outcome.noise_multiplier,
-            "sample-rate": outcome.sample_rate, "seconds": outcome.seconds,
+            "num-examples": outcome.num_examples, "steps": outcome.steps, "epsilon": outcome.epsilon,
+            "noise-multiplier": outcome.noise_multiplier, "sample-rate": outcome.sample_rate,
         })
         content = RecordDict({
             ADAPTER: to_array_record(outcome.adapter), METRICS: metrics, STATUS: _status(site.site_id, "trained"),

@@ -29,7 +29,7 @@ from common.evaluation import evaluate_model
 from common.models.loading import BaseModelSpec
 from common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
 from common.privacy.accounting import calibrate_noise
-from common.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger
+from common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 
 log = logging.getLogger("fedtune.site")
 
@@ -152,7 +152,10 @@ class Site:
             if request.delta >= 1.0 / n:
                 raise SiteRefusal(f"delta={request.delta} is not below 1/n = 1/{n} for this site's data; lower privacy.delta")
             accountant = self.cfg.privacy.accountant
-            ledger = PrivacyLedger.open(self.ledger_path, request.delta, accountant)
+            try:
+                ledger = PrivacyLedger.open(self.ledger_path, request.delta, accountant)
+            except LedgerError as exc:
+                raise SiteRefusal(str(exc)) from exc
             sigma = calibrate_noise(
                 request.epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant
             )

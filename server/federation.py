@@ -33,7 +33,7 @@ log = logging.getLogger("fedtune.server")
 class RoundReplies:
     """What came back from the sites in one round, by site id."""
 
-    updates: list[tuple[dict, float]] = field(default_factory=list)
+    updates: dict[str, tuple[dict, float]] = field(default_factory=dict)
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -67,7 +67,7 @@ def collect_train_replies(requests: list[Message], replies: list[Message]) -> Ro
         metrics["bytes-sent"] = sent[reply.metadata.reply_to_message_id]
         metrics["bytes-received"] = payload_nbytes(reply.content)
         out.train[site] = metrics
-        out.updates.append((from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"])))
+        out.updates[site] = (from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"]))
     return out
 
 
@@ -134,7 +134,8 @@ class FederationServer:
         if got.failed and not got.updates and not got.refused:
             raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
         if len(got.updates) >= self.cfg.federation.min_clients:
-            self.model.update(aggregate_adapters(got.updates))
+            # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
+            self.model.update(aggregate_adapters([got.updates[site] for site in sorted(got.updates)]))
             status = f"aggregated {len(got.updates)} sites"
         elif got.refused and not got.updates and not got.failed:
             status = "stopped: every site refused"

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from client.app import TRAIN_REPLY_METRICS
 from common.config import load_config
 from common.privacy.accounting import epsilon_spent
 from common.wire import ADAPTER, METRICS, PLAN, STATUS, array_record_nbytes
@@ -129,6 +130,8 @@ def test_only_adapter_tensors_travel(finished_run):
             if ADAPTER in reply.content:
                 assert list(reply.content[ADAPTER].keys()) == keys
                 assert _is_float32_payload(array_record_nbytes(reply.content[ADAPTER]), n_params, len(keys))
+            if ADAPTER in reply.content:
+                assert set(reply.content[METRICS].keys()) == set(TRAIN_REPLY_METRICS), "no training loss leaves"
             for value in reply.content[METRICS].values():
                 assert isinstance(value, (int, float)), "metrics are aggregate scalars, never per-record data"
             assert set(reply.content[STATUS].keys()) == {"site-id", "state", "reason"}
