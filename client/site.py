@@ -7,7 +7,6 @@ all) is decided here, from its own data size and its own ledger.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -27,7 +26,13 @@ from common.data.encoding import EncodedSet, encode_examples
 from common.data.federation_data import SiteSplit, load_label_set
 from common.evaluation import evaluate_model
 from common.models.loading import BaseModelSpec
-from common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
+from common.models.lora import (
+    adapter_digest,
+    adapter_state,
+    build_adapted_model,
+    frozen_a_fingerprint,
+    load_adapter_state,
+)
 from common.privacy.accounting import calibrate_noise
 from common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 
@@ -60,20 +65,10 @@ class RoundRequest:
 class TrainOutcome:
     adapter: dict[str, np.ndarray]
     num_examples: int
-    train_loss: float
     steps: int
     epsilon: float
     noise_multiplier: float
     sample_rate: float
-    seconds: float
-
-
-def adapter_digest(adapter: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(adapter):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(adapter[key], dtype=np.float32).tobytes())
-    return digest.hexdigest()
 
 
 _MODELS: dict[tuple, tuple[Any, Any]] = {}
@@ -173,8 +168,8 @@ class Site:
             self.site_id, request.round, result.steps, result.mean_loss, sigma, eps_after, time.time() - start,
         )
         outcome = TrainOutcome(
-            adapter=adapter_state(self.model, self.cfg.lora.ffa), num_examples=n, train_loss=result.mean_loss,
-            steps=result.steps, epsilon=eps_after, noise_multiplier=sigma, sample_rate=q, seconds=time.time() - start,
+            adapter=adapter_state(self.model, self.cfg.lora.ffa), num_examples=n, steps=result.steps,
+            epsilon=eps_after, noise_multiplier=sigma, sample_rate=q,
         )
         self._remember(request, input_digest, outcome)
         return outcome

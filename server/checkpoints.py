@@ -37,7 +37,6 @@ class CheckpointStore:
             peft_model.save_pretrained(staging)
             atomic_write_json(staging / "round.json", {"round": round_, **info})
 
-        self.root.mkdir(parents=True, exist_ok=True)
         return write_dir_atomically(self.path_for(round_), build)
 
     def rounds(self) -> list[int]:

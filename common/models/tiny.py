@@ -56,8 +56,6 @@ def resolve_tiny(name: str, seed: int = 0) -> Path:
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; known: {TINY_MODELS}")
     final = cache_root() / "models" / f"{name}-seed{seed}"
-    if final.exists():
-        return final
 
     def build(staging: Path) -> None:
         tokenizer = byte_level_tokenizer()
