@@ -20,6 +20,15 @@ log = logging.getLogger("fedtune.client")
 
 SiteFactory = Callable[[Context], Site]
 
+# All a server learns about a site whose data failed validation; the details stay in the site's log.
+DATA_INVALID = "site not ready: data invalid"
+
+NO_METRICS = "site does not share validation metrics (privacy.share_site_metrics)"
+
+
+class SiteNotReady(RuntimeError):
+    """The site cannot serve requests (its data failed validation); ``str()`` is what the server is told."""
+
 # Everything a trained reply's metrics may hold: public plan values and DP accounting.
 TRAIN_REPLY_METRICS = ("num-examples", "steps", "epsilon", "noise-multiplier", "sample-rate")
 
@@ -41,13 +50,21 @@ def _status(site_id: str, state: str, reason: str = "") -> ConfigRecord:
     return ConfigRecord({"site-id": site_id, "state": state, "reason": reason})
 
 
+def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
+    site_id = f"site-{context.node_config.get('partition-id', context.node_id)}"
+    return Message(RecordDict({STATUS: _status(site_id, "refused", str(exc))}), reply_to=msg)
+
+
 def build_client_app(site_for: SiteFactory) -> ClientApp:
     """A ClientApp whose site (data, model, ledger) is found by ``site_for(context)``."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        site = site_for(context)
+        try:
+            site = site_for(context)
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
         try:
             request = decode_request(msg.content)
             outcome = site.train(request, from_array_record(msg.content[ADAPTER]))
@@ -67,7 +84,12 @@ def build_client_app(site_for: SiteFactory) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        site = site_for(context)
+        try:
+            site = site_for(context)
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
+        if not site.cfg.privacy.share_site_metrics:
+            return Message(RecordDict({STATUS: _status(site.site_id, "declined", NO_METRICS)}), reply_to=msg)
         fingerprint = str(msg.content[PLAN].get("a-fingerprint", "")) if PLAN in msg.content else ""
         try:
             metrics = site.evaluate(from_array_record(msg.content[ADAPTER]), fingerprint)
@@ -85,14 +107,19 @@ def simulated_site_factory(cfg, spec, run_dir: Path) -> SiteFactory:
     cache: dict[int, Site] = {}
 
     def site_for(context: Context) -> Site:
-        from common.data.federation_data import build_site_splits
+        from common.data.federation_data import build_site_splits, load_site_files
+        from common.data.readers import DataError
         from common.logs import configure_logging
 
         configure_logging()
         pid = int(context.node_config["partition-id"])
         if pid not in cache:
-            splits, _ = build_site_splits(cfg)
-            cache[pid] = Site(f"site-{pid}", cfg, spec, splits[pid], Path(run_dir) / "sites" / f"site-{pid}")
+            try:
+                split = load_site_files(cfg, pid) if cfg.partition.scheme == "files" else build_site_splits(cfg)[0][pid]
+            except DataError as exc:
+                log.error("site-%d: data invalid, not joining the federation:\n%s", pid, exc)
+                raise SiteNotReady(DATA_INVALID) from exc
+            cache[pid] = Site(f"site-{pid}", cfg, spec, split, Path(run_dir) / "sites" / f"site-{pid}")
         return cache[pid]
 
     return site_for

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.config import PRESETS_DIR, ConfigError, load_config, preset_path
+from common.config import PRESETS_DIR, ConfigError, FedtuneConfig, config_from_dict, load_config, preset_path
+from common.data.shapes import DATA_TASKS
 from common.logs import configure_logging
 
 
@@ -20,6 +21,22 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last complete round")
     sim.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     sub.add_parser("presets", help="list the built-in configs")
+    data = sub.add_parser("data", help="site data tools").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser(
+        "check", help="validate a site's data before training: counts, labels, token lengths, malformed records",
+        description="Reads PATH (a file or folder) exactly as a site would at start-up and prints a summary. "
+                    "Exit status: 0 trainable, 1 not trainable, 2 bad usage or config. Nothing is sent anywhere.",
+    )
+    check.add_argument("path", type=Path, help="data file (.jsonl, .json, .csv, .tsv, .parquet) or folder")
+    check.add_argument("--task", choices=DATA_TASKS, help="record shape (default: the config's data.task)")
+    check_cfg = check.add_mutually_exclusive_group()
+    check_cfg.add_argument("--config", type=Path, help="take field mapping, labels, model and privacy from this TOML")
+    check_cfg.add_argument("--preset", help="take them from a built-in config")
+    check.add_argument("--labels", type=Path, help="JSON list of the agreed label names (classification)")
+    check.add_argument("--model", help="tokenizer for token lengths: built-in name or local model directory")
+    check.add_argument("--no-tokens", action="store_true", help="skip tokenisation (no length histogram)")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="e.g. data.fields.label=category, data.delimiter=';'")
     fetch = sub.add_parser("fetch-model", help="fetch and cache a built-in model now (smollm2-135m, minilm-l6)")
     fetch.add_argument("name")
     return parser
@@ -33,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             for path in sorted(PRESETS_DIR.glob("*.toml")):
                 print(f"{path.stem:24s} {path}")
             return 0
+        if args.command == "data":
+            return _data_check(args)
         if args.command == "fetch-model":
             from common.models.builtin import resolve_builtin
 
@@ -53,6 +72,54 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_config(args: argparse.Namespace) -> FedtuneConfig:
+    """The config a data check validates against: a given one with PATH and --task swapped in, or a minimal one."""
+    path = args.path.expanduser().resolve()
+    overrides = [f"data.path={_toml_str(path)}", *args.set]
+    if args.task:
+        overrides.append(f"data.task={_toml_str(args.task)}")
+    if args.labels:
+        overrides.append(f"data.labels_file={_toml_str(args.labels.expanduser().resolve())}")
+    if args.model:
+        key = "model.path" if Path(args.model).is_dir() else "model.name"
+        value = Path(args.model).resolve() if key == "model.path" else args.model
+        overrides.append(f"{key}={_toml_str(value)}")
+    if args.config or args.preset:
+        return load_config(args.config or preset_path(args.preset), overrides + ["partition.scheme=\"iid\""])
+    if not args.task:
+        raise ConfigError("fedtune data check: give --task (one of " + ", ".join(DATA_TASKS) + ") or --config")
+    classify = args.task == "classification"
+    raw = {"model": {"name": "minilm-l6" if classify else "smollm2-135m",
+                     "task": "classification" if classify else "causal-lm"}}
+    if classify and not args.labels and not any(o.startswith("data.labels") for o in args.set):
+        raise ConfigError("fedtune data check: classification needs the federation's agreed labels: "
+                          "--labels FILE (a JSON list of names) or --set data.labels='[\"a\", \"b\"]'")
+    return config_from_dict(raw, "the command line", Path.cwd(), overrides)
+
+
+def _toml_str(value: object) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from common.data.check import check_data
+    from common.data.readers import DataError
+
+    cfg = _check_config(args)
+    tokenizer = None
+    if not args.no_tokens:
+        from common.models.loading import load_tokenizer, model_spec
+
+        tokenizer = load_tokenizer(model_spec(cfg))
+    try:
+        result = check_data(cfg, args.path, tokenizer)
+    except DataError as exc:
+        print(f"NOT TRAINABLE: {exc}", file=sys.stderr)
+        return 1
+    print(result.format())
+    return 0 if result.trainable else 1
 
 
 if __name__ == "__main__":

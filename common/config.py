@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+DataTask = Literal["classification", "chat", "prompt-completion", "question-answer", "instruction"]
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "banking77-minilm"
 
@@ -51,17 +52,42 @@ class LoraSettings(_Section):
     init_seed: int = 0
 
 
-class DataConfig(_Section):
-    """Where the records are and which fields hold what."""
+class FieldMap(_Section):
+    """Which column (CSV/Parquet) or key (JSON) holds each part of a record.
 
-    path: Path
+    Only the parts of the configured ``data.task`` are read; every name defaults to the part's
+    own name. ``system`` optionally names a column with a per-record system prompt.
+    """
+
+    text: str = "text"
+    label: str = "label"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    question: str = "question"
+    answer: str = "answer"
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+    messages: str = "messages"
+    system: str = ""
+
+
+class DataConfig(_Section):
+    """Where the records are, how to read them and which fields hold what."""
+
+    path: Path | None = None
+    site_paths: list[Path] = Field(default_factory=list)
     test_path: Path | None = None
     labels_file: Path | None = None
     labels: list[str] = Field(default_factory=list)
-    text_field: str = "text"
-    label_field: str = "label"
-    prompt_field: str = "question"
-    response_field: str = "answer"
+    task: DataTask | None = None
+    fields: FieldMap = FieldMap()
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
+    header: Literal["auto", "yes", "no"] = "auto"
+    delimiter: str = Field("", max_length=1)
+    column_names: list[str] = Field(default_factory=list)
+    max_record_bytes: int = Field(1_000_000, gt=0)
+    on_malformed: Literal["fail", "skip"] = "fail"
     max_records: int = Field(0, ge=0)
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -74,9 +100,19 @@ class DataConfig(_Section):
             raise ValueError(f"file not found: {value}")
         return value
 
+    @field_validator("site_paths")
+    @classmethod
+    def _all_exist(cls, value: list[Path]) -> list[Path]:
+        missing = [str(p) for p in value if not p.exists()]
+        if missing:
+            raise ValueError(f"not found: {', '.join(missing)}")
+        return value
+
 
 class PartitionConfig(_Section):
-    scheme: Literal["iid", "dirichlet", "column"] = "iid"
+    """How a simulation shares ``data.path`` among sites; ``files`` gives each site its own ``data.site_paths`` entry."""
+
+    scheme: Literal["iid", "dirichlet", "column", "files"] = "iid"
     num_clients: int = Field(3, gt=0)
     alpha: float = Field(0.5, gt=0)
     column: str = "source"
@@ -107,6 +143,9 @@ class PrivacyConfig(_Section):
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
+    # Sites send their validation loss/accuracy (aggregate scalars over their own validation
+    # split, not DP-protected) only when they opt in.
+    share_site_metrics: bool = False
 
 
 class FedtuneConfig(_Section):
@@ -119,6 +158,16 @@ class FedtuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_data_task(cls, raw: Any) -> Any:
+        """A generative model defaults to question/answer records, a classifier to text/label."""
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and raw["data"].get("task") is None:
+            model_task = (raw.get("model") or {}).get("task", ModelConfig().task)
+            raw = {**raw, "data": {**raw["data"], "task": "classification" if model_task == "classification"
+                                   else "question-answer"}}
+        return raw
+
     @model_validator(mode="after")
     def _cross_checks(self) -> FedtuneConfig:
         if self.federation.min_clients > self.partition.num_clients:
@@ -126,6 +175,22 @@ class FedtuneConfig(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        if (self.data.task == "classification") != (self.model.task == "classification"):
+            raise ValueError(
+                f"data.task = {self.data.task!r} does not fit model.task = {self.model.task!r}: classification "
+                "data needs a classification model; chat, prompt-completion, question-answer and instruction "
+                "data need causal-lm"
+            )
+        if self.partition.scheme == "files":
+            if len(self.data.site_paths) != self.partition.num_clients:
+                raise ValueError(f"partition.scheme = 'files' needs one data.site_paths entry per site: got "
+                                 f"{len(self.data.site_paths)} for partition.num_clients = {self.partition.num_clients}")
+            if self.data.test_path is None:
+                raise ValueError("partition.scheme = 'files' needs data.test_path: the server's own held-out set "
+                                 "(it never reads the sites' files)")
+        elif self.data.path is None:
+            raise ValueError(f"partition.scheme = {self.partition.scheme!r} shares data.path among sites; set it, "
+                             "or use partition.scheme = 'files' with data.site_paths")
         if self.model.task == "classification" and not (self.data.labels or self.data.labels_file):
             raise ValueError("classification needs the agreed label set: set data.labels or data.labels_file")
         return self
@@ -134,12 +199,19 @@ class FedtuneConfig(_Section):
 _PATH_FIELDS = {("data", "path"), ("data", "test_path"), ("data", "labels_file"), ("model", "path")}
 
 
+def _resolve(value: str, base: Path) -> str:
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     for section, key in _PATH_FIELDS:
         value = raw.get(section, {}).get(key)
         if isinstance(value, str) and value:
-            path = Path(value).expanduser()
-            raw[section][key] = str(path if path.is_absolute() else (base / path).resolve())
+            raw[section][key] = _resolve(value, base)
+    site_paths = raw.get("data", {}).get("site_paths")
+    if isinstance(site_paths, list):
+        raw["data"]["site_paths"] = [_resolve(v, base) if isinstance(v, str) else v for v in site_paths]
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -173,7 +245,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against the README's config reference)"
         elif e["type"] == "missing":
@@ -201,12 +273,19 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return config_from_dict(raw, str(path), path.parent, overrides)
+
+
+def config_from_dict(
+    raw: dict[str, Any], source: str, base: Path, overrides: list[str] | None = None
+) -> FedtuneConfig:
+    """Validate a raw config (relative paths against ``base``); errors name ``source`` and the field."""
     apply_overrides(raw, overrides or [])
-    _resolve_paths(raw, path.parent)
+    _resolve_paths(raw, base)
     try:
         return FedtuneConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(str(path), exc)) from exc
+        raise ConfigError(_format_validation_error(source, exc)) from exc
 
 
 def config_to_toml_dict(cfg: FedtuneConfig) -> dict[str, Any]:

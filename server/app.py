@@ -10,7 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.atomic_files import atomic_write_json
 from common.config import FedtuneConfig
 from common.data.encoding import encode_examples
-from common.data.federation_data import load_label_set, load_pool_and_test
+from common.data.federation_data import load_label_set, server_test_set
 from common.models.loading import BaseModelSpec
 from server.federation import FederationServer
 from server.global_model import GlobalModel
@@ -22,7 +22,7 @@ def build_server_app(cfg: FedtuneConfig, spec: BaseModelSpec, run_dir: Path, res
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         model = GlobalModel(cfg, spec)
-        _, test = load_pool_and_test(cfg)
+        test = server_test_set(cfg)
         labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
         test_set = encode_examples(test, model.tokenizer, cfg.model.task, labels, cfg.model.max_length)
         server = FederationServer(cfg, model, test_set, run_dir)

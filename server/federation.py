@@ -95,6 +95,8 @@ class FederationServer:
         for reply in replies:
             if not reply.has_error() and METRICS in reply.content:
                 clients[str(reply.content[STATUS]["site-id"])] = dict(reply.content[METRICS])
+            elif not reply.has_error() and reply.content[STATUS]["state"] == "declined":
+                log.debug("round %d: %s", round_, reply.content[STATUS]["reason"])
             else:
                 reason = reply.error.reason if reply.has_error() else reply.content[STATUS]["reason"]
                 log.warning("round %d: node %d did not evaluate: %s", round_, reply.metadata.src_node_id,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from common.atomic_files import atomic_write_json
 from common.config import ConfigError, FedtuneConfig, config_to_toml_dict
-from common.data.federation_data import SiteSplit, build_site_splits, load_label_set
-from common.models.loading import BaseModelSpec, resolve_model_dir
+from common.data.federation_data import SiteSplit, build_site_splits, load_test_set
+from common.models.loading import model_spec
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -31,11 +31,6 @@ def check_privacy_feasible(cfg: FedtuneConfig, sites: list[SiteSplit]) -> None:
             f"privacy.delta = {cfg.privacy.delta} must be below 1/n for every site; the smallest site has "
             f"n = {smallest} training records, so use delta < {1.0 / smallest:.2e}"
         )
-
-
-def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
-    labels = tuple(load_label_set(cfg.data)) if cfg.model.task == "classification" else ()
-    return BaseModelSpec(resolve_model_dir(cfg.model, cfg.run.seed), cfg.model.task, cfg.model.dtype, labels)
 
 
 def new_run_dir(cfg: FedtuneConfig) -> Path:
@@ -66,11 +61,18 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
     from client.app import build_client_app, simulated_site_factory
     from server.app import build_server_app
 
-    sites, test = build_site_splits(cfg)
-    check_privacy_feasible(cfg, sites)
+    if cfg.partition.scheme == "files":
+        # Each site reads and validates its own files; the server never opens them.
+        summary = "\n".join(["site data (read and validated on each site only):",
+                              *[f"  site-{i}: {p}" for i, p in enumerate(cfg.data.site_paths)],
+                              f"  server held-out: {len(load_test_set(cfg))} records"])
+    else:
+        sites, test = build_site_splits(cfg)
+        check_privacy_feasible(cfg, sites)
+        summary = partition_summary(sites, len(test))
     spec = model_spec(cfg)  # fetched once here, so actors only read the cache
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-    print(partition_summary(sites, len(test)), flush=True)
+    print(summary, flush=True)
     print(f"run directory: {run_dir}", flush=True)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -14,16 +14,9 @@ import numpy as np
 
 from common.config import DataConfig, FedtuneConfig
 from common.data.partition import partition_by_column, partition_dirichlet, partition_iid, split_train_val
-from common.data.records import DataError, read_records, require_field
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training record: ``text`` is the input (or prompt), ``target`` the label name (or response)."""
-
-    text: str
-    target: str
-    group: str = ""
+from common.data.preparation import prepare
+from common.data.readers import DataError
+from common.data.shapes import Example
 
 
 @dataclass(frozen=True)
@@ -46,50 +39,62 @@ def load_label_set(data: DataConfig) -> list[str]:
     return labels
 
 
-def _to_examples(rows: list[dict], path: Path, cfg: FedtuneConfig, group_field: str) -> list[Example]:
-    data = cfg.data
-    examples = []
-    labels = set(load_label_set(data)) if cfg.model.task == "classification" else None
-    for i, row in enumerate(rows):
-        if labels is not None:
-            text = require_field(row, data.text_field, path, i)
-            target = require_field(row, data.label_field, path, i)
-            if target not in labels:
-                raise DataError(f"{path}, record {i + 1}: label {target!r} is not in the agreed label set")
-        else:
-            text = require_field(row, data.prompt_field, path, i)
-            target = require_field(row, data.response_field, path, i)
-        examples.append(Example(text=text, target=target, group=str(row.get(group_field, ""))))
-    return examples
-
-
 def _group_field(cfg: FedtuneConfig) -> str:
-    if cfg.partition.scheme == "column":
-        return cfg.partition.column
-    if cfg.partition.scheme == "dirichlet" and cfg.model.task == "classification":
-        return cfg.data.label_field
-    return cfg.partition.column
+    """The field a simulation partitions on: ``partition.column``, except that classification uses the label."""
+    return cfg.partition.column if cfg.partition.scheme == "column" or cfg.data.task != "classification" else ""
+
+
+def load_examples(path: Path, cfg: FedtuneConfig, group_field: str = "") -> list[Example]:
+    """Clean examples from ``path``, or a DataError naming the first malformed records."""
+    labels = load_label_set(cfg.data) if cfg.data.task == "classification" else []
+    prepared = prepare(path, cfg.data, labels, group_field)
+    return prepared.require_usable(cfg.data.on_malformed)
+
+
+def load_test_set(cfg: FedtuneConfig) -> list[Example]:
+    """The server's own held-out set (``data.test_path``), capped at ``data.max_eval_examples``."""
+    assert cfg.data.test_path is not None
+    return _cap(load_examples(cfg.data.test_path, cfg), cfg)
+
+
+def _cap(test: list[Example], cfg: FedtuneConfig) -> list[Example]:
+    if len(test) <= cfg.data.max_eval_examples:
+        return test
+    rng = np.random.default_rng(cfg.run.seed + 1)
+    return [test[i] for i in sorted(rng.choice(len(test), cfg.data.max_eval_examples, replace=False))]
 
 
 def load_pool_and_test(cfg: FedtuneConfig) -> tuple[list[Example], list[Example]]:
-    """The records to share among sites, and the server's held-out evaluation set."""
-    data = cfg.data
-    group = _group_field(cfg)
-    rows = read_records(data.path, data.max_records)
-    if cfg.partition.scheme == "column" and group not in rows[0]:
-        raise DataError(f"{data.path}: partition.column {group!r} is not a field (fields: {sorted(rows[0])})")
-    pool = _to_examples(rows, data.path, cfg, group)
-    if data.test_path is not None:
-        test = _to_examples(read_records(data.test_path), data.test_path, cfg, group)
-    else:
-        order = np.random.default_rng(cfg.run.seed).permutation(len(pool))
-        n_test = int(round(len(pool) * data.holdout_fraction))
-        test = [pool[i] for i in sorted(order[:n_test])]
-        pool = [pool[i] for i in sorted(order[n_test:])]
-    rng = np.random.default_rng(cfg.run.seed + 1)
-    if len(test) > data.max_eval_examples:
-        test = [test[i] for i in sorted(rng.choice(len(test), data.max_eval_examples, replace=False))]
-    return pool, test
+    """The records to share among simulated sites, and the server's held-out evaluation set."""
+    assert cfg.data.path is not None
+    pool = load_examples(cfg.data.path, cfg, _group_field(cfg))
+    if cfg.partition.scheme == "column" and not any(e.group for e in pool):
+        raise DataError(f"{cfg.data.path}: partition.column {cfg.partition.column!r} is not a field of the records")
+    if cfg.data.test_path is not None:
+        return pool, load_test_set(cfg)
+    order = np.random.default_rng(cfg.run.seed).permutation(len(pool))
+    n_test = int(round(len(pool) * cfg.data.holdout_fraction))
+    test = [pool[i] for i in sorted(order[:n_test])]
+    pool = [pool[i] for i in sorted(order[n_test:])]
+    return pool, _cap(test, cfg)
+
+
+def server_test_set(cfg: FedtuneConfig) -> list[Example]:
+    """What the server evaluates on: its own file if given, else the held-out share of a simulation's pool."""
+    if cfg.data.test_path is not None:
+        return load_test_set(cfg)
+    return load_pool_and_test(cfg)[1]
+
+
+def split_site(examples: list[Example], cfg: FedtuneConfig, site_index: int) -> SiteSplit:
+    """A site's deterministic train/validation split (the seed and the site's index fix it)."""
+    train_idx, val_idx = split_train_val(range(len(examples)), cfg.data.val_fraction, cfg.run.seed + 100 + site_index)
+    return SiteSplit(train=[examples[i] for i in train_idx], val=[examples[i] for i in val_idx[: cfg.data.max_eval_examples]])
+
+
+def load_site_files(cfg: FedtuneConfig, site_index: int) -> SiteSplit:
+    """One site's own files (``partition.scheme = "files"``), read and validated on that site only."""
+    return split_site(load_examples(cfg.data.site_paths[site_index], cfg), cfg, site_index)
 
 
 def partition_pool(cfg: FedtuneConfig, pool: list[Example]) -> list[list[int]]:
@@ -104,13 +109,13 @@ def partition_pool(cfg: FedtuneConfig, pool: list[Example]) -> list[list[int]]:
 
 
 def build_site_splits(cfg: FedtuneConfig) -> tuple[list[SiteSplit], list[Example]]:
-    """Every simulated site's train/val split plus the server's held-out set."""
+    """Every simulated site's train/val split of the shared pool, plus the server's held-out set."""
+    if cfg.partition.scheme == "files":
+        raise ValueError("partition.scheme = 'files': each site loads its own files (load_site_files)")
     pool, test = load_pool_and_test(cfg)
     sites = []
     for site_id, indices in enumerate(partition_pool(cfg, pool)):
-        train_idx, val_idx = split_train_val(indices, cfg.data.val_fraction, cfg.run.seed + 100 + site_id)
-        val_idx = val_idx[: cfg.data.max_eval_examples]
-        sites.append(SiteSplit(train=[pool[i] for i in train_idx], val=[pool[i] for i in val_idx]))
+        sites.append(split_site([pool[i] for i in indices], cfg, site_id))
     for site_id, site in enumerate(sites):
         if len(site.train) < cfg.partition.min_examples:
             raise DataError(

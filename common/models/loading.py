@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import ModelConfig
+from common.config import FedtuneConfig, ModelConfig
 from common.models.builtin import BUILTIN_WEIGHTS, resolve_builtin
 from common.models.tiny import TINY_MODELS, resolve_tiny
 
@@ -36,6 +36,14 @@ def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
         return resolve_tiny(model.name, seed)
     known = sorted(BUILTIN_WEIGHTS) + list(TINY_MODELS)
     raise ValueError(f"model.name = {model.name!r} is not a built-in model ({known}); set model.path instead")
+
+
+def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
+    """The configured base model, fetched or built once, with the federation's agreed labels."""
+    from common.data.federation_data import load_label_set
+
+    labels = tuple(load_label_set(cfg.data)) if cfg.model.task == "classification" else ()
+    return BaseModelSpec(resolve_model_dir(cfg.model, cfg.run.seed), cfg.model.task, cfg.model.dtype, labels)
 
 
 def load_tokenizer(spec: BaseModelSpec):

@@ -59,6 +59,7 @@ lr = 0.02
 [privacy]
 epsilon = {EPSILON}
 delta = 1e-3
+share_site_metrics = true
 """)
     return load_config(toml)
 
@@ -110,7 +111,7 @@ def test_rounds_aggregate_every_site_and_improve_held_out_loss(finished_run):
 def test_only_adapter_tensors_travel(finished_run):
     cfg, _, seen = finished_run
     from common.models.lora import build_adapted_model
-    from server.simulation import model_spec
+    from common.models.loading import model_spec
 
     model, _ = build_adapted_model(model_spec(cfg), cfg.lora)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -165,7 +166,7 @@ def test_checkpoints_and_merged_model_load_with_plain_libraries(finished_run):
 
     cfg, run_dir, _ = finished_run
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
-    from server.simulation import model_spec
+    from common.models.loading import model_spec
 
     base = AutoModelForCausalLM.from_pretrained(model_spec(cfg).directory)
     peft_model = PeftModel.from_pretrained(base, run_dir / "checkpoints" / "round-0002").eval()

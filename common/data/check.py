@@ -1,0 +1,68 @@
+"""``fedtune data check``: can a site train on these files? Answered locally, before any round.
+
+The same preparation runs when a site starts; this command lets its operator see the
+whole picture (counts, labels, token lengths, the first malformed records) and fix it
+first. Nothing here is sent anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.config import FedtuneConfig
+from common.data.encoding import encode_examples
+from common.data.federation_data import load_label_set
+from common.data.preparation import DataReport, prepare
+
+
+@dataclass
+class CheckResult:
+    report: DataReport
+    blockers: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def trainable(self) -> bool:
+        return not self.blockers
+
+    def format(self) -> str:
+        lines = [self.report.format(), ""]
+        lines += [f"warning: {w}" for w in self.warnings]
+        if self.blockers:
+            lines += [f"NOT TRAINABLE: {b}" for b in self.blockers]
+        else:
+            lines.append("OK: this site can train on the data")
+        return "\n".join(lines)
+
+
+def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> CheckResult:
+    """Prepare ``path`` exactly as a site would and say whether training could start.
+
+    File-level problems (missing, not UTF-8, binary, unparseable) raise DataError.
+    """
+    data = cfg.data
+    labels = load_label_set(data) if data.task == "classification" else []
+    prepared = prepare(path, data, labels)
+    report, result = prepared.report, CheckResult(prepared.report)
+    if report.problems:
+        if data.on_malformed == "skip":
+            result.warnings.append(f"{len(report.problems)} malformed records will be skipped (data.on_malformed)")
+        else:
+            result.blockers.append(f"{len(report.problems)} malformed records; fix them or set "
+                                   "data.on_malformed = \"skip\"")
+    if not prepared.examples:
+        result.blockers.append(f"no usable {report.task} records")
+        return result
+    if tokenizer is not None:
+        encoded = encode_examples(prepared.examples, tokenizer, cfg.model.task, labels, cfg.model.max_length)
+        report.token_lengths, report.truncated, report.max_length = encoded.lengths or [], encoded.truncated, cfg.model.max_length
+    n_train = len(prepared.examples) - int(round(len(prepared.examples) * data.val_fraction))
+    if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / max(n_train, 1):
+        result.blockers.append(f"privacy.delta = {cfg.privacy.delta} is not below 1/n for n = {n_train} training "
+                               f"records; ask for delta < {1.0 / n_train:.1e}")
+    if cfg.data.task == "classification" and len(report.label_counts) < len(labels):
+        result.warnings.append(f"{len(labels) - len(report.label_counts)} of the {len(labels)} agreed labels have "
+                               "no records here (fine in a federation: other sites may hold them)")
+    return result
