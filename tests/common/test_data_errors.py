@@ -18,7 +18,8 @@ LABELS = ["card_arrival", "card_linking"]
 
 
 def _qa(path: Path, **kw):
-    return prepare(path, DataConfig(path=None, task="question-answer", **kw), []).require_usable()
+    cfg = DataConfig(path=None, task="question-answer", **kw)
+    return prepare(path, cfg, []).require_usable(cfg.on_malformed)
 
 
 def _classify(path: Path, **kw):

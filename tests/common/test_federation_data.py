@@ -45,13 +45,7 @@ num_clients = 9
     assert len(test) == 256
 
 
-def test_data_errors_name_file_line_and_field(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question": "q", "answer": "a"}\n{"question": oops}\n')
-    with pytest.raises(DataError, match=r"bad.jsonl, line 2: invalid JSON"):
-        read_records(bad)
-    with pytest.raises(DataError, match="file not found"):
-        read_records(tmp_path / "absent.csv")
+def test_config_errors_reach_the_site_loader_with_file_line_and_field(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("text,category\nhello,not_a_label\n")
     toml = tmp_path / "c.toml"
@@ -61,10 +55,45 @@ name = "tiny-bert"
 [data]
 path = "{csv}"
 labels = ["card_arrival"]
-label_field = "category"
+[data.fields]
+label = "category"
 """)
-    with pytest.raises(DataError, match=r"d.csv, record 1: label 'not_a_label' is not in the agreed label set"):
+    with pytest.raises(DataError, match=r"d.csv, line 2, field 'category': label 'not_a_label' is not in the agreed"):
         build_site_splits(load_config(toml))
-    toml.write_text(toml.read_text().replace('label_field = "category"', 'label_field = "intent"'))
-    with pytest.raises(DataError, match=r"record 1: missing field 'intent'"):
+    toml.write_text(toml.read_text().replace('label = "category"', 'label = "intent"'))
+    with pytest.raises(DataError, match=r"d.csv, line 1: no column 'intent' in the header; columns: text, category"):
         build_site_splits(load_config(toml))
+
+
+def test_files_scheme_gives_each_site_its_own_files_and_the_server_its_own_test_set(tmp_path):
+    from common.config import ConfigError
+    from common.data.federation_data import load_site_files, server_test_set
+
+    a, b, test = tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "test.jsonl"
+    a.write_text("".join(f'{{"question": "qa{i}", "answer": "a"}}\n' for i in range(20)))
+    b.write_text("question,answer\n" + "".join(f"qb{i},b\n" for i in range(10)))
+    test.write_text('{"question": "t", "answer": "t"}\n')
+    body = f"""
+[model]
+name = "tiny-llama"
+task = "causal-lm"
+[data]
+site_paths = ["{a}", "{b}"]
+test_path = "{test}"
+val_fraction = 0.2
+[partition]
+scheme = "files"
+num_clients = 2
+"""
+    (tmp_path / "f.toml").write_text(body)
+    cfg = load_config(tmp_path / "f.toml")
+    site0, site1 = load_site_files(cfg, 0), load_site_files(cfg, 1)
+    assert (len(site0.train), len(site0.val), len(site1.train), len(site1.val)) == (16, 4, 8, 2)
+    assert {e.text for e in site1.train + site1.val} == {f"qb{i}" for i in range(10)}
+    assert [e.text for e in server_test_set(cfg)] == ["t"]
+    (tmp_path / "g.toml").write_text(body.replace("num_clients = 2", "num_clients = 3"))
+    with pytest.raises(ConfigError, match="needs one data.site_paths entry per site: got 2 for partition.num_clients = 3"):
+        load_config(tmp_path / "g.toml")
+    (tmp_path / "h.toml").write_text(body.replace('task = "causal-lm"', 'task = "classification"'))
+    with pytest.raises(ConfigError, match="data.task = 'question-answer' does not fit model.task = 'classification'"):
+        load_config(tmp_path / "h.toml", ["data.task='question-answer'", "data.labels=['x']"])
