@@ -35,6 +35,7 @@ class LocalTrainPlan:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     seed: int = 0
+    class_weights: tuple[float, ...] = ()
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson rate giving ``batch_size`` records per step on average."""
@@ -91,6 +92,9 @@ def train_adapter(
             optimizer.generator = torch.Generator().manual_seed(plan.seed + 1)
     else:
         module, optimizer = model, _make_optimizer(params, plan)
+    weights = torch.tensor(plan.class_weights, dtype=torch.float32) if plan.class_weights else None
+    if weights is not None and task != "classification":
+        raise ValueError("class weights apply to classification only")
     losses, seen = [], 0
     try:
         for step, idx in enumerate(poisson_batches(len(data), q, plan.steps, generator), start=1):
@@ -103,7 +107,11 @@ def train_adapter(
                     optimizer.step()
                 continue
             batch = data.batch(idx)
-            loss = per_sample_loss(module, batch, task).mean()
+            losses_each = per_sample_loss(module, batch, task)
+            if weights is not None:
+                # Weighted before clipping: each record's gradient is still clipped to max_grad_norm.
+                losses_each = losses_each * weights[batch["labels"]]
+            loss = losses_each.mean()
             loss.backward()
             if not private:
                 # Match DP-SGD's normalisation by the expected, not the realised, batch size.

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from client.dp_training import LocalTrainPlan, train_adapter
-from common.atomic_files import atomic_write_bytes
+from common.atomic_files import atomic_write_bytes, atomic_write_json
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet, encode_examples
 from common.data.federation_data import SiteSplit, load_label_set
@@ -34,6 +34,7 @@ from common.models.lora import (
     load_adapter_state,
 )
 from common.privacy.accounting import calibrate_noise
+from common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
 from common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 
 log = logging.getLogger("fedtune.site")
@@ -126,6 +127,34 @@ class Site:
         np.savez(buffer, __meta__=np.array(json.dumps(meta)), **outcome.adapter)
         atomic_write_bytes(self._replay_path(), buffer.getvalue())
 
+    def _weighting_planned(self) -> bool:
+        return self.cfg.model.task == "classification" and self.cfg.train.class_weighting == "balanced"
+
+    def _with_class_weights(self, plan: LocalTrainPlan, request: RoundRequest, ledger: PrivacyLedger | None):
+        weights = self._class_weights(request, ledger)
+        return LocalTrainPlan(**{**plan.__dict__, "class_weights": tuple(float(w) for w in weights)})
+
+    def _class_weights(self, request: RoundRequest, ledger: PrivacyLedger | None) -> np.ndarray:
+        """Balanced class weights, fixed for the run: from a DP label histogram (charged once) under DP."""
+        path = self.state_dir / "class_weights.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved["run_id"] == request.run_id:
+                return np.asarray(saved["weights"])
+        num_classes = len(self.spec.labels)
+        if ledger is None:
+            counts = np.bincount(np.asarray(self.train_set.labels), minlength=num_classes).astype(float)
+            floor = 1.0
+        else:
+            noise = self.cfg.privacy.histogram_noise
+            counts = noisy_label_histogram(self.train_set.labels, num_classes, noise,
+                                           np.random.default_rng(secrets.randbits(128)))
+            ledger.record(request.run_id, request.round, noise, 1.0, 1, mechanism="label-histogram")
+            floor = max(1.0, noise)
+        weights = balanced_class_weights(counts, floor=floor)
+        atomic_write_json(path, {"run_id": request.run_id, "weights": weights.tolist()})
+        return weights
+
     def train(self, request: RoundRequest, adapter: dict[str, np.ndarray]) -> TrainOutcome:
         input_digest = adapter_digest(adapter)
         replayed = self._replay(request, input_digest)
@@ -151,14 +180,20 @@ class Site:
                 ledger = PrivacyLedger.open(self.ledger_path, request.delta, accountant)
             except LedgerError as exc:
                 raise SiteRefusal(str(exc)) from exc
+            weighting = self._weighting_planned()
             sigma = calibrate_noise(
-                request.epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant
+                request.epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant,
+                prior=[(self.cfg.privacy.histogram_noise, 1.0, 1)] if weighting else (),
             )
+            if weighting:  # charged to the ledger before the budget check below, which then covers it
+                plan = self._with_class_weights(plan, request, ledger)
             try:
                 eps_after = ledger.check_budget(sigma, q, plan.steps, request.epsilon)
             except PrivacyBudgetExceeded as exc:
                 raise SiteRefusal(str(exc)) from exc
             plan = LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": sigma})
+        elif self._weighting_planned():
+            plan = self._with_class_weights(plan, request, None)
         torch.set_num_threads(self.cfg.train.torch_threads)
         result = train_adapter(self.model, self.train_set, self.cfg.model.task, plan)
         if ledger is not None:

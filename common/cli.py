@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from common.config import PRESETS_DIR, ConfigError, FedtuneConfig, config_from_dict, load_config, preset_path
+from common.data.readers import DataError
 from common.data.shapes import DATA_TASKS
 from common.logs import configure_logging
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  plot: {run_dir / 'curves.png'}"
               f"\n  merged model: {run_dir / 'merged'}\n  site ledgers: {run_dir / 'sites'}")
         return 0
-    except ConfigError as exc:
+    except (ConfigError, DataError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
 
@@ -105,7 +106,6 @@ def _toml_str(value: object) -> str:
 
 def _data_check(args: argparse.Namespace) -> int:
     from common.data.check import check_data
-    from common.data.readers import DataError
 
     cfg = _check_config(args)
     tokenizer = None

@@ -133,6 +133,8 @@ class TrainConfig(_Section):
     optimizer: Literal["adam", "sgd"] = "adam"
     eval_batch_size: int = Field(32, gt=0)
     torch_threads: int = Field(1, gt=0)
+    # Imbalanced classes are re-weighted in the loss, never oversampled (see common/data/preparation.py).
+    class_weighting: Literal["none", "balanced"] = "none"
 
 
 class PrivacyConfig(_Section):
@@ -146,6 +148,8 @@ class PrivacyConfig(_Section):
     # Sites send their validation loss/accuracy (aggregate scalars over their own validation
     # split, not DP-protected) only when they opt in.
     share_site_metrics: bool = False
+    # Noise multiplier of the label histogram behind train.class_weighting = "balanced" under DP.
+    histogram_noise: float = Field(10.0, gt=0)
 
 
 class FedtuneConfig(_Section):

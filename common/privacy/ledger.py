@@ -35,6 +35,7 @@ class LedgerEntry:
     noise_multiplier: float
     epsilon: float
     timestamp: float = field(default_factory=time.time)
+    mechanism: str = "dp-sgd"  # or "label-histogram" (one Gaussian release, sample rate 1)
 
 
 @dataclass
@@ -89,11 +90,14 @@ class PrivacyLedger:
             )
         return after
 
-    def record(self, run_id: str, round_: int, noise_multiplier: float, sample_rate: float, steps: int) -> LedgerEntry:
-        """Append a round that was actually trained and persist the ledger atomically."""
+    def record(
+        self, run_id: str, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
+        mechanism: str = "dp-sgd",
+    ) -> LedgerEntry:
+        """Append a release that actually happened and persist the ledger atomically."""
         entry = LedgerEntry(
             run_id=run_id, round=round_, steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier,
-            epsilon=self.epsilon_if(noise_multiplier, sample_rate, steps),
+            epsilon=self.epsilon_if(noise_multiplier, sample_rate, steps), mechanism=mechanism,
         )
         self.entries.append(entry)
         atomic_write_json(self.path, {

@@ -10,7 +10,7 @@ import torch
 from client.dp_training import LocalTrainPlan, train_adapter
 from common.config import LoraSettings
 from common.data.encoding import encode_examples
-from common.data.federation_data import Example
+from common.data.shapes import Example
 from common.models.lora import adapter_state, build_adapted_model
 
 QA = [
@@ -90,3 +90,22 @@ def test_training_touches_only_adapter_parameters(tiny_llama_spec):
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
         assert not hasattr(p, "grad_sample"), "Opacus state must not leak out of a round"
+
+
+def test_class_weights_scale_each_record_loss_in_private_and_plain_steps(tiny_bert_spec):
+    """Uniform weight 2 doubles an SGD step exactly; weights act on the loss, before DP clipping."""
+    model, data = _setup(tiny_bert_spec)
+    before = {k: torch.from_numpy(v) for k, v in adapter_state(model, ffa=False).items()}
+    plan = LocalTrainPlan(steps=1, batch_size=6, lr=0.1, optimizer="sgd", seed=5)
+    for private in (None, 0.0):
+        moved = []
+        for weights in ((), (2.0, 2.0, 2.0)):
+            twin = copy.deepcopy(model)
+            torch.manual_seed(0)  # same dropout masks in every run
+            train_adapter(twin, data, "classification", LocalTrainPlan(
+                **{**plan.__dict__, "class_weights": weights, "noise_multiplier": private, "max_grad_norm": 1e6}))
+            moved.append({k: torch.from_numpy(v) - before[k] for k, v in adapter_state(twin, ffa=False).items()})
+        for key in before:
+            torch.testing.assert_close(moved[1][key], 2 * moved[0][key], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="classification only"):
+        train_adapter(model, data, "causal-lm", LocalTrainPlan(**{**plan.__dict__, "class_weights": (1.0,)}))

@@ -10,7 +10,8 @@ import pytest
 
 from client.site import RoundRequest, Site, SiteRefusal
 from common.config import load_config
-from common.data.federation_data import Example, SiteSplit
+from common.data.federation_data import SiteSplit
+from common.data.shapes import Example
 from common.privacy.accounting import epsilon_spent
 
 SAMPLES = Path(__file__).resolve().parents[2] / "common" / "data" / "samples"
@@ -81,3 +82,36 @@ def test_a_repeated_request_replays_the_released_update_without_new_cost(site):
     changed = {k: v + 1.0 for k, v in adapter.items()}
     site.train(_request(1), changed)  # a different input is a new computation: it spends
     assert len(json.loads(site.ledger_path.read_text())["entries"]) == 2
+
+
+def test_balanced_class_weights_come_from_a_dp_histogram_charged_once(tmp_path, tiny_bert_spec):
+    from common.models.lora import adapter_state
+
+    labels = list(tiny_bert_spec.labels)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f"""
+[model]
+name = "tiny-bert"
+max_length = 16
+[data]
+path = "{SAMPLES / 'banking77' / 'train.csv'}"
+labels = {json.dumps(labels)}
+[train]
+class_weighting = "balanced"
+[privacy]
+histogram_noise = 5.0
+""")
+    cfg = load_config(toml)
+    # 90 / 20 / 10 records: the rarest class should weigh most.
+    train = [Example(f"text {i}", labels[0 if i < 90 else 1 if i < 110 else 2]) for i in range(120)]
+    site = Site("site-0", cfg, tiny_bert_spec, SiteSplit(train=train, val=[]), tmp_path / "site-0")
+    first = site.train(_request(1, delta=1e-3), adapter_state(site.model, ffa=False))
+    site.train(_request(2, delta=1e-3), first.adapter)
+    ledger = json.loads(site.ledger_path.read_text())
+    assert [(e["mechanism"], e["round"]) for e in ledger["entries"]] == [
+        ("label-histogram", 1), ("dp-sgd", 1), ("dp-sgd", 2)]
+    assert (ledger["entries"][0]["noise_multiplier"], ledger["entries"][0]["sample_rate"]) == (5.0, 1.0)
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
+    assert 2.9 <= epsilon_spent(history, 1e-3) <= 3.0, "the histogram shares the budget; noise was calibrated for it"
+    weights = json.loads((tmp_path / "site-0" / "class_weights.json").read_text())["weights"]
+    assert weights[0] < weights[2]

@@ -64,7 +64,7 @@ def test_impossible_values_fail_fast_naming_the_field(tmp_path, overrides, expec
 
 
 def test_missing_data_file_names_the_field(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.path: Value error, file not found: .*nope\.csv"):
+    with pytest.raises(ConfigError, match=r"data\.path: file not found: .*nope\.csv"):
         load_config(_write(tmp_path, data=str(tmp_path / "nope.csv")))
 
 
@@ -85,7 +85,8 @@ def test_classification_requires_the_agreed_label_set(tmp_path):
 
 
 def test_delta_must_be_below_one_over_n_on_every_site(tmp_path):
-    from common.data.federation_data import Example, SiteSplit
+    from common.data.federation_data import SiteSplit
+    from common.data.shapes import Example
     from server.simulation import check_privacy_feasible
 
     cfg = load_config(_write(tmp_path), ["privacy.delta=0.03"])

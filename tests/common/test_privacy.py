@@ -64,3 +64,28 @@ def test_ledger_rejects_mixed_delta_and_corrupt_files(tmp_path):
     path.write_text("{ not json")
     with pytest.raises(LedgerError, match="unreadable privacy ledger"):
         PrivacyLedger.open(path, delta=1e-5)
+
+
+def test_calibration_with_a_prior_release_keeps_the_total_within_target():
+    plain = calibrate_noise(4.0, 1e-5, 0.05, 200)
+    with_prior = calibrate_noise(4.0, 1e-5, 0.05, 200, prior=[(5.0, 1.0, 1)])
+    total = epsilon_spent([(5.0, 1.0, 1), (with_prior, 0.05, 200)], 1e-5)
+    assert 3.99 - 0.01 <= total <= 4.0
+    assert with_prior > plain
+    with pytest.raises(ValueError, match="releases before training alone spend"):
+        calibrate_noise(0.1, 1e-5, 0.05, 200, prior=[(0.5, 1.0, 1)])
+
+
+def test_balanced_weights_are_inverse_to_counts_and_average_to_one():
+    import numpy as np
+
+    from common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
+
+    counts = np.array([90.0, 20.0, 10.0])
+    w = balanced_class_weights(counts)
+    np.testing.assert_allclose(w * counts, (w * counts)[0])  # every class carries the same total weight
+    assert (w * counts).sum() / counts.sum() == pytest.approx(1.0)
+    skewed = balanced_class_weights(np.array([1000.0, 0.0]), floor=5.0)  # empty class floored at the noise level
+    assert skewed.max() / skewed.min() == pytest.approx(10 / (1005 / 2000))  # raw weight 100.5 clipped to 10
+    noisy = noisy_label_histogram([0] * 90 + [1] * 20 + [2] * 10, 3, 2.0, np.random.default_rng(0))
+    assert np.abs(noisy - counts).max() < 10
