@@ -23,4 +23,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs .cache .pytest_cache
+	rm -rf $(VENV) runs .cache .pytest_cache .hypothesis

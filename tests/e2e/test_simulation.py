@@ -19,6 +19,7 @@ from client.app import TRAIN_REPLY_METRICS
 from common.config import load_config
 from common.privacy.accounting import epsilon_spent
 from common.wire import ADAPTER, METRICS, PLAN, STATUS, array_record_nbytes
+from tests.e2e.message_spy import simulate_recording_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -66,25 +67,8 @@ share_site_metrics = true
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    import server.federation as federation
-    from server.simulation import simulate
-
-    tmp_path = tmp_path_factory.mktemp("sim")
-    cfg = _config(tmp_path)
-    seen: list[tuple[list, list]] = []
-    real = federation.send_and_collect
-
-    def spy(grid, messages, desc, timeout_s):
-        messages = list(messages)
-        replies = real(grid, messages, desc, timeout_s)
-        seen.append((messages, replies))
-        return replies
-
-    federation.send_and_collect = spy
-    try:
-        run_dir = simulate(cfg)
-    finally:
-        federation.send_and_collect = real
+    cfg = _config(tmp_path_factory.mktemp("sim"))
+    run_dir, seen = simulate_recording_messages(cfg)
     return cfg, run_dir, seen
 
 

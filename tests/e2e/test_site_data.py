@@ -18,6 +18,7 @@ from client.app import DATA_INVALID, NO_METRICS, TRAIN_REPLY_METRICS
 from common.config import load_config
 from common.wire import ADAPTER, METRICS, STATUS
 from tests.conftest import SAMPLES
+from tests.e2e.message_spy import simulate_recording_messages
 
 pytestmark = pytest.mark.e2e
 
@@ -48,9 +49,6 @@ def _site_files(tmp: Path) -> tuple[list[Path], Path, list[dict]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import server.federation as federation
-    from server.simulation import simulate
-
     tmp = tmp_path_factory.mktemp("byod")
     paths, test, raw = _site_files(tmp)
     (tmp / "c.toml").write_text(f"""
@@ -82,21 +80,8 @@ batch_size = 8
 epsilon = 4.0
 delta = 1e-3
 """)
-    cfg = load_config(tmp / "c.toml")
-    seen = []
-    real = federation.send_and_collect
-
-    def spy(grid, messages, desc, timeout_s):
-        replies = real(grid, list(messages), desc, timeout_s)
-        seen.extend(replies)
-        return replies
-
-    federation.send_and_collect = spy
-    try:
-        run_dir = simulate(cfg)
-    finally:
-        federation.send_and_collect = real
-    return run_dir, seen, raw
+    run_dir, seen = simulate_recording_messages(load_config(tmp / "c.toml"))
+    return run_dir, [reply for _, replies in seen for reply in replies], raw
 
 
 def test_sites_train_from_jsonl_parquet_and_a_mixed_folder(run):
