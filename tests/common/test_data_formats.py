@@ -215,3 +215,11 @@ def test_read_raw_keeps_file_and_line_of_every_record(tmp_path):
     arr = tmp_path / "d.json"
     arr.write_text('[\n  {"question": "a", "answer": "b"},\n\n  {"question": "c", "answer": "d"}\n]')
     assert [r.where for r in read_raw(arr)[0]] == [f"{arr}, element 1 (line 2)", f"{arr}, element 2 (line 4)"]
+
+
+def test_jsonl_lines_split_on_newline_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "a\u2028b", "answer": "c\u0085d"}\r\n{"question": "e", "answer": "f"}\n',
+                    encoding="utf-8")
+    records, problems, _ = read_raw(path)
+    assert not problems and [r.where for r in records] == [f"{path}, line 1", f"{path}, line 2"]
