@@ -7,14 +7,17 @@ with ``status.state = "refused"`` and a reason; it carries no tensors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
+from client import secure_aggregation
 from client.site import RoundRequest, Site, SiteRefusal
-from common.wire import ADAPTER, METRICS, PLAN, STATUS, from_array_record, to_array_record
+from common.secure_aggregation.records import round_tag
+from common.wire import ADAPTER, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
 
 log = logging.getLogger("fedtune.client")
 
@@ -50,14 +53,20 @@ def _status(site_id: str, state: str, reason: str = "") -> ConfigRecord:
     return ConfigRecord({"site-id": site_id, "state": state, "reason": reason})
 
 
+def site_id_of(context: Context) -> str:
+    """The name a site goes by in logs: its node config's ``site-id``, else its partition id."""
+    if "site-id" in context.node_config:
+        return str(context.node_config["site-id"])
+    return f"site-{context.node_config.get('partition-id', context.node_id)}"
+
+
 def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
-    site_id = f"site-{context.node_config.get('partition-id', context.node_id)}"
-    return Message(RecordDict({STATUS: _status(site_id, "refused", str(exc))}), reply_to=msg)
+    return Message(RecordDict({STATUS: _status(site_id_of(context), "refused", str(exc))}), reply_to=msg)
 
 
-def build_client_app(site_for: SiteFactory) -> ClientApp:
+def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp whose site (data, model, ledger) is found by ``site_for(context)``."""
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -67,7 +76,8 @@ def build_client_app(site_for: SiteFactory) -> ClientApp:
             return _not_ready(msg, context, exc)
         try:
             request = decode_request(msg.content)
-            outcome = site.train(request, from_array_record(msg.content[ADAPTER]))
+            global_adapter = from_array_record(msg.content[ADAPTER])
+            outcome = site.train(request, global_adapter)
         except SiteRefusal as exc:
             log.warning("%s refused round: %s", site.site_id, exc)
             return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
@@ -77,10 +87,29 @@ def build_client_app(site_for: SiteFactory) -> ClientApp:
             "num-examples": outcome.num_examples, "steps": outcome.steps, "epsilon": outcome.epsilon,
             "noise-multiplier": outcome.noise_multiplier, "sample-rate": outcome.sample_rate,
         })
-        content = RecordDict({
-            ADAPTER: to_array_record(outcome.adapter), METRICS: metrics, STATUS: _status(site.site_id, "trained"),
-        })
+        if request.secure_aggregation:
+            # The update stays on the site until it is masked; only fresh public keys go back now.
+            update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
+            keys = secure_aggregation.begin_round(context, round_tag(request.run_id, request.round), update,
+                                                  outcome.num_examples, floor=2)
+            content = RecordDict({SECAGG: keys, METRICS: metrics, STATUS: _status(site.site_id, "trained")})
+        else:
+            content = RecordDict({
+                ADAPTER: to_array_record(outcome.adapter), METRICS: metrics, STATUS: _status(site.site_id, "trained"),
+            })
         return Message(content, reply_to=msg)
+
+    @app.train("secagg_share_keys")
+    def secagg_share_keys(msg: Message, context: Context) -> Message:
+        return secure_aggregation.share_keys(msg, context, site_id_of(context))
+
+    @app.train("secagg_masked_input")
+    def secagg_masked_input(msg: Message, context: Context) -> Message:
+        return secure_aggregation.masked_input(msg, context, site_id_of(context))
+
+    @app.train("secagg_unmask")
+    def secagg_unmask(msg: Message, context: Context) -> Message:
+        return secure_aggregation.unmask(msg, context, site_id_of(context))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -60,6 +60,7 @@ class RoundRequest:
     delta: float
     max_grad_norm: float
     a_fingerprint: str = ""
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)

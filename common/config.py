@@ -152,6 +152,22 @@ class PrivacyConfig(_Section):
     histogram_noise: float = Field(10.0, gt=0)
 
 
+class SecureAggregationConfig(_Section):
+    """SecAgg+ for training rounds: the server learns only the sum of the sites' updates.
+
+    Each coordinate of a site's update is clipped to ``clip_range`` before quantisation
+    (0: derived from the optimiser, see ``auto_clip_range``); clipped values are counted
+    and reported. The sum is revealed only over at least ``max(2, federation.min_clients)``
+    sites; ``threshold_fraction`` of each site's neighbourhood must stay to rebuild masks.
+    """
+
+    enabled: bool = True
+    neighbours: int = Field(0, ge=0)
+    threshold_fraction: float = Field(0.5, ge=0.5, lt=1)
+    clip_range: float = Field(0.0, ge=0)
+    stage_timeout_s: float = Field(300.0, gt=0)
+
+
 class FedtuneConfig(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -161,6 +177,7 @@ class FedtuneConfig(_Section):
     federation: FederationConfig = FederationConfig()
     train: TrainConfig = TrainConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +196,9 @@ class FedtuneConfig(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        if self.secure_aggregation.enabled and self.partition.num_clients < 2:
+            raise ValueError("secure_aggregation.enabled needs at least 2 sites (a sum over one site is its update): "
+                             "raise partition.num_clients or set secure_aggregation.enabled = false")
         if (self.data.task == "classification") != (self.model.task == "classification"):
             raise ValueError(
                 f"data.task = {self.data.task!r} does not fit model.task = {self.model.task!r}: classification "

@@ -13,18 +13,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet
-from common.wire import ADAPTER, METRICS, PLAN, STATUS, from_array_record, payload_nbytes, to_array_record
+from common.secure_aggregation.protocol import Advertisement, SecureAggregationError
+from common.secure_aggregation.quantisation import auto_clip_range
+from common.secure_aggregation.records import advertisement_from, round_tag
+from common.wire import (
+    ADAPTER,
+    METRICS,
+    PLAN,
+    SECAGG,
+    STATUS,
+    from_array_record,
+    payload_nbytes,
+    to_array_record,
+    unflatten_adapter,
+)
 from server.aggregation import aggregate_adapters
 from server.checkpoints import CheckpointStore
 from server.global_model import GlobalModel
 from server.messaging import FederationError, send_and_collect, wait_for_nodes
 from server.report import MetricsLog, plot_curves, summary_table
+from server.secure_rounds import SecureExchange, secure_sum
 
 log = logging.getLogger("fedtune.server")
 
@@ -34,6 +49,7 @@ class RoundReplies:
     """What came back from the sites in one round, by site id."""
 
     updates: dict[str, tuple[dict, float]] = field(default_factory=dict)
+    advertised: dict[int, tuple[str, Advertisement]] = field(default_factory=dict)
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -45,6 +61,7 @@ def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: s
         "run-id": run_id, "round": round_, "total-rounds": cfg.federation.rounds, "local-steps": t.local_steps,
         "batch-size": t.batch_size, "lr": t.lr, "optimizer": t.optimizer, "dp": p.enabled, "epsilon": p.epsilon,
         "delta": p.delta, "max-grad-norm": p.max_grad_norm, "a-fingerprint": a_fingerprint,
+        "secure-aggregation": cfg.secure_aggregation.enabled,
     })
 
 
@@ -67,7 +84,11 @@ def collect_train_replies(requests: list[Message], replies: list[Message]) -> Ro
         metrics["bytes-sent"] = sent[reply.metadata.reply_to_message_id]
         metrics["bytes-received"] = payload_nbytes(reply.content)
         out.train[site] = metrics
-        out.updates[site] = (from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"]))
+        if SECAGG in reply.content:
+            ad = advertisement_from(reply.content[SECAGG], int(metrics["num-examples"]))
+            out.advertised[reply.metadata.src_node_id] = (site, ad)
+        else:
+            out.updates[site] = (from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"]))
     return out
 
 
@@ -133,19 +154,53 @@ class FederationServer:
         got = collect_train_replies(requests, replies)
         for site, reason in {**got.refused, **got.failed}.items():
             log.warning("round %d: %s did not contribute: %s", round_, site, reason)
-        if got.failed and not got.updates and not got.refused:
+        contributed = len(got.updates) + len(got.advertised)
+        if got.failed and not contributed and not got.refused:
             raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
-        if len(got.updates) >= self.cfg.federation.min_clients:
+        secure: dict[str, Any] = {}
+        if got.advertised and contributed >= self.cfg.federation.min_clients:
+            status, secure = self._aggregate_securely(grid, round_, got)
+        elif len(got.updates) >= self.cfg.federation.min_clients:
             # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
             self.model.update(aggregate_adapters([got.updates[site] for site in sorted(got.updates)]))
             status = f"aggregated {len(got.updates)} sites"
         elif got.refused and not got.updates and not got.failed:
             status = "stopped: every site refused"
         else:
-            status = f"skipped: {len(got.updates)} updates < min_clients {self.cfg.federation.min_clients}"
+            status = f"skipped: {contributed} updates < min_clients {self.cfg.federation.min_clients}"
             log.error("round %d %s; the global adapter is unchanged", round_, status)
         record = self.evaluate_round(grid, nodes, round_)
-        return record | {"train": got.train, "refused": got.refused, "failed": got.failed, "status": status}
+        return record | {"train": got.train, "refused": got.refused, "failed": got.failed, "status": status,
+                         **({"secure-aggregation": secure} if secure else {})}
+
+    def _aggregate_securely(self, grid: Grid, round_: int, got: RoundReplies) -> tuple[str, dict[str, Any]]:
+        """SecAgg+ over the sites that trained; on failure the global adapter stays as it was."""
+        sa, t, p = self.cfg.secure_aggregation, self.cfg.train, self.cfg.privacy
+        clip = sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm)
+        current = self.model.state()
+        exchange = SecureExchange(grid, {n: site for n, (site, _) in got.advertised.items()}, sa.stage_timeout_s,
+                                  send=send_and_collect)
+        try:
+            result = secure_sum(
+                exchange, round_tag(self.run_id, round_), {n: ad for n, (_, ad) in got.advertised.items()}, clip,
+                max(2, self.cfg.federation.min_clients), sum(int(np.size(v)) for v in current.values()),
+                sa.neighbours, sa.threshold_fraction,
+            )
+        except SecureAggregationError as exc:
+            log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
+            return f"failed: secure aggregation: {exc}", {"dropped": exchange.dropped, "error": str(exc)}
+        mean = unflatten_adapter(result.mean_update, current)
+        self.model.update({k: current[k] + mean[k] for k in current})
+        sites = {n: site for n, (site, _) in got.advertised.items()}
+        if result.clipped_values:
+            log.warning("round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
+                        round_, result.clipped_values, clip)
+        for site, received in exchange.bytes_received.items():
+            if site in got.train:
+                got.train[site]["bytes-received"] = received
+        summary = {"survivors": sorted(sites[n] for n in result.survivors), "dropped": dict(sorted(exchange.dropped.items())),
+                   "clipped-values": result.clipped_values, "clip-range": clip}
+        return f"aggregated {len(result.survivors)} sites securely", summary
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Merged model from the newest checkpoint, plus the summary table and plot."""

@@ -30,10 +30,15 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
 
 
 def send_and_collect(grid: Grid, messages: Iterable[Message], desc: str, timeout_s: float) -> list[Message]:
-    """Push all messages, then pull replies as they arrive (each reply is pulled exactly once)."""
+    """Push all messages, then pull replies as they arrive (each reply is pulled exactly once).
+
+    Polling starts every 5 ms and backs off to 200 ms: the quick secure-aggregation steps
+    are not held up, and long training rounds do not spin.
+    """
     pending = set(grid.push_messages(list(messages)))
     replies: list[Message] = []
     deadline = time.monotonic() + timeout_s
+    pause = 0.005
     with tqdm(total=len(pending), desc=desc, unit="site", leave=False, dynamic_ncols=True) as bar:
         while pending and time.monotonic() < deadline:
             for reply in grid.pull_messages(list(pending)):
@@ -41,5 +46,6 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], desc: str, timeout
                 replies.append(reply)
                 bar.update(1)
             if pending:
-                time.sleep(0.2)
+                time.sleep(pause)
+                pause = min(0.2, pause * 1.5)
     return replies

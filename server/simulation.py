@@ -11,7 +11,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
+
+from flwr.clientapp.typing import Mod
 
 from common.atomic_files import atomic_write_json
 from common.config import ConfigError, FedtuneConfig, config_to_toml_dict
@@ -54,8 +57,13 @@ def partition_summary(sites: list[SiteSplit], test_size: int) -> str:
     return "\n".join(["data partition (records stay on their site):", *rows, f"  server held-out: {test_size} records"])
 
 
-def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = False) -> Path:
-    """Run (or resume) a simulated federation; returns the run directory."""
+def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = False,
+             client_mods: Sequence[Mod] = ()) -> Path:
+    """Run (or resume) a simulated federation; returns the run directory.
+
+    ``client_mods`` are Flower mods wrapped around every site's ClientApp (logging, fault
+    injection for tests).
+    """
     from flwr.simulation import run_simulation
 
     from client.app import build_client_app, simulated_site_factory
@@ -78,7 +86,7 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every site's round line, not "repeated 2x"
     server_app = build_server_app(cfg, spec, run_dir, resume=resume)
-    client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir))
+    client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir), mods=client_mods)
     run_simulation(
         server_app=server_app,
         client_app=client_app,

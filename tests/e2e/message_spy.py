@@ -7,8 +7,9 @@ from pathlib import Path
 from common.config import FedtuneConfig
 
 
-def simulate_recording_messages(cfg: FedtuneConfig) -> tuple[Path, list[tuple[list, list]]]:
-    """The run directory, and ``(requests, replies)`` for each fan-out of the round loop."""
+def simulate_recording_messages(cfg: FedtuneConfig, **simulate_args) -> tuple[Path, list[tuple[list, list]]]:
+    """The run directory, and ``(requests, replies)`` for each fan-out of the round loop
+    (secure-aggregation steps included)."""
     import server.federation as federation
     from server.simulation import simulate
 
@@ -23,7 +24,7 @@ def simulate_recording_messages(cfg: FedtuneConfig) -> tuple[Path, list[tuple[li
 
     federation.send_and_collect = spy
     try:
-        run_dir = simulate(cfg)
+        run_dir = simulate(cfg, **simulate_args)
     finally:
         federation.send_and_collect = real
     return run_dir, seen

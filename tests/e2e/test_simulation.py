@@ -1,5 +1,8 @@
 """A real Flower simulation (Ray) of 3 sites x 2 rounds with DP-SGD on a tiny LoRA model.
 
+This run uses plain FedAvg (secure aggregation off) so the adapters themselves can be
+inspected; ``test_secure_aggregation`` covers the default, masked path.
+
 Checks the whole privacy story end to end: what travels, what each site's ledger says,
 that the held-out metric moves, that checkpoints and the merged model load with plain
 peft/transformers, and that a resumed run replays rather than re-spends privacy.
@@ -61,6 +64,8 @@ lr = 0.02
 epsilon = {EPSILON}
 delta = 1e-3
 share_site_metrics = true
+[secure_aggregation]
+enabled = false
 """)
     return load_config(toml)
 

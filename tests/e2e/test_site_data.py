@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from client.app import DATA_INVALID, NO_METRICS, TRAIN_REPLY_METRICS
 from common.config import load_config
-from common.wire import ADAPTER, METRICS, STATUS
+from common.wire import ADAPTER, MASKED, METRICS, SECAGG, STATUS
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
 
@@ -87,7 +87,7 @@ delta = 1e-3
 def test_sites_train_from_jsonl_parquet_and_a_mixed_folder(run):
     run_dir, _, _ = run
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[1]["status"] == "aggregated 3 sites"
+    assert records[1]["status"] == "aggregated 3 sites securely"
     assert set(records[1]["train"]) == {"site-0", "site-1", "site-2"}
     for site in ("site-0", "site-1", "site-2"):
         assert json.loads((run_dir / "sites" / site / "privacy_ledger.json").read_text())["entries"]
@@ -110,7 +110,7 @@ def test_nothing_about_raw_records_reaches_the_server(run):
     fragments = {text[:24] for r in raw for text in (r["question"], r["answer"]) if len(text) >= 24}
     for reply in seen:
         assert not reply.has_error()
-        assert set(reply.content.keys()) <= {ADAPTER, METRICS, STATUS}
+        assert set(reply.content.keys()) <= {ADAPTER, METRICS, STATUS, SECAGG, MASKED}
         strings = []
         for record in reply.content.values():
             if isinstance(record, ConfigRecord | MetricRecord):

@@ -1,0 +1,300 @@
+"""The four steps of a SecAgg+ round, as pure state machines for a site and for the server.
+
+1. advertise: each site that trained sends two fresh X25519 public keys (``c`` to encrypt
+   shares, ``s`` to agree on pairwise masks) and its example count.
+2. share keys: the server assigns indices, neighbours and the threshold; each site
+   Shamir-shares its self-mask seed ``b`` and its ``s`` private key among its neighbours
+   and itself, and returns one AES-GCM ciphertext per neighbour for the server to relay.
+3. masked input: each site quantises its weighted update (plus a count of clipped values)
+   and adds its self mask and one signed pairwise mask per neighbour still present.
+4. unmask: each site still present returns, for every neighbour, either the share of
+   ``b`` (the neighbour finished) or the share of ``s`` (it dropped), never both; the
+   server rebuilds the masks, removes them and keeps only the sum.
+
+Sites refuse to answer step 4 when fewer than ``min_survivors`` sites finished, so the
+server never learns a sum over too few sites. Nothing here touches Flower.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from common.secure_aggregation.key_agreement import KeyPair, agree, public_key_of
+from common.secure_aggregation.masks import add_mask
+from common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
+from common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
+from common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
+from common.secure_aggregation.share_transport import ShareDecryptionError, associated_data, open_sealed, seal
+
+SEED_BYTES = 32
+_SHARE_WORDS = 11  # 3-byte chunks of a 32-byte secret
+
+
+class SecureAggregationError(RuntimeError):
+    """A secure round that cannot complete; the message says which step and why."""
+
+
+class ProtocolViolation(SecureAggregationError):
+    """A site refuses a request that would break the protocol's guarantees."""
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    c_public: bytes
+    s_public: bytes
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class RoundParameters:
+    """What the server tells one site in step 2."""
+
+    round_tag: bytes
+    index: int
+    neighbours: Mapping[int, tuple[bytes, bytes]]  # index -> (c_public, s_public)
+    threshold: int
+    min_survivors: int
+    clip_range: float
+    num_participants: int
+    total_examples: int
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """The result of a completed round: all the server learns about the sites' updates."""
+
+    mean_update: np.ndarray
+    survivors: list[int]
+    dropped: list[int]
+    clipped_values: int
+    weight: float
+
+
+def _info(kind: str, round_tag: bytes, a: int, b: int) -> bytes:
+    lo, hi = sorted((a, b))
+    return round_tag + f"|{kind}|{lo}-{hi}".encode()
+
+
+def _encode_share(row: np.ndarray) -> bytes:
+    return np.asarray(row, dtype="<u4").tobytes()
+
+
+def _decode_share(blob: bytes) -> np.ndarray:
+    if len(blob) != 4 * _SHARE_WORDS:
+        raise ShamirError(f"a share has {4 * _SHARE_WORDS} bytes, got {len(blob)}")
+    return np.frombuffer(blob, dtype="<u4").astype(np.int64)
+
+
+@dataclass
+class ClientRound:
+    """One site's side of one round. Holds secrets; lives only in the site's memory."""
+
+    update: np.ndarray
+    num_examples: int
+    min_survivors_floor: int = 2
+    c_keys: KeyPair = field(default_factory=KeyPair.generate)
+    s_keys: KeyPair = field(default_factory=KeyPair.generate)
+    self_seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES))
+    params: RoundParameters | None = None
+    held_shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    alive: tuple[int, ...] = ()
+    unmasked: bool = False
+    clipped: int = 0
+
+    def advertise(self) -> Advertisement:
+        return Advertisement(self.c_keys.public, self.s_keys.public, self.num_examples)
+
+    def share_keys(self, params: RoundParameters) -> dict[int, bytes]:
+        """Ciphertexts of this site's shares, one per neighbour (by index)."""
+        if self.params is not None:
+            raise ProtocolViolation("keys were already shared this round")
+        self._check(params)
+        self.params = params
+        holders = sorted(params.neighbours) + [params.index]
+        b_shares = split_secret(self.self_seed, holders, params.threshold)
+        s_shares = split_secret(self.s_keys.private, holders, params.threshold)
+        self.held_shares[params.index] = (_encode_share(b_shares[-1]), _encode_share(s_shares[-1]))
+        out = {}
+        for row, j in enumerate(holders[:-1]):
+            key = agree(self.c_keys.private, params.neighbours[j][0], _info("share", params.round_tag, params.index, j))
+            plaintext = _encode_share(b_shares[row]) + _encode_share(s_shares[row])
+            out[j] = seal(key, plaintext, associated_data(params.round_tag, params.index, j))
+        return out
+
+    def _check(self, params: RoundParameters) -> None:
+        floor = max(2, self.min_survivors_floor)
+        if params.min_survivors < floor:
+            raise ProtocolViolation(f"the server would reveal sums over {params.min_survivors} sites; "
+                                    f"this site requires at least {floor}")
+        if params.index in params.neighbours or not params.neighbours:
+            raise ProtocolViolation("malformed neighbour list")
+        if not 2 <= params.threshold <= len(params.neighbours) + 1:
+            raise ProtocolViolation(f"threshold {params.threshold} is not in 2..{len(params.neighbours) + 1}")
+        if params.total_examples < self.num_examples:
+            raise ProtocolViolation("the round's total example count is below this site's own")
+        publics = [pk for pair in params.neighbours.values() for pk in pair]
+        if len(set(publics)) != len(publics) or {self.c_keys.public, self.s_keys.public} & set(publics):
+            raise ProtocolViolation("neighbours' public keys repeat or copy this site's")
+
+    def masked_input(self, ciphertexts: Mapping[int, bytes], rng: np.random.Generator | None = None) -> np.ndarray:
+        """The quantised, weighted update plus a clipped-value count, masked (uint32)."""
+        p = self.params
+        if p is None or self.alive:
+            raise ProtocolViolation("masked input requested out of order")
+        unknown = set(ciphertexts) - set(p.neighbours)
+        if unknown:
+            raise ProtocolViolation(f"shares from sites that are not neighbours: {sorted(unknown)}")
+        for j, blob in ciphertexts.items():
+            key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", p.round_tag, j, p.index))
+            plaintext = open_sealed(key, blob, associated_data(p.round_tag, j, p.index))
+            half = len(plaintext) // 2
+            self.held_shares[j] = (plaintext[:half], plaintext[half:])
+        if len(ciphertexts) + 1 < p.threshold:
+            raise ProtocolViolation(f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} "
+                                    "could never be met")
+        self.alive = tuple(sorted(ciphertexts))
+        grid = QuantisationGrid(p.clip_range, p.num_participants)
+        rng = rng or np.random.default_rng(secrets.randbits(128))
+        quantised, clipped = quantise(self.update, self.num_examples / p.total_examples, grid, rng)
+        self.clipped = clipped
+        vector = np.concatenate([quantised, np.asarray([clipped], dtype=np.uint32)])
+        add_mask(vector, self.self_seed, +1)
+        for j in self.alive:
+            seed = agree(self.s_keys.private, p.neighbours[j][1], _info("mask", p.round_tag, p.index, j))
+            add_mask(vector, seed, +1 if p.index < j else -1)
+        return vector
+
+    def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Shares of ``b`` for neighbours that finished and of ``s`` for those that dropped."""
+        p = self.params
+        if p is None or not self.alive:
+            raise ProtocolViolation("unmasking requested out of order")
+        if self.unmasked:
+            raise ProtocolViolation("shares were already released this round; a second request is refused")
+        alive_survivors, alive_dropped = set(survivors), set(dropped)
+        if alive_survivors & alive_dropped:
+            raise ProtocolViolation("a site cannot both finish and drop out")
+        if p.index not in alive_survivors:
+            raise ProtocolViolation("this site sent its masked input but is not listed as finished")
+        floor = max(p.min_survivors, self.min_survivors_floor, 2)
+        if len(alive_survivors) < floor:
+            raise ProtocolViolation(f"only {len(alive_survivors)} sites finished; unmasking would reveal a sum "
+                                    f"over fewer than {floor} sites")
+        self.unmasked = True
+        mine = set(self.alive) | {p.index}
+        b_out = {j: self.held_shares[j][0] for j in sorted(mine & alive_survivors)}
+        s_out = {j: self.held_shares[j][1] for j in sorted(set(self.alive) & alive_dropped)}
+        return b_out, s_out
+
+
+class ServerRound:
+    """The server's side of one round: assigns the graph, relays shares, removes masks."""
+
+    def __init__(self, round_tag: bytes, advertised: Mapping[int, Advertisement], clip_range: float,
+                 min_survivors: int, vector_length: int, neighbours: int = 0, threshold_fraction: float = 0.5):
+        if len(advertised) < max(2, min_survivors):
+            raise SecureAggregationError(f"{len(advertised)} sites trained; secure aggregation needs at least "
+                                         f"{max(2, min_survivors)}")
+        self.round_tag, self.clip_range, self.min_survivors = round_tag, clip_range, max(2, min_survivors)
+        self.vector_length = vector_length
+        self.nodes = sorted(advertised)
+        self.index = {node: i + 1 for i, node in enumerate(self.nodes)}
+        self.node_of = {i: node for node, i in self.index.items()}
+        self.ads = {self.index[n]: a for n, a in advertised.items()}
+        k = neighbour_count(len(self.nodes), neighbours)
+        self.graph = neighbour_graph(list(self.node_of), k, secrets.randbits(64))
+        self.threshold = reconstruction_threshold(k, threshold_fraction)
+        self.total_examples = sum(a.num_examples for a in self.ads.values())
+        self.shared: set[int] = set()
+        self.masked: dict[int, np.ndarray] = {}
+
+    def share_keys_requests(self) -> dict[int, RoundParameters]:
+        return {
+            self.node_of[i]: RoundParameters(
+                round_tag=self.round_tag, index=i,
+                neighbours={j: (self.ads[j].c_public, self.ads[j].s_public) for j in self.graph[i]},
+                threshold=self.threshold, min_survivors=self.min_survivors, clip_range=self.clip_range,
+                num_participants=len(self.nodes), total_examples=self.total_examples,
+            )
+            for i in self.node_of
+        }
+
+    def _require(self, count: int, step: str) -> None:
+        if count < self.min_survivors:
+            raise SecureAggregationError(f"{step}: only {count} sites remain, fewer than the {self.min_survivors} "
+                                         "needed; the round is abandoned")
+
+    def route_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        """Each site that shared its keys gets the ciphertexts its neighbours addressed to it."""
+        self.shared = {self.index[n] for n in replies}
+        self._require(len(self.shared), "share keys")
+        by_index = {self.index[n]: r for n, r in replies.items()}
+        return {
+            self.node_of[i]: {j: by_index[j][i] for j in self.graph[i] if j in self.shared and i in by_index[j]}
+            for i in sorted(self.shared)
+        }
+
+    def receive_masked(self, replies: Mapping[int, np.ndarray]) -> dict[int, tuple[list[int], list[int]]]:
+        """Record the masked vectors; what each finished site is asked to unmask (survivors, dropped)."""
+        for node, vector in replies.items():
+            v = np.asarray(vector)
+            if v.dtype != np.uint32 or v.shape != (self.vector_length + 1,):
+                raise SecureAggregationError(f"node {node} sent a masked vector of {v.dtype} {v.shape}; expected "
+                                             f"uint32 ({self.vector_length + 1},)")
+            if self.index[node] in self.shared:
+                self.masked[self.index[node]] = v
+        self._require(len(self.masked), "masked input")
+        survivors = sorted(self.masked)
+        dropped = sorted(self.shared - set(self.masked))
+        return {self.node_of[i]: (survivors, dropped) for i in survivors}
+
+    @property
+    def dropped_nodes(self) -> list[int]:
+        return [self.node_of[i] for i in sorted(set(self.node_of) - set(self.masked))]
+
+    def _combine(self, owner: int, kind: int, answers: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> bytes:
+        holders = [h for h in sorted(answers) if owner in answers[h][kind]]
+        if len(holders) < self.threshold:
+            what = "self-mask seed" if kind == 0 else "mask key"
+            raise SecureAggregationError(
+                f"unmask: only {len(holders)} shares of site {self.node_of[owner]}'s {what} came back, "
+                f"{self.threshold} are needed; the round is abandoned")
+        rows = np.stack([_decode_share(answers[h][kind][owner]) for h in holders])
+        return combine_shares(holders, rows, self.threshold, SEED_BYTES)
+
+    def unmask(self, replies: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> SecureSum:
+        """Remove all masks from the sum of the masked vectors."""
+        answers = {self.index[n]: r for n, r in replies.items() if self.index[n] in self.masked}
+        total = np.zeros(self.vector_length + 1, dtype=np.uint32)
+        for i in sorted(self.masked):
+            np.add(total, self.masked[i], out=total)
+        for i in sorted(self.masked):
+            add_mask(total, self._combine(i, 0, answers), -1)
+        for j in sorted(self.shared - set(self.masked)):
+            s_private = self._combine(j, 1, answers)
+            if public_key_of(s_private) != self.ads[j].s_public:
+                raise SecureAggregationError(f"unmask: shares of site {self.node_of[j]}'s mask key are inconsistent")
+            for i in self.graph[j]:
+                if i in self.masked:
+                    seed = agree(s_private, self.ads[i].s_public, _info("mask", self.round_tag, i, j))
+                    add_mask(total, seed, -1 if i < j else +1)
+        weight = sum(self.ads[i].num_examples for i in self.masked) / self.total_examples
+        grid = QuantisationGrid(self.clip_range, len(self.nodes))
+        return SecureSum(
+            mean_update=dequantise(total[:-1], grid) / weight,
+            survivors=[self.node_of[i] for i in sorted(self.masked)],
+            dropped=self.dropped_nodes,
+            clipped_values=int(total[-1]),
+            weight=weight,
+        )
+
+
+__all__ = [
+    "Advertisement", "ClientRound", "ProtocolViolation", "RoundParameters", "SecureAggregationError",
+    "SecureSum", "ServerRound", "ShareDecryptionError",
+]

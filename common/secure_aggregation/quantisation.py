@@ -1,0 +1,72 @@
+"""Fixed-point encoding of weighted updates into the ring of 32-bit integers.
+
+A site clips each coordinate of its update to ``[-clip_range, clip_range]``, scales it by
+its aggregation weight (its share of the round's examples, so the weights sum to at most
+one) and rounds it stochastically onto a grid of ``levels`` steps per ``clip_range``. The
+sum of all sites' integers then stays inside the signed 32-bit range, so it survives
+arithmetic modulo 2**32 exactly; the only error is the rounding, unbiased and at most one
+grid step per site, i.e. ``clip_range / 2**31`` per site, whatever the example counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MODULUS_BITS = 32
+_MASK = (1 << MODULUS_BITS) - 1
+
+
+@dataclass(frozen=True)
+class QuantisationGrid:
+    """The grid shared by every site of a round."""
+
+    clip_range: float
+    max_participants: int
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.clip_range) and self.clip_range > 0):
+            raise ValueError(f"clip_range must be positive and finite, got {self.clip_range}")
+        if not 1 <= self.max_participants < 2**20:
+            raise ValueError(f"max_participants must be in [1, 2**20), got {self.max_participants}")
+
+    @property
+    def levels(self) -> int:
+        """Grid steps per ``clip_range``; the headroom absorbs each site's rounding up by one."""
+        return 2 ** (MODULUS_BITS - 1) - 1 - self.max_participants
+
+    @property
+    def step(self) -> float:
+        return self.clip_range / self.levels
+
+
+def quantise(update: np.ndarray, weight: float, grid: QuantisationGrid, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """``update * weight`` on the grid, as uint32 (two's complement), and how many coordinates were clipped."""
+    if not 0.0 < weight <= 1.0:
+        raise ValueError(f"aggregation weight must be in (0, 1], got {weight}")
+    x = np.asarray(update, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise ValueError("the update contains NaN or infinity; it cannot be aggregated")
+    clipped = int(np.count_nonzero(np.abs(x) > grid.clip_range))
+    scaled = np.clip(x, -grid.clip_range, grid.clip_range) * (weight * grid.levels / grid.clip_range)
+    rounded = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
+    return (rounded & _MASK).astype(np.uint32), clipped
+
+
+def dequantise(total: np.ndarray, grid: QuantisationGrid) -> np.ndarray:
+    """The real-valued sum encoded by ``total`` (a sum modulo 2**32 of quantised updates)."""
+    return np.asarray(total, dtype=np.uint32).view(np.int32).astype(np.float64) * grid.step
+
+
+def auto_clip_range(optimizer: str, lr: float, local_steps: int, max_grad_norm: float) -> float:
+    """A per-coordinate bound on one round's update, from the local optimiser's step bound.
+
+    Adam moves each coordinate by at most about ``lr * (1 - beta1) / sqrt(1 - beta2)`` per
+    step (Kingma & Ba, 2015, section 2.1), 3.2 lr for the default betas: 4 lr a step is a
+    true bound. SGD's step is the clipped, noised gradient times lr, which has no hard
+    bound; ``2 * lr * max_grad_norm`` a step covers it with margin, and any coordinate past
+    the range is clipped and counted, so an operator sees when to raise it.
+    """
+    per_step = 4.0 * lr if optimizer == "adam" else 2.0 * lr * max_grad_norm
+    return per_step * local_steps

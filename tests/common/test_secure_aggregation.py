@@ -1,0 +1,234 @@
+"""SecAgg+ maths without Flower: quantisation error, Shamir, masks, the four steps, dropouts, refusals."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from common.secure_aggregation.key_agreement import KeyPair, agree
+from common.secure_aggregation.masks import expand_mask
+from common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
+from common.secure_aggregation.protocol import (
+    ClientRound,
+    ProtocolViolation,
+    SecureAggregationError,
+    ServerRound,
+)
+from common.secure_aggregation.quantisation import QuantisationGrid, auto_clip_range, dequantise, quantise
+from common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
+from common.secure_aggregation.share_transport import ShareDecryptionError, open_sealed, seal
+
+TAG = b"fedtune/run/1"
+
+
+def _relative_rms_error(estimate: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((estimate - truth) ** 2)) / np.sqrt(np.mean(truth**2)))
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 1], [1, 5000, 20000], [1] + [10_000] * 9, [7] * 50])
+def test_dequantised_weighted_sum_is_within_1e_3_of_plaintext_for_any_example_counts(counts):
+    rng = np.random.default_rng(len(counts))
+    d = 20_000
+    updates = [rng.normal(0, 1e-3, d) * rng.uniform(0.1, 10) for _ in counts]
+    grid = QuantisationGrid(clip_range=0.05, max_participants=len(counts))
+    total = np.zeros(d, dtype=np.uint32)
+    n = sum(counts)
+    for u, c in zip(updates, counts):
+        q, clipped = quantise(u, c / n, grid, rng)
+        assert q.dtype == np.uint32 and clipped == 0
+        np.add(total, q, out=total)
+    truth = sum(c / n * u for u, c in zip(updates, counts))
+    assert _relative_rms_error(dequantise(total, grid), truth) < 1e-3
+    # Stochastic rounding moves each site's value by less than one grid step.
+    assert np.max(np.abs(dequantise(total, grid) - truth)) < len(counts) * grid.step
+
+
+def test_values_beyond_the_clip_range_are_clipped_and_counted():
+    grid = QuantisationGrid(clip_range=1.0, max_participants=2)
+    update = np.array([0.5, -2.0, 3.0, -0.999, 1.0])
+    q, clipped = quantise(update, 1.0, grid, np.random.default_rng(0))
+    assert clipped == 2
+    np.testing.assert_allclose(dequantise(q, grid), [0.5, -1.0, 1.0, -0.999, 1.0], atol=2 * grid.step)
+
+
+def test_quantise_rejects_non_finite_updates_and_bad_weights():
+    grid = QuantisationGrid(1.0, 2)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        quantise(np.array([0.0, np.nan]), 0.5, grid, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"weight must be in \(0, 1\]"):
+        quantise(np.zeros(3), 1.5, grid, np.random.default_rng(0))
+
+
+def test_auto_clip_range_bounds_an_adam_round():
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(1000))
+    opt = torch.optim.Adam([param], lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # adversarial gradients: huge, sign-flipping, then tiny
+        opt.zero_grad()
+        param.grad = torch.randn(1000, generator=gen) * torch.logspace(3, -6, 1000)
+        opt.step()
+    assert float(param.detach().abs().max()) <= auto_clip_range("adam", 0.01, 20, 1.0)
+
+
+def test_shamir_any_threshold_subset_rebuilds_the_secret_and_fewer_cannot():
+    secret = os.urandom(32)
+    xs = [3, 5, 8, 9, 12]
+    shares = split_secret(secret, xs, threshold=3)
+    for subset in itertools.combinations(range(5), 3):
+        assert combine_shares([xs[i] for i in subset], shares[list(subset)], 3, 32) == secret
+    with pytest.raises(ShamirError, match="2 shares cannot reconstruct a secret shared with threshold 3"):
+        combine_shares(xs[:2], shares[:2], 3, 32)
+    # Two shares interpolated as if they were enough give something unrelated to the secret.
+    try:
+        wrong = combine_shares(xs[:2], shares[:2], 2, 32)
+    except ShamirError:
+        wrong = None
+    assert wrong != secret
+
+
+def test_masks_are_aes_ctr_keystreams_and_pairwise_seeds_agree():
+    a, b = KeyPair.generate(), KeyPair.generate()
+    assert agree(a.private, b.public, TAG) == agree(b.private, a.public, TAG)
+    assert agree(a.private, b.public, TAG) != agree(a.private, b.public, TAG + b"x")
+    seed = os.urandom(32)
+    long, short = expand_mask(seed, 100_000), expand_mask(seed, 10)
+    assert long.dtype == np.uint32 and np.array_equal(long[:10], short)
+    assert abs(long.astype(np.float64).mean() / 2**32 - 0.5) < 0.01
+
+
+def test_share_ciphertexts_are_bound_to_their_round_and_pair():
+    key = os.urandom(32)
+    blob = seal(key, b"share", b"round-1|1>2")
+    assert open_sealed(key, blob, b"round-1|1>2") == b"share"
+    for aad in (b"round-2|1>2", b"round-1|1>3"):
+        with pytest.raises(ShareDecryptionError):
+            open_sealed(key, blob, aad)
+    with pytest.raises(ShareDecryptionError):
+        open_sealed(key, blob[:-1] + bytes([blob[-1] ^ 1]), b"round-1|1>2")
+
+
+@pytest.mark.parametrize("n", [3, 5, 20, 50, 100])
+def test_neighbour_graph_is_symmetric_regular_and_connected(n):
+    k = neighbour_count(n)
+    graph = neighbour_graph(list(range(1, n + 1)), k, seed=n)
+    assert all(len(v) == k and i not in v for i, v in graph.items())
+    assert all(i in graph[j] for i, v in graph.items() for j in v)
+    seen, frontier = {1}, [1]
+    while frontier:
+        frontier = [j for i in frontier for j in graph[i] if j not in seen and not seen.add(j)]
+    assert len(seen) == n
+    t = reconstruction_threshold(k)
+    assert 2 * t > k + 1, "a strict majority of the neighbourhood is needed to rebuild a secret"
+
+
+def _federation(n: int, d: int = 5_000, counts=None, min_survivors: int = 2, clip: float = 0.1):
+    rng = np.random.default_rng(n)
+    counts = counts or [int(c) for c in rng.integers(1, 500, n)]
+    updates = {100 + i: rng.normal(0, 0.01, d).astype(np.float32) for i in range(n)}
+    clients = {node: ClientRound(u, c) for (node, u), c in zip(updates.items(), counts)}
+    server = ServerRound(TAG, {node: c.advertise() for node, c in clients.items()}, clip, min_survivors, d)
+    return clients, server, updates, dict(zip(updates, counts))
+
+
+def _run(clients, server, drop_before_share=(), drop_before_masked=(), drop_before_unmask=()):
+    params = server.share_keys_requests()
+    shared = {n: clients[n].share_keys(p) for n, p in params.items() if n not in drop_before_share}
+    inboxes = server.route_shares(shared)
+    masked = {n: clients[n].masked_input(box) for n, box in inboxes.items() if n not in drop_before_masked}
+    requests = server.receive_masked(masked)
+    answers = {n: clients[n].unmask(*req) for n, req in requests.items() if n not in drop_before_unmask}
+    return server.unmask(answers), masked
+
+
+def _weighted_mean(updates, counts, nodes):
+    w = np.array([counts[n] for n in nodes], dtype=np.float64)
+    return sum(wi * updates[n].astype(np.float64) for wi, n in zip(w, nodes)) / w.sum()
+
+
+def test_full_round_reveals_the_weighted_mean_and_masked_vectors_look_random():
+    clients, server, updates, counts = _federation(8)
+    result, masked = _run(clients, server)
+    assert result.survivors == sorted(updates) and result.dropped == [] and result.clipped_values == 0
+    assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, sorted(updates))) < 1e-6
+    for node, vector in masked.items():
+        assert vector.dtype == np.uint32 and vector.shape == (5_001,), "32 bits a value, plus the clip count"
+        quantised = (updates[node].astype(np.float64) * counts[node])
+        corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), quantised)[0, 1]
+        assert abs(corr) < 5 / np.sqrt(5_000), f"masked vector of {node} correlates with its update ({corr:.3f})"
+
+
+@pytest.mark.parametrize("stage", ["share", "masked"])
+def test_dropouts_above_the_threshold_are_tolerated_and_named(stage):
+    clients, server, updates, counts = _federation(10)
+    dropped = [101, 106, 107]
+    kwargs = {"drop_before_share" if stage == "share" else "drop_before_masked": dropped}
+    result, _ = _run(clients, server, **kwargs)
+    survivors = [n for n in sorted(updates) if n not in dropped]
+    assert result.survivors == survivors
+    assert result.dropped == dropped
+    assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, survivors)) < 1e-6
+
+
+def test_a_site_that_vanishes_before_unmasking_is_covered_by_its_neighbours():
+    clients, server, updates, counts = _federation(10)
+    result, _ = _run(clients, server, drop_before_unmask=[103, 104])
+    # They sent masked input, so their updates are in the sum; only their share answers are missing.
+    assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, sorted(updates))) < 1e-6
+
+
+def test_too_few_survivors_fails_the_round_loudly():
+    clients, server, _, _ = _federation(4, min_survivors=3)
+    with pytest.raises(SecureAggregationError, match="masked input: only 2 sites remain, fewer than the 3 needed"):
+        _run(clients, server, drop_before_masked=[100, 101])
+
+
+def test_too_few_share_answers_fails_the_round_loudly():
+    clients, server, _, _ = _federation(5)
+    with pytest.raises(SecureAggregationError, match=r"unmask: only \d shares of site 10\d's"):
+        _run(clients, server, drop_before_unmask=[100, 101, 102])
+
+
+def test_clients_refuse_what_would_reveal_an_individual_update():
+    clients, server, _, _ = _federation(4)
+    params = server.share_keys_requests()
+    shared = {n: clients[n].share_keys(p) for n, p in params.items()}
+    inboxes = server.route_shares(shared)
+    for n, box in inboxes.items():
+        clients[n].masked_input(box)
+    me = clients[100]
+    me_index = params[100].index
+    with pytest.raises(ProtocolViolation, match="only 1 sites finished"):
+        me.unmask([me_index], [])
+    with pytest.raises(ProtocolViolation, match="cannot both finish and drop out"):
+        me.unmask([me_index, 2, 3], [2])
+    b_shares, s_shares = me.unmask([1, 2, 3, 4], [])
+    assert set(b_shares) == {1, 2, 3, 4} and s_shares == {}
+    with pytest.raises(ProtocolViolation, match="already released this round"):
+        me.unmask([1, 2], [3, 4])
+
+
+def test_clients_refuse_a_server_that_lowers_the_minimum_or_tampers_with_shares():
+    clients, server, _, _ = _federation(3)
+    params = server.share_keys_requests()
+    low = {**params[100].__dict__, "min_survivors": 1}
+    with pytest.raises(ProtocolViolation, match="sums over 1 sites; this site requires at least 2"):
+        clients[100].share_keys(type(params[100])(**low))
+    shared = {n: clients[n].share_keys(p) for n, p in params.items()}
+    inboxes = server.route_shares(shared)
+    sender, blob = next(iter(inboxes[101].items()))
+    with pytest.raises(ShareDecryptionError):
+        clients[101].masked_input({sender: blob[:-1] + bytes([blob[-1] ^ 1])})
+
+
+def test_server_rejects_a_malformed_masked_vector():
+    clients, server, _, _ = _federation(3, d=10)
+    inboxes = server.route_shares({n: clients[n].share_keys(p) for n, p in server.share_keys_requests().items()})
+    masked = {n: clients[n].masked_input(box) for n, box in inboxes.items()}
+    masked[100] = masked[100].astype(np.int64)
+    with pytest.raises(SecureAggregationError, match="node 100 sent a masked vector of int64"):
+        server.receive_masked(masked)

@@ -1,0 +1,158 @@
+"""Secure aggregation in a real Flower simulation: 4 sites x 3 rounds with DP-SGD, dropouts injected.
+
+Round 1: site-3 loses its connection before sending its masked update; 3 sites remain
+(min_clients = 3), so the round completes with their sum and names who dropped. Round 2:
+two sites drop, the round fails loudly and the global adapter stays exactly as it was.
+Round 3: everyone stays. The server's view is recorded message by message: it never holds
+an adapter, each masked vector is unrelated to its site's update, and the unmasked mean
+equals the sites' true weighted mean within the quantisation error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import load_config
+from common.secure_aggregation.records import MASKED_INPUT
+from common.wire import ADAPTER, MASKED, SECAGG, STATUS, flatten_adapter, from_array_record
+from tests.conftest import SAMPLES
+from tests.e2e.message_spy import simulate_recording_messages
+
+pytestmark = pytest.mark.e2e
+
+DROPS = {3: {1, 2}, 2: {2}}  # partition id -> rounds in which it drops before sending its masked input
+
+
+def drop_before_masked_input(plan: dict[int, set[int]]):
+    """A Flower mod that makes the planned sites fail the masked-input step (a lost connection)."""
+
+    def mod(msg, context, call_next):
+        if msg.metadata.message_type == MASKED_INPUT:
+            pid = int(context.node_config["partition-id"])
+            tag = bytes(context.state.config_records["secagg-state"]["round-tag"]).decode()
+            round_ = int(tag.rsplit("/", 1)[1])
+            if round_ in plan.get(pid, ()):
+                raise ConnectionError(f"simulated: site-{pid} lost its connection in round {round_}")
+        return call_next(msg, context)
+
+    return mod
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secagg")
+    (tmp / "c.toml").write_text(f"""
+[run]
+name = "secagg"
+output_dir = "{tmp / 'runs'}"
+[model]
+name = "tiny-llama"
+task = "causal-lm"
+max_length = 48
+[lora]
+rank = 8
+ffa = true
+[data]
+path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
+max_records = 400
+max_eval_examples = 16
+[partition]
+scheme = "column"
+column = "source"
+num_clients = 4
+min_examples = 10
+[federation]
+rounds = 3
+min_clients = 3
+[train]
+local_steps = 3
+batch_size = 8
+lr = 0.02
+[privacy]
+epsilon = 6.0
+delta = 1e-3
+""")
+    cfg = load_config(tmp / "c.toml")
+    assert cfg.secure_aggregation.enabled, "secure aggregation is the default"
+    run_dir, seen = simulate_recording_messages(cfg, client_mods=[drop_before_masked_input(DROPS)])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return cfg, run_dir, seen, records
+
+
+def _fanouts(seen, message_type):
+    return [(req, rep) for req, rep in seen if req and req[0].metadata.message_type == message_type]
+
+
+def test_dropouts_above_threshold_are_tolerated_below_it_the_round_fails_and_the_model_stays(run):
+    _, _, seen, records = run
+    assert [r["status"] for r in records[1:]] == [
+        "aggregated 3 sites securely",
+        "failed: secure aggregation: masked input: only 2 sites remain, fewer than the 3 needed; "
+        "the round is abandoned",
+        "aggregated 4 sites securely",
+    ]
+    round1 = records[1]["secure-aggregation"]
+    assert round1["survivors"] == ["site-0", "site-1", "site-2"]
+    assert list(round1["dropped"]) == ["site-3"]
+    assert "lost its connection in round 1" in round1["dropped"]["site-3"]
+    assert sorted(records[2]["secure-aggregation"]["dropped"]) == ["site-2", "site-3"]
+    assert records[3]["secure-aggregation"]["clipped-values"] == 0
+    # The global adapter sent out after the failed round 2 is bit-for-bit the one before it.
+    evals = _fanouts(seen, "evaluate")
+    after = [from_array_record(req[0].content[ADAPTER]) for req, _ in evals]  # rounds 0..3
+    for key in after[1]:
+        np.testing.assert_array_equal(after[2][key], after[1][key])
+        assert not np.array_equal(after[1][key], after[0][key])
+        assert not np.array_equal(after[3][key], after[2][key])
+
+
+def test_every_site_spent_privacy_for_every_round_it_trained(run):
+    cfg, run_dir, _, _ = run
+    for site in range(4):
+        ledger = json.loads((run_dir / "sites" / f"site-{site}" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2, 3]  # dropping out later does not refund
+        assert 0 < ledger["epsilon"] <= cfg.privacy.epsilon
+
+
+def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(run):
+    _, run_dir, seen, _ = run
+    trains = _fanouts(seen, "train")
+    assert len(trains) == 3
+    for requests, replies in seen:
+        for reply in replies:
+            assert reply.has_error() or ADAPTER not in reply.content, "no site sends its adapter in the clear"
+    for _, replies in trains:
+        for reply in replies:
+            keys = reply.content[SECAGG]
+            assert set(keys.keys()) == {"c-public", "s-public"}
+            assert all(len(keys[k]) == 32 for k in keys)
+
+    # Round 3: true updates are each site's released adapter (its replay file) minus the global it got.
+    (train_req, train_rep), = [f for f in _fanouts(seen, "train")][2:]
+    masked_req, masked_rep = _fanouts(seen, MASKED_INPUT)[2]
+    before = from_array_record(train_req[0].content[ADAPTER])
+    after = from_array_record(_fanouts(seen, "evaluate")[3][0][0].content[ADAPTER])
+    site_of_node = {r.metadata.src_node_id: str(r.content[STATUS]["site-id"]) for r in train_rep}
+    counts = {str(r.content[STATUS]["site-id"]): int(r.content["metrics"]["num-examples"]) for r in train_rep}
+    d = sum(v.size for v in before.values())
+    assert d >= 2_000
+    true_updates = {}
+    for site in counts:
+        with np.load(run_dir / "sites" / site / "last_update.npz") as saved:
+            released = {k: saved[k] for k in saved.files if k != "__meta__"}
+        true_updates[site] = flatten_adapter(released) - flatten_adapter(before)
+    masked = {site_of_node[r.metadata.src_node_id]: r.content[MASKED]["vector"].numpy() for r in masked_rep}
+    assert sorted(masked) == sorted(counts)
+    for site, vector in masked.items():
+        assert vector.dtype == np.uint32 and vector.shape == (d + 1,), "32 bits a value, plus the clip count"
+        corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), true_updates[site])[0, 1]
+        assert abs(corr) < 5 / np.sqrt(d), f"{site}'s masked vector correlates with its update ({corr:.3f})"
+    total = sum(counts.values())
+    expected = sum(counts[s] / total * true_updates[s].astype(np.float64) for s in counts)
+    got = flatten_adapter(after).astype(np.float64) - flatten_adapter(before)
+    assert np.sqrt(np.mean((got - expected) ** 2)) / np.sqrt(np.mean(expected**2)) < 1e-3
+    assert np.max(np.abs(got - expected)) < 1e-6
