@@ -91,7 +91,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             # The update stays on the site until it is masked; only fresh public keys go back now.
             update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
             keys = secure_aggregation.begin_round(context, round_tag(request.run_id, request.round), update,
-                                                  outcome.num_examples, floor=2)
+                                                  outcome.num_examples, floor=site.policy.min_aggregation_sites)
             content = RecordDict({SECAGG: keys, METRICS: metrics, STATUS: _status(site.site_id, "trained")})
         else:
             content = RecordDict({
@@ -117,7 +117,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             site = site_for(context)
         except SiteNotReady as exc:
             return _not_ready(msg, context, exc)
-        if not site.cfg.privacy.share_site_metrics:
+        if not (site.cfg.privacy.share_site_metrics and site.policy.allow_site_metrics):
             return Message(RecordDict({STATUS: _status(site.site_id, "declined", NO_METRICS)}), reply_to=msg)
         fingerprint = str(msg.content[PLAN].get("a-fingerprint", "")) if PLAN in msg.content else ""
         try:

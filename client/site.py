@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from client.dp_training import LocalTrainPlan, train_adapter
+from client.policy import PolicyViolation, SitePolicy
 from common.atomic_files import atomic_write_bytes, atomic_write_json
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet, encode_examples
@@ -86,8 +87,10 @@ def _cached_model(spec: BaseModelSpec, cfg: FedtuneConfig) -> tuple[Any, Any]:
 
 
 class Site:
-    def __init__(self, site_id: str, cfg: FedtuneConfig, spec: BaseModelSpec, split: SiteSplit, state_dir: Path):
+    def __init__(self, site_id: str, cfg: FedtuneConfig, spec: BaseModelSpec, split: SiteSplit, state_dir: Path,
+                 policy: SitePolicy | None = None):
         self.site_id, self.cfg, self.spec, self.state_dir = site_id, cfg, spec, Path(state_dir)
+        self.policy = policy or SitePolicy()
         self.model, self.tokenizer = _cached_model(spec, cfg)
         labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
         self.train_set: EncodedSet = encode_examples(split.train, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
@@ -157,6 +160,11 @@ class Site:
         return weights
 
     def train(self, request: RoundRequest, adapter: dict[str, np.ndarray]) -> TrainOutcome:
+        try:
+            self.policy.check_plan(request.run_id, request.dp, request.epsilon, request.delta,
+                                   request.secure_aggregation)
+        except PolicyViolation as exc:
+            raise SiteRefusal(str(exc)) from exc
         input_digest = adapter_digest(adapter)
         replayed = self._replay(request, input_digest)
         if replayed is not None:
@@ -186,6 +194,10 @@ class Site:
                 request.epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant,
                 prior=[(self.cfg.privacy.histogram_noise, 1.0, 1)] if weighting else (),
             )
+            try:
+                self.policy.check_noise(sigma)
+            except PolicyViolation as exc:
+                raise SiteRefusal(str(exc)) from exc
             if weighting:  # charged to the ledger before the budget check below, which then covers it
                 plan = self._with_class_weights(plan, request, ledger)
             try:

@@ -1,0 +1,183 @@
+"""Round time of secure aggregation (SecAgg+) against plain FedAvg, side by side in one run.
+
+Dummy sites (no model, no data) return a random update of ``--params`` float32 values, so
+the figures isolate what aggregation costs: messages through Flower's simulation engine,
+masking, Shamir sharing and unmasking. For every federation size one simulation runs the
+two kinds of round alternately; the first round of each kind is a warm-up, the rest give
+the median. Prints a table, writes JSON and a PNG.
+
+    python benchmarks/secure_aggregation.py            # 5, 10, 20 sites x 0.1M, 1M values
+    python benchmarks/secure_aggregation.py --quick    # 5, 10 sites x 0.1M values
+    python benchmarks/secure_aggregation.py --clients 50 --params 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from client import secure_aggregation  # noqa: E402
+from common.secure_aggregation.records import advertisement_from, round_tag  # noqa: E402
+from common.wire import SECAGG, STATUS, payload_nbytes  # noqa: E402
+from server.aggregation import aggregate_adapters  # noqa: E402
+from server.messaging import send_and_collect, wait_for_nodes  # noqa: E402
+from server.secure_rounds import SecureExchange, secure_sum  # noqa: E402
+
+UPDATE_SCALE = 1e-3
+CLIP = 0.02
+
+
+def client_app() -> ClientApp:
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        plan = msg.content["plan"]
+        d = int(plan["params"])
+        update = np.random.default_rng().normal(0, UPDATE_SCALE, d).astype(np.float32)
+        status = ConfigRecord({"site-id": f"site-{context.node_id}", "state": "trained", "reason": ""})
+        metrics = MetricRecord({"num-examples": 100})
+        if plan["secure"]:
+            keys = secure_aggregation.begin_round(context, bytes(plan["tag"]), update, 100, floor=2)
+            return Message(RecordDict({SECAGG: keys, "metrics": metrics, STATUS: status}), reply_to=msg)
+        weights = msg.content["adapter"]["w"].numpy()
+        adapter = ArrayRecord(array_dict={"w": Array(weights + update)})
+        return Message(RecordDict({"adapter": adapter, "metrics": metrics, STATUS: status}), reply_to=msg)
+
+    for action, handler in (("secagg_share_keys", secure_aggregation.share_keys),
+                            ("secagg_masked_input", secure_aggregation.masked_input),
+                            ("secagg_unmask", secure_aggregation.unmask)):
+        app.train(action)(lambda msg, context, h=handler: h(msg, context, f"site-{context.node_id}"))
+    return app
+
+
+def _quiet_send(grid, messages, desc, timeout_s):
+    return send_and_collect(grid, messages, desc, timeout_s)
+
+
+def plain_round(grid: Grid, nodes: list[int], weights: np.ndarray) -> tuple[np.ndarray, int]:
+    plan = ConfigRecord({"params": weights.size, "secure": False, "tag": b""})
+    record = ArrayRecord(array_dict={"w": Array(weights)})
+    requests = [Message(RecordDict({"adapter": record, "plan": plan}), message_type=MessageType.TRAIN, dst_node_id=n)
+                for n in nodes]
+    replies = _quiet_send(grid, requests, "plain", 600)
+    updates = [({"w": r.content["adapter"]["w"].numpy()}, float(r.content["metrics"]["num-examples"]))
+               for r in replies]
+    return aggregate_adapters(updates)["w"], payload_nbytes(replies[0].content)
+
+
+def secure_round(grid: Grid, nodes: list[int], weights: np.ndarray, index: int) -> tuple[np.ndarray, int]:
+    tag = round_tag("bench", index)
+    plan = ConfigRecord({"params": weights.size, "secure": True, "tag": tag})
+    record = ArrayRecord(array_dict={"w": Array(weights)})
+    requests = [Message(RecordDict({"adapter": record, "plan": plan}), message_type=MessageType.TRAIN, dst_node_id=n)
+                for n in nodes]
+    replies = _quiet_send(grid, requests, "secure: train", 600)
+    advertised = {r.metadata.src_node_id: advertisement_from(r.content[SECAGG], 100) for r in replies}
+    exchange = SecureExchange(grid, {n: f"site-{n}" for n in nodes}, 600, send=_quiet_send)
+    result = secure_sum(exchange, tag, advertised, CLIP, 2, weights.size)
+    uploaded = sum(exchange.bytes_received.values()) / len(nodes) + payload_nbytes(replies[0].content)
+    return weights + result.mean_update.astype(np.float32), int(uploaded)
+
+
+def server_app(sizes: list[int], rounds: int, n: int, results: list[dict]) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        nodes = wait_for_nodes(grid, n, 120)
+        for d in sizes:
+            weights = np.zeros(d, dtype=np.float32)
+            times: dict[str, list[float]] = {"plain": [], "secure": []}
+            upload: dict[str, int] = {}
+            for r in range(rounds):
+                order = ("plain", "secure") if r % 2 == 0 else ("secure", "plain")
+                for kind in order:
+                    start = time.perf_counter()
+                    if kind == "plain":
+                        weights, upload[kind] = plain_round(grid, nodes, weights)
+                    else:
+                        weights, upload[kind] = secure_round(grid, nodes, weights, r)
+                    times[kind].append(time.perf_counter() - start)
+            plain, secure = statistics.median(times["plain"][1:]), statistics.median(times["secure"][1:])
+            row = {"clients": n, "params": d, "plain_s": plain, "secure_s": secure, "ratio": secure / plain,
+                   "plain_upload_bytes": upload["plain"], "secure_upload_bytes": upload["secure"],
+                   "secure_bits_per_value": 8 * upload["secure"] / d, "rounds_timed": rounds - 1}
+            results.append(row)
+            print(f"  {n:3d} sites x {d / 1e6:4.1f}M: plain {plain:6.3f}s  secure {secure:6.3f}s  "
+                  f"ratio {secure / plain:4.2f}x  upload {upload['plain'] / 1e6:5.2f} MB -> "
+                  f"{upload['secure'] / 1e6:5.2f} MB", flush=True)
+
+    return app
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for d in sorted({r["params"] for r in rows}):
+        sel = [r for r in rows if r["params"] == d]
+        ax.plot([r["clients"] for r in sel], [r["ratio"] for r in sel], marker="o", label=f"{d / 1e6:g}M values")
+    ax.axhline(1.5, color="grey", ls="--", lw=0.8)
+    ax.set_xlabel("sites")
+    ax.set_ylabel("secure / plain round time")
+    ax.set_title("SecAgg+ overhead (median of timed rounds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of each kind per size (the first is warm-up)")
+    parser.add_argument("--quick", action="store_true", help="5 and 10 sites, 0.1M values, 3 rounds")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.params, args.rounds = [5, 10], [100_000], 3
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    logging.getLogger("fedtune").setLevel(logging.ERROR)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    rows: list[dict] = []
+    started = time.time()
+    print(f"secure vs plain round time, {os.cpu_count()} CPUs, {args.rounds - 1} timed rounds of each kind")
+    for n in args.clients:
+        run_simulation(
+            server_app=server_app(args.params, args.rounds, n, rows), client_app=client_app(), num_supernodes=n,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR}},
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"benchmark": "secure_aggregation", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+              "command": " ".join(["python", "benchmarks/secure_aggregation.py", *(argv or sys.argv[1:])]),
+              "wall_s": time.time() - started, "rows": rows}
+    (args.out / "secure_aggregation.json").write_text(json.dumps(report, indent=2))
+    plot(rows, args.out / "secure_aggregation.png")
+    print(f"wrote {args.out / 'secure_aggregation.json'} and .png ({time.time() - started:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""A site's own ceilings, read from a file the site controls; the server's plan can only be narrower.
+
+The server proposes a plan (epsilon, delta, noise via the site's own calibration, secure
+aggregation on or off, run id); a site checks it against its policy before any training
+and refuses, saying which limit was hit. Nothing the server sends can widen a policy: it
+is loaded from the site's disk, never from a message.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and field."""
+
+
+class PolicyViolation(RuntimeError):
+    """A server request beyond this site's policy; ``str()`` is sent back as the refusal."""
+
+
+class SitePolicy(BaseModel):
+    """Limits a site sets for itself. The defaults impose nothing beyond the protocol's own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_epsilon: float | None = Field(None, gt=0)
+    max_delta: float | None = Field(None, gt=0, lt=1)
+    min_noise_multiplier: float = Field(0.0, ge=0)
+    require_dp: bool = False
+    require_secure_aggregation: bool = False
+    min_aggregation_sites: int = Field(2, ge=2)
+    accepted_run_ids: list[str] = Field(default_factory=list)
+    allow_site_metrics: bool = True
+    data_path: Path | None = None
+    source: str = "default policy"
+
+    def check_plan(self, run_id: str, dp: bool, epsilon: float, delta: float, secure_aggregation: bool) -> None:
+        """Refuse a plan that this site's policy does not allow (before anything is trained or spent)."""
+        where = f"(local policy {self.source})"
+        if self.accepted_run_ids and run_id not in self.accepted_run_ids:
+            raise PolicyViolation(f"run {run_id!r} is not in accepted_run_ids {where}")
+        if self.require_dp and not dp:
+            raise PolicyViolation(f"the plan turns differential privacy off; this site requires it {where}")
+        if self.require_secure_aggregation and not secure_aggregation:
+            raise PolicyViolation(f"the plan turns secure aggregation off; this site requires it {where}")
+        if dp and self.max_epsilon is not None and epsilon > self.max_epsilon:
+            raise PolicyViolation(f"the plan asks for epsilon = {epsilon:g}; this site allows at most "
+                                  f"max_epsilon = {self.max_epsilon:g} {where}")
+        if dp and self.max_delta is not None and delta > self.max_delta:
+            raise PolicyViolation(f"the plan asks for delta = {delta:g}; this site allows at most "
+                                  f"max_delta = {self.max_delta:g} {where}")
+
+    def check_noise(self, noise_multiplier: float) -> None:
+        if noise_multiplier < self.min_noise_multiplier:
+            raise PolicyViolation(
+                f"the plan needs noise multiplier {noise_multiplier:.3f}, below min_noise_multiplier = "
+                f"{self.min_noise_multiplier:g} (local policy {self.source}); ask for a smaller epsilon or fewer steps")
+
+
+def load_policy(path: Path) -> SitePolicy:
+    """The ``[policy]`` table of a TOML file; relative ``data_path`` is taken from the file's folder."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PolicyError(f"{path}: policy file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(f"{path}: not valid TOML: {exc}") from exc
+    table = raw.get("policy")
+    if not isinstance(table, dict):
+        raise PolicyError(f"{path}: expected a [policy] table")
+    if isinstance(table.get("data_path"), str) and not Path(table["data_path"]).is_absolute():
+        table["data_path"] = str((path.parent / table["data_path"]).resolve())
+    try:
+        return SitePolicy(**table, source=str(path))
+    except ValidationError as exc:
+        problems = "; ".join(f"policy.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PolicyError(f"{path}: {problems}") from exc
