@@ -38,6 +38,21 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--no-tokens", action="store_true", help="skip tokenisation (no length histogram)")
     check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="e.g. data.fields.label=category, data.delimiter=';'")
+    deploy = sub.add_parser("deploy", help="set up a real federation").add_subparsers(dest="deploy_command",
+                                                                                      required=True)
+    init = deploy.add_parser(
+        "init", help="write the CA, TLS certificate, site keys, signing key, app bundle and start scripts",
+        description="Writes OUT/operator (keep private: CA and signing keys) and OUT/sites/<site> (hand each "
+                    "folder to its site). Prints the commands each role runs.",
+    )
+    init.add_argument("out", type=Path, help="new folder for everything generated")
+    init_cfg = init.add_mutually_exclusive_group()
+    init_cfg.add_argument("--config", type=Path, help="the federation's TOML config")
+    init_cfg.add_argument("--preset", help="a built-in config")
+    init.add_argument("--host", default="127.0.0.1", help="address sites use to reach the SuperLink")
+    init.add_argument("--port", type=int, default=8000, help="SuperLink port (Fleet, Control and Runtime APIs)")
+    init.add_argument("--sites", nargs="+", metavar="SITE_ID", help="site names (default: site-0 .. site-N-1)")
+    init.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     fetch = sub.add_parser("fetch-model", help="fetch and cache a built-in model now (smollm2-135m, minilm-l6)")
     fetch.add_argument("name")
     return parser
@@ -53,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "data":
             return _data_check(args)
+        if args.command == "deploy":
+            return _deploy_init(args)
         if args.command == "fetch-model":
             from common.models.builtin import resolve_builtin
 
@@ -70,9 +87,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  plot: {run_dir / 'curves.png'}"
               f"\n  merged model: {run_dir / 'merged'}\n  site ledgers: {run_dir / 'sites'}")
         return 0
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, FileExistsError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
+
+
+def _deploy_init(args: argparse.Namespace) -> int:
+    from deploy.bundle import init_deployment
+
+    cfg = load_config(args.config or (preset_path(args.preset) if args.preset else None), args.set)
+    d = init_deployment(args.out, cfg, args.host, args.port, args.sites)
+    o = d.operator
+    print(f"wrote {d.root}\n\noperator (keep {o} private):\n  {o / 'start-superlink.sh'}\n"
+          f"  {o / 'register-sites.sh'}   # once the SuperLink is up\n  {o / 'run-federation.sh'}\n\neach site:")
+    for site in d.sites:
+        print(f"  give {d.site_dir(site)} to {site}; it edits policy.toml (data_path, limits) and runs "
+              f"start-supernode.sh")
+    return 0
 
 
 def _check_config(args: argparse.Namespace) -> FedtuneConfig:

@@ -16,20 +16,24 @@ from server.federation import FederationServer
 from server.global_model import GlobalModel
 
 
+def run_federation(grid: Grid, cfg: FedtuneConfig, spec: BaseModelSpec, run_dir: Path, resume: bool) -> None:
+    """Every round of one federation, then the merged model, summary table and plot in ``run_dir``."""
+    model = GlobalModel(cfg, spec)
+    test = server_test_set(cfg)
+    labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
+    test_set = encode_examples(test, model.tokenizer, cfg.model.task, labels, cfg.model.max_length)
+    server = FederationServer(cfg, model, test_set, run_dir)
+    records = server.run(grid, resume)
+    outcome = server.finish(records)
+    atomic_write_json(Path(run_dir) / "result.json", {"records": len(records), **outcome})
+    print("\n" + outcome["table"], flush=True)
+
+
 def build_server_app(cfg: FedtuneConfig, spec: BaseModelSpec, run_dir: Path, resume: bool = False) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        model = GlobalModel(cfg, spec)
-        test = server_test_set(cfg)
-        labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
-        test_set = encode_examples(test, model.tokenizer, cfg.model.task, labels, cfg.model.max_length)
-        server = FederationServer(cfg, model, test_set, run_dir)
-        records = server.run(grid, resume)
-        outcome = server.finish(records)
-        atomic_write_json(Path(run_dir) / "result.json", {"records": len(records), **outcome})
-        print("\n" + outcome["table"], flush=True)
+        run_federation(grid, cfg, spec, run_dir, resume)
 
     return app
-

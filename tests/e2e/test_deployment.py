@@ -1,0 +1,152 @@
+"""A real deployment on loopback: SuperLink and three SuperNodes as separate processes, with TLS,
+site authentication and a persistent state database, set up by ``fedtune deploy init``.
+
+The federation runs for two rounds with secure aggregation and DP-SGD through ``flwr run``;
+each site reads only the data its own policy names. Then the refusals: a site whose key was
+never registered, and a site that pins another CA, are both turned away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from common.config import config_from_dict
+from deploy.bundle import Deployment, flower_env, init_deployment, register_command, run_command, superlink_command, supernode_command
+from deploy.credentials import make_ca, make_site_auth_key
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _site_data(tmp: Path) -> tuple[list[Path], Path]:
+    rows = [json.loads(line) for line in (SAMPLES / "medquad" / "medquad_sample.jsonl").read_text().splitlines()]
+    paths = []
+    for i, source in enumerate(["GHR", "GARD", "NIDDK"]):
+        mine = [{"question": r["question"], "answer": r["answer"]} for r in rows if r["source"] == source][:60]
+        paths.append(tmp / f"hospital-{i}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in mine))
+    test = tmp / "server-test.jsonl"
+    held_out = [{"question": r["question"], "answer": r["answer"]} for r in rows if r["source"] == "CancerGov"]
+    test.write_text("".join(json.dumps(r) + "\n" for r in held_out[:16]))
+    return paths, test
+
+
+class Federation:
+    """Processes of one loopback deployment; everything is killed on exit."""
+
+    def __init__(self, d: Deployment, logs: Path):
+        self.d, self.logs, self.procs = d, logs, {}
+        logs.mkdir(exist_ok=True)
+
+    def start(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        return self.procs[name]
+
+    def cli(self, cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=flower_env(self.d.operator / "flwr-home"), capture_output=True, text=True,
+                              timeout=timeout)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def wait_for_log(self, name: str, text: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log(name):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(p.pid, sig)
+                    p.wait(timeout=10)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deploy")
+    paths, test = _site_data(tmp)
+    cfg = config_from_dict({
+        "run": {"name": "loopback"}, "model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 48},
+        "lora": {"rank": 4, "ffa": True},
+        "data": {"task": "question-answer", "site_paths": [str(p) for p in paths], "test_path": str(test),
+                 "max_eval_examples": 16},
+        "partition": {"scheme": "files", "num_clients": 3}, "federation": {"rounds": 2, "min_clients": 2},
+        "train": {"local_steps": 2, "batch_size": 8}, "privacy": {"epsilon": 4.0, "delta": 1e-3},
+    }, "test", tmp)
+    d = init_deployment(tmp / "fed", cfg, port=_free_port())
+    for site, path in zip(d.sites, paths):
+        policy = d.site_dir(site) / "policy.toml"
+        policy.write_text(policy.read_text().replace('# data_path = "/srv/fedtune/data/train.jsonl"',
+                                                     f'data_path = "{path}"'))
+    fed = Federation(d, tmp / "logs")
+    try:
+        fed.start("superlink", superlink_command(d), d.operator / "flwr-home")
+        assert fed.wait_for_log("superlink", "Uvicorn running", 60) or time.sleep(5) is None
+        for site in d.sites:
+            r = fed.cli(register_command(d, site))
+            assert r.returncode == 0, r.stdout + r.stderr
+        for i, site in enumerate(d.sites):
+            fed.start(site, supernode_command(d, site, port=_free_port()), d.site_dir(site) / "flwr-home")
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def test_two_secure_dp_rounds_over_tls_with_authenticated_sites(deployment):
+    fed, d = deployment, deployment.d
+    r = fed.cli(run_command(d), timeout=600)
+    run_dir = d.operator / "runs" / "loopback"
+    assert (run_dir / "result.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records[1:]] == ["aggregated 3 sites securely"] * 2
+    assert records[2]["secure-aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
+    for site in d.sites:
+        ledger = json.loads((d.site_dir(site) / "state" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["entries"]] == [1, 2]
+        assert 0 < ledger["epsilon"] <= 4.0
+    from safetensors.numpy import load_file
+
+    first = load_file(str(run_dir / "checkpoints" / "round-0001" / "adapter_model.safetensors"))
+    second = load_file(str(run_dir / "checkpoints" / "round-0002" / "adapter_model.safetensors"))
+    assert any((first[k] != second[k]).any() for k in first), "the global adapter changed"
+
+
+def test_an_unregistered_site_is_refused(deployment, tmp_path):
+    fed, d = deployment, deployment.d
+    rogue = tmp_path / "rogue"
+    make_site_auth_key(rogue, "rogue")
+    p = fed.start("rogue", supernode_command(d, "site-0", port=_free_port(), auth_key=rogue / "auth"), rogue)
+    assert p.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in fed.log("rogue")
+
+
+def test_a_site_pinning_another_ca_is_refused(deployment, tmp_path):
+    fed, d = deployment, deployment.d
+    make_ca(tmp_path / "other")
+    cmd = supernode_command(d, "site-1", port=_free_port(), root_certificates=tmp_path / "other" / "ca.crt")
+    p = fed.start("wrong-ca", cmd, tmp_path)
+    assert p.wait(timeout=60) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in fed.log("wrong-ca")
