@@ -54,6 +54,15 @@ class RoundReplies:
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def contributors(self) -> int:
+        """Sites whose update can enter this round's aggregate, in the clear or masked."""
+        return len(self.updates) + len(self.advertised)
+
+    @property
+    def every_site_refused(self) -> bool:
+        return bool(self.refused) and not self.contributors and not self.failed
+
 
 def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: str) -> ConfigRecord:
     t, p = cfg.train, cfg.privacy
@@ -154,7 +163,7 @@ class FederationServer:
         got = collect_train_replies(requests, replies)
         for site, reason in {**got.refused, **got.failed}.items():
             log.warning("round %d: %s did not contribute: %s", round_, site, reason)
-        contributed = len(got.updates) + len(got.advertised)
+        contributed = got.contributors
         if got.failed and not contributed and not got.refused:
             raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
         secure: dict[str, Any] = {}
@@ -164,7 +173,7 @@ class FederationServer:
             # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
             self.model.update(aggregate_adapters([got.updates[site] for site in sorted(got.updates)]))
             status = f"aggregated {len(got.updates)} sites"
-        elif got.refused and not got.updates and not got.failed:
+        elif got.every_site_refused:
             status = "stopped: every site refused"
         else:
             status = f"skipped: {contributed} updates < min_clients {self.cfg.federation.min_clients}"
