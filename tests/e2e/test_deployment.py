@@ -12,14 +12,24 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from common.config import config_from_dict
-from deploy.bundle import Deployment, flower_env, init_deployment, register_command, run_command, superlink_command, supernode_command
+from deploy.bundle import (
+    Deployment,
+    flower_env,
+    init_deployment,
+    register_command,
+    run_command,
+    superlink_command,
+    supernode_command,
+)
 from deploy.credentials import make_ca, make_site_auth_key
 from tests.conftest import SAMPLES
 
@@ -65,12 +75,17 @@ class Federation:
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
-    def wait_for_log(self, name: str, text: str, timeout: float) -> bool:
+    def wait_until_healthy(self, timeout: float) -> bool:
+        """The SuperLink answers ``/health`` over TLS, verified against the federation CA."""
+        context = ssl.create_default_context(cafile=str(self.d.operator / "ca.crt"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log(name):
-                return True
-            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"https://{self.d.address}/health", context=context, timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                time.sleep(0.3)
         return False
 
     def stop_all(self) -> None:
@@ -104,11 +119,11 @@ def deployment(tmp_path_factory):
     fed = Federation(d, tmp / "logs")
     try:
         fed.start("superlink", superlink_command(d), d.operator / "flwr-home")
-        assert fed.wait_for_log("superlink", "Uvicorn running", 60) or time.sleep(5) is None
+        assert fed.wait_until_healthy(60), fed.log("superlink")[-3000:]
         for site in d.sites:
             r = fed.cli(register_command(d, site))
             assert r.returncode == 0, r.stdout + r.stderr
-        for i, site in enumerate(d.sites):
+        for site in d.sites:
             fed.start(site, supernode_command(d, site, port=_free_port()), d.site_dir(site) / "flwr-home")
         yield fed
     finally:
