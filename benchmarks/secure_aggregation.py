@@ -32,6 +32,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from client import secure_aggregation  # noqa: E402
+from client.app import register_secure_aggregation  # noqa: E402
 from common.secure_aggregation.records import advertisement_from, round_tag  # noqa: E402
 from common.wire import SECAGG, STATUS, payload_nbytes  # noqa: E402
 from server.aggregation import aggregate_adapters  # noqa: E402
@@ -59,23 +60,19 @@ def client_app() -> ClientApp:
         adapter = ArrayRecord(array_dict={"w": Array(weights + update)})
         return Message(RecordDict({"adapter": adapter, "metrics": metrics, STATUS: status}), reply_to=msg)
 
-    for action, handler in (("secagg_share_keys", secure_aggregation.share_keys),
-                            ("secagg_masked_input", secure_aggregation.masked_input),
-                            ("secagg_unmask", secure_aggregation.unmask)):
-        app.train(action)(lambda msg, context, h=handler: h(msg, context, f"site-{context.node_id}"))
+    register_secure_aggregation(app)
     return app
 
 
-def _quiet_send(grid, messages, desc, timeout_s):
-    return send_and_collect(grid, messages, desc, timeout_s)
+def train_requests(nodes: list[int], weights: np.ndarray, secure: bool, tag: bytes = b"") -> list[Message]:
+    plan = ConfigRecord({"params": weights.size, "secure": secure, "tag": tag})
+    record = ArrayRecord(array_dict={"w": Array(weights)})
+    return [Message(RecordDict({"adapter": record, "plan": plan}), message_type=MessageType.TRAIN, dst_node_id=n)
+            for n in nodes]
 
 
 def plain_round(grid: Grid, nodes: list[int], weights: np.ndarray) -> tuple[np.ndarray, int]:
-    plan = ConfigRecord({"params": weights.size, "secure": False, "tag": b""})
-    record = ArrayRecord(array_dict={"w": Array(weights)})
-    requests = [Message(RecordDict({"adapter": record, "plan": plan}), message_type=MessageType.TRAIN, dst_node_id=n)
-                for n in nodes]
-    replies = _quiet_send(grid, requests, "plain", 600)
+    replies = send_and_collect(grid, train_requests(nodes, weights, secure=False), "plain", 600)
     updates = [({"w": r.content["adapter"]["w"].numpy()}, float(r.content["metrics"]["num-examples"]))
                for r in replies]
     return aggregate_adapters(updates)["w"], payload_nbytes(replies[0].content)
@@ -83,13 +80,9 @@ def plain_round(grid: Grid, nodes: list[int], weights: np.ndarray) -> tuple[np.n
 
 def secure_round(grid: Grid, nodes: list[int], weights: np.ndarray, index: int) -> tuple[np.ndarray, int]:
     tag = round_tag("bench", index)
-    plan = ConfigRecord({"params": weights.size, "secure": True, "tag": tag})
-    record = ArrayRecord(array_dict={"w": Array(weights)})
-    requests = [Message(RecordDict({"adapter": record, "plan": plan}), message_type=MessageType.TRAIN, dst_node_id=n)
-                for n in nodes]
-    replies = _quiet_send(grid, requests, "secure: train", 600)
+    replies = send_and_collect(grid, train_requests(nodes, weights, secure=True, tag=tag), "secure: train", 600)
     advertised = {r.metadata.src_node_id: advertisement_from(r.content[SECAGG], 100) for r in replies}
-    exchange = SecureExchange(grid, {n: f"site-{n}" for n in nodes}, 600, send=_quiet_send)
+    exchange = SecureExchange(grid, {n: f"site-{n}" for n in nodes}, 600)
     result = secure_sum(exchange, tag, advertised, CLIP, 2, weights.size)
     uploaded = sum(exchange.bytes_received.values()) / len(nodes) + payload_nbytes(replies[0].content)
     return weights + result.mean_update.astype(np.float32), int(uploaded)

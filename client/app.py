@@ -64,6 +64,15 @@ def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
     return Message(RecordDict({STATUS: _status(site_id_of(context), "refused", str(exc))}), reply_to=msg)
 
 
+def register_secure_aggregation(app: ClientApp) -> None:
+    """The three SecAgg+ steps after training, as ``train.<action>`` handlers (they need no Site)."""
+    steps = {"secagg_share_keys": secure_aggregation.share_keys,
+             "secagg_masked_input": secure_aggregation.masked_input,
+             "secagg_unmask": secure_aggregation.unmask}
+    for action, step in steps.items():
+        app.train(action)(lambda msg, context, step=step: step(msg, context, site_id_of(context)))
+
+
 def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp whose site (data, model, ledger) is found by ``site_for(context)``."""
     app = ClientApp(mods=list(mods))
@@ -99,17 +108,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             })
         return Message(content, reply_to=msg)
 
-    @app.train("secagg_share_keys")
-    def secagg_share_keys(msg: Message, context: Context) -> Message:
-        return secure_aggregation.share_keys(msg, context, site_id_of(context))
-
-    @app.train("secagg_masked_input")
-    def secagg_masked_input(msg: Message, context: Context) -> Message:
-        return secure_aggregation.masked_input(msg, context, site_id_of(context))
-
-    @app.train("secagg_unmask")
-    def secagg_unmask(msg: Message, context: Context) -> Message:
-        return secure_aggregation.unmask(msg, context, site_id_of(context))
+    register_secure_aggregation(app)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -148,7 +147,7 @@ def simulated_site_factory(cfg, spec, run_dir: Path) -> SiteFactory:
             except DataError as exc:
                 log.error("site-%d: data invalid, not joining the federation:\n%s", pid, exc)
                 raise SiteNotReady(DATA_INVALID) from exc
-            cache[pid] = Site(f"site-{pid}", cfg, spec, split, Path(run_dir) / "sites" / f"site-{pid}")
+            cache[pid] = Site(site_id_of(context), cfg, spec, split, Path(run_dir) / "sites" / f"site-{pid}")
         return cache[pid]
 
     return site_for

@@ -45,7 +45,6 @@ def _save(context: Context, state: ClientRound, tag: bytes) -> None:
     })
     if state.params is not None:
         context.state[_STATE + "-params"] = params_record(state.params)
-    context.state[_UPDATE] = ArrayRecord(array_dict={"update": Array(np.ascontiguousarray(state.update))})
 
 
 def _load(context: Context) -> tuple[ClientRound, bytes]:
@@ -78,6 +77,8 @@ def begin_round(context: Context, tag: bytes, update: np.ndarray, num_examples: 
     forget_round(context)
     state = ClientRound(update=np.asarray(update, dtype=np.float32), num_examples=num_examples,
                         min_survivors_floor=floor)
+    # The update does not change during the round: stored once here, not on every step.
+    context.state[_UPDATE] = ArrayRecord(array_dict={"update": Array(np.ascontiguousarray(state.update))})
     _save(context, state, tag)
     return advertisement_record(state.advertise())
 

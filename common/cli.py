@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(resolve_builtin(args.name))
             return 0
-        from server.simulation import load_run_config, simulate
+        from server.run_directory import load_run_config
+        from server.simulation import simulate
 
         if args.resume is not None:
             if args.set:

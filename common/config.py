@@ -8,7 +8,9 @@ Relative paths are resolved against the directory of the TOML file that names th
 from __future__ import annotations
 
 import ast
+import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -310,6 +312,14 @@ def config_from_dict(
         return FedtuneConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(source, exc)) from exc
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> FedtuneConfig:
+    """The federation's config as an app bundle carries it (``fedtune-config``, JSON), for server and sites."""
+    if "fedtune-config" not in run_config:
+        raise ConfigError("the app bundle has no fedtune-config in [tool.flwr.app.config]; rebuild it with "
+                          "`fedtune deploy init`")
+    return FedtuneConfig.model_validate(json.loads(str(run_config["fedtune-config"])))
 
 
 def config_to_toml_dict(cfg: FedtuneConfig) -> dict[str, Any]:

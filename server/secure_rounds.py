@@ -25,6 +25,7 @@ from common.secure_aggregation.records import (
     masked_from,
     params_record,
     unmask_reply_from,
+    unmask_request_record,
 )
 from common.wire import MASKED, SECAGG, STATUS, payload_nbytes
 from server.messaging import send_and_collect
@@ -50,18 +51,18 @@ class SecureExchange:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                self._drop(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
+                self.drop(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
             elif reply.content[STATUS]["state"] != "ok":
-                self._drop(node, step, str(reply.content[STATUS]["reason"]))
+                self.drop(node, step, str(reply.content[STATUS]["reason"]))
             else:
                 good[node] = reply.content
                 self.bytes_received[self.sites[node]] = self.bytes_received.get(self.sites[node], 0) + \
                     payload_nbytes(reply.content)
-        for node in set(records) - set(good) - {n for n, s in self.sites.items() if s in self.dropped}:
-            self._drop(node, step, "no reply before secure_aggregation.stage_timeout_s")
+        for node in set(records) - {reply.metadata.src_node_id for reply in replies}:
+            self.drop(node, step, "no reply before secure_aggregation.stage_timeout_s")
         return good
 
-    def _drop(self, node: int, step: str, reason: str) -> None:
+    def drop(self, node: int, step: str, reason: str) -> None:
         site = self.sites.get(node, f"node-{node}")
         self.dropped[site] = f"{step}: {reason}"
         log.warning("secure aggregation: %s dropped out at %s: %s", site, step, reason)
@@ -82,11 +83,10 @@ def secure_sum(exchange: SecureExchange, tag: bytes, advertised: Mapping[int, Ad
         try:
             vectors[node] = masked_from(content.array_records[MASKED])
         except (KeyError, ValueError) as exc:
-            exchange._drop(node, "secagg masked input", f"malformed masked vector: {exc}")
+            exchange.drop(node, "secagg masked input", f"malformed masked vector: {exc}")
     requests = server.receive_masked(vectors)
-    answers = exchange("secagg unmask", UNMASK, {
-        n: ConfigRecord({"survivors": list(s), "dropped": list(d)}) for n, (s, d) in requests.items()
-    })
+    answers = exchange("secagg unmask", UNMASK,
+                       {n: unmask_request_record(s, d) for n, (s, d) in requests.items()})
     return server.unmask({n: unmask_reply_from(c[SECAGG]) for n, c in answers.items()})
 
 

@@ -6,20 +6,17 @@ Each simulated site is a Flower SuperNode whose ClientApp runs in a Ray actor wi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.clientapp.typing import Mod
 
-from common.atomic_files import atomic_write_json
-from common.config import ConfigError, FedtuneConfig, config_to_toml_dict
+from common.config import ConfigError, FedtuneConfig
 from common.data.federation_data import SiteSplit, build_site_splits, load_test_set
 from common.models.loading import model_spec
+from server.run_directory import new_run_dir
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -34,22 +31,6 @@ def check_privacy_feasible(cfg: FedtuneConfig, sites: list[SiteSplit]) -> None:
             f"privacy.delta = {cfg.privacy.delta} must be below 1/n for every site; the smallest site has "
             f"n = {smallest} training records, so use delta < {1.0 / smallest:.2e}"
         )
-
-
-def new_run_dir(cfg: FedtuneConfig) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}-{uuid.uuid4().hex[:4]}"
-    run_dir.mkdir(parents=True)
-    atomic_write_json(run_dir / "config.json", config_to_toml_dict(cfg))
-    atomic_write_json(run_dir / "run.json", {"run-id": uuid.uuid4().hex, "created": time.time()})
-    return run_dir
-
-
-def load_run_config(run_dir: Path) -> FedtuneConfig:
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise ConfigError(f"{run_dir} is not a fedtune run directory (no config.json); cannot resume")
-    return FedtuneConfig.model_validate(json.loads(path.read_text()))
 
 
 def partition_summary(sites: list[SiteSplit], test_size: int) -> str:

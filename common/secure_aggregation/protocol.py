@@ -197,10 +197,10 @@ class ServerRound:
 
     def __init__(self, round_tag: bytes, advertised: Mapping[int, Advertisement], clip_range: float,
                  min_survivors: int, vector_length: int, neighbours: int = 0, threshold_fraction: float = 0.5):
-        if len(advertised) < max(2, min_survivors):
-            raise SecureAggregationError(f"{len(advertised)} sites trained; secure aggregation needs at least "
-                                         f"{max(2, min_survivors)}")
         self.round_tag, self.clip_range, self.min_survivors = round_tag, clip_range, max(2, min_survivors)
+        if len(advertised) < self.min_survivors:
+            raise SecureAggregationError(f"{len(advertised)} sites trained; secure aggregation needs at least "
+                                         f"{self.min_survivors}")
         self.vector_length = vector_length
         self.nodes = sorted(advertised)
         self.index = {node: i + 1 for i, node in enumerate(self.nodes)}

@@ -11,7 +11,6 @@ equals the sites' true weighted mean within the quantisation error.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
