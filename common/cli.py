@@ -10,6 +10,7 @@ from common.config import PRESETS_DIR, ConfigError, FedtuneConfig, config_from_d
 from common.data.readers import DataError
 from common.data.shapes import DATA_TASKS
 from common.logs import configure_logging
+from deploy.app_registry import RegistryError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--port", type=int, default=8000, help="SuperLink port (Fleet, Control and Runtime APIs)")
     init.add_argument("--sites", nargs="+", metavar="SITE_ID", help="site names (default: site-0 .. site-N-1)")
     init.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    sign = deploy.add_parser(
+        "sign", help="rebuild and sign the app bundle after editing OUT/operator/app (bump its version)",
+        description="Builds OUT/operator/app into a Flower app bundle, signs it with the operator's key and "
+                    "stores it in OUT/operator/registry, where the app registry serves it to the SuperLink.",
+    )
+    sign.add_argument("out", type=Path, help="the folder `fedtune deploy init` wrote")
+    registry = deploy.add_parser(
+        "registry", help="serve the signed app bundles to the SuperLink (run beside it)",
+        description="A Hub-compatible endpoint on 127.0.0.1 for `flwr run @fedtune/fedtune-app==VERSION`. "
+                    "It holds no secret: sites check the signatures themselves.",
+    )
+    registry.add_argument("out", type=Path, help="the folder `fedtune deploy init` wrote")
     fetch = sub.add_parser("fetch-model", help="fetch and cache a built-in model now (smollm2-135m, minilm-l6)")
     fetch.add_argument("name")
     return parser
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             return _data_check(args)
         if args.command == "deploy":
-            return _deploy_init(args)
+            return {"init": _deploy_init, "sign": _deploy_sign, "registry": _deploy_registry}[args.deploy_command](args)
         if args.command == "fetch-model":
             from common.models.builtin import resolve_builtin
 
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrun directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}\n  plot: {run_dir / 'curves.png'}"
               f"\n  merged model: {run_dir / 'merged'}\n  site ledgers: {run_dir / 'sites'}")
         return 0
-    except (ConfigError, DataError, FileExistsError) as exc:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError, RegistryError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
 
@@ -99,11 +112,38 @@ def _deploy_init(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or (preset_path(args.preset) if args.preset else None), args.set)
     d = init_deployment(args.out, cfg, args.host, args.port, args.sites)
     o = d.operator
-    print(f"wrote {d.root}\n\noperator (keep {o} private):\n  {o / 'start-superlink.sh'}\n"
-          f"  {o / 'register-sites.sh'}   # once the SuperLink is up\n  {o / 'run-federation.sh'}\n\neach site:")
+    print(f"wrote {d.root}\n\noperator (keep {o} private):\n  {o / 'start-registry.sh'}   # serves the signed app\n"
+          f"  {o / 'start-superlink.sh'}\n  {o / 'register-sites.sh'}   # once the SuperLink is up\n"
+          f"  {o / 'run-federation.sh'}\n  {o / 'sign-app.sh'}   # after editing {d.app}\n\neach site:")
     for site in d.sites:
         print(f"  give {d.site_dir(site)} to {site}; it edits policy.toml (data_path, limits) and runs "
               f"start-supernode.sh")
+    return 0
+
+
+def _deploy_sign(args: argparse.Namespace) -> int:
+    from deploy.app_registry import publish_app
+    from deploy.bundle import load_deployment
+
+    d = load_deployment(args.out)
+    app = publish_app(d.app, d.operator / "signing.key", d.signing_key_id, d.registry)
+    print(f"signed {app.spec}: {app.fab}\nrun it with: flwr run {app.spec} --stream (see {d.operator / 'run-federation.sh'})")
+    return 0
+
+
+def _deploy_registry(args: argparse.Namespace) -> int:
+    from deploy.app_registry import AppRegistry
+    from deploy.bundle import load_deployment
+
+    d = load_deployment(args.out)
+    registry = AppRegistry(d.registry, port=d.registry_port)
+    print(f"serving the signed apps in {d.registry} at {registry.api_url} (Ctrl-C stops)", flush=True)
+    try:
+        registry.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        registry.close()
     return 0
 
 

@@ -161,6 +161,8 @@ class SecureAggregationConfig(_Section):
     (0: derived from the optimiser, see ``auto_clip_range``); clipped values are counted
     and reported. The sum is revealed only over at least ``max(2, federation.min_clients)``
     sites; ``threshold_fraction`` of each site's neighbourhood must stay to rebuild masks.
+    ``record_masked_inputs`` keeps, in the run directory, every masked vector the server
+    received: what the server holds, for an auditor to inspect (d+1 uint32 a site a round).
     """
 
     enabled: bool = True
@@ -168,6 +170,7 @@ class SecureAggregationConfig(_Section):
     threshold_fraction: float = Field(0.5, ge=0.5, lt=1)
     clip_range: float = Field(0.0, ge=0)
     stage_timeout_s: float = Field(300.0, gt=0)
+    record_masked_inputs: bool = False
 
 
 class FedtuneConfig(_Section):

@@ -7,6 +7,11 @@ holds what the operator hands to one site (the CA certificate, the trusted signe
 that site keeps (its authentication key, its local policy, its state directory). The
 commands are built here once, as argument lists, so the scripts, the README and the
 end-to-end test all run the same thing.
+
+Sites run only code the operator signed: the app bundle is signed at init (and again by
+``fedtune deploy sign`` after an edit), served to the SuperLink by the operator's app
+registry, and run by name (``flwr run @fedtune/fedtune-app==VERSION``); every SuperNode
+starts with ``--trusted-entities``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import FedtuneConfig, config_to_toml_dict
+from deploy.app_registry import app_identity, publish_app
 from deploy.credentials import (
     make_ca,
     make_server_certificate,
@@ -38,6 +44,7 @@ class Deployment:
     host: str
     port: int
     sites: tuple[str, ...]
+    registry_port: int = 8001
 
     @property
     def operator(self) -> Path:
@@ -54,6 +61,28 @@ class Deployment:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def registry(self) -> Path:
+        return self.operator / "registry"
+
+    @property
+    def registry_url(self) -> str:
+        """The app registry runs beside the SuperLink, on loopback: only the SuperLink asks it."""
+        return f"http://127.0.0.1:{self.registry_port}/v1"
+
+    @property
+    def signing_key_id(self) -> str:
+        return (self.operator / "signing.key-id").read_text().strip()
+
+
+def load_deployment(root: Path) -> Deployment:
+    """The deployment that ``init_deployment`` wrote under ``root``."""
+    path = Path(root).resolve() / "deployment.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {root} is not a folder written by `fedtune deploy init`")
+    meta = json.loads(path.read_text())
+    return Deployment(path.parent, meta["host"], int(meta["port"]), tuple(meta["sites"]), int(meta["registry_port"]))
+
 
 def flower_env(home: Path) -> dict[str, str]:
     """Environment for a Flower process: this Python's tools first on PATH, its own Flower home."""
@@ -61,6 +90,19 @@ def flower_env(home: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
     return env
+
+
+def superlink_env(d: Deployment) -> dict[str, str]:
+    """Where the SuperLink fetches signed app bundles (Flower reads it at import time)."""
+    return {"FLWR_SUPERGRID_API_URL": d.registry_url}
+
+
+def registry_command(d: Deployment) -> list[str]:
+    return ["fedtune", "deploy", "registry", str(d.root)]
+
+
+def sign_command(d: Deployment) -> list[str]:
+    return ["fedtune", "deploy", "sign", str(d.root)]
 
 
 def superlink_command(d: Deployment) -> list[str]:
@@ -77,11 +119,15 @@ def register_command(d: Deployment, site: str) -> list[str]:
     return ["flwr", "supernode", "register", str(d.operator / "site-keys" / f"{site}.pub"), CONNECTION]
 
 
-def run_command(d: Deployment) -> list[str]:
-    return ["flwr", "run", str(d.app), CONNECTION, "--stream"]
+def run_command(d: Deployment, signed: bool = True) -> list[str]:
+    """Run the signed bundle by name; ``signed=False`` sends the local folder, which signed-only sites refuse."""
+    if not signed:
+        return ["flwr", "run", str(d.app), CONNECTION, "--stream"]
+    app_id, version = app_identity(d.app)
+    return ["flwr", "run", f"{app_id}=={version}", CONNECTION, "--stream"]
 
 
-def supernode_command(d: Deployment, site: str, require_signed_apps: bool = False, port: int | None = None,
+def supernode_command(d: Deployment, site: str, require_signed_apps: bool = True, port: int | None = None,
                       root_certificates: Path | None = None, auth_key: Path | None = None) -> list[str]:
     s = d.site_dir(site)
     index = d.sites.index(site) if site in d.sites else 0
@@ -99,12 +145,14 @@ def supernode_command(d: Deployment, site: str, require_signed_apps: bool = Fals
     return cmd
 
 
-def _script(path: Path, lines: list[list[str]], env_home: Path) -> None:
+def _script(path: Path, lines: list[list[str]], env_home: Path, env: dict[str, str] | None = None) -> None:
     body = [
         "#!/usr/bin/env bash", "# Written by `fedtune deploy init`.", "set -euo pipefail",
         f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
         f"export FLWR_HOME={shlex.quote(str(env_home))} FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1",
-        *[shlex.join(cmd) for cmd in lines],
+        *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
+        *[shlex.join(cmd) for cmd in lines[:-1]],
+        "exec " + shlex.join(lines[-1]),  # the process takes the script's place: systemd's signals reach it
     ]
     path.write_text("\n".join(body) + "\n")
     path.chmod(0o755)
@@ -144,17 +192,24 @@ def _policy_template(cfg: FedtuneConfig) -> str:
 
 
 def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", port: int = 8000,
-                    site_ids: list[str] | None = None, output_dir: Path | None = None) -> Deployment:
-    """Write credentials, the app bundle, site folders and scripts under ``root`` (which must not exist)."""
+                    site_ids: list[str] | None = None, output_dir: Path | None = None,
+                    registry_port: int | None = None) -> Deployment:
+    """Write credentials, the signed app bundle, site folders and scripts under ``root`` (which must not exist)."""
     root = Path(root).resolve()
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} already exists and is not empty; choose a new folder (keys are never overwritten)")
     sites = tuple(site_ids or [f"site-{i}" for i in range(cfg.partition.num_clients)])
-    d = Deployment(root, host, port, sites)
+    d = Deployment(root, host, port, sites, registry_port or port + 1)
     o = d.operator
+    from deploy.compose import SUPERLINK_SERVICE  # deploy.compose builds on this module
+    from deploy.service_files import write_service_files
+
     ca_key, ca_cert = make_ca(o)
-    make_server_certificate(o, ca_key, ca_cert, host)
+    make_server_certificate(o, ca_key, ca_cert, host, aliases=(SUPERLINK_SERVICE,))
     key_id, signer_public = make_signing_key(o)
+    (o / "signing.key-id").write_text(key_id + "\n")
+    (root / "deployment.json").write_text(json.dumps({"host": host, "port": port, "sites": list(sites),
+                                                      "registry_port": d.registry_port}, indent=1) + "\n")
     for site in sites:
         s = d.site_dir(site)
         public = make_site_auth_key(s, site)
@@ -179,7 +234,11 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
             f'"""The {role} side, from the installed fedtune package."""\n\nimport {role}.deployment\n\n'
             f"app = {role}.deployment.app\n")
     (d.app / "pyproject.toml").write_text(_app_pyproject(cfg, Path(output_dir or o / "runs").resolve()))
-    _script(o / "start-superlink.sh", [superlink_command(d)], home)
+    publish_app(d.app, o / "signing.key", key_id, d.registry)
+    _script(o / "start-registry.sh", [registry_command(d)], home)
+    _script(o / "start-superlink.sh", [superlink_command(d)], home, superlink_env(d))
     _script(o / "register-sites.sh", [register_command(d, s) for s in sites], home)
+    _script(o / "sign-app.sh", [sign_command(d)], home)
     _script(o / "run-federation.sh", [run_command(d)], home)
+    write_service_files(d)
     return d

@@ -69,9 +69,12 @@ def make_ca(directory: Path, name: str = "fedtune federation CA") -> tuple[ec.El
     return key, cert
 
 
-def make_server_certificate(directory: Path, ca_key, ca_cert: x509.Certificate, host: str) -> None:
-    """``superlink.crt``/``.key`` for ``host`` (a DNS name or IP), plus localhost and 127.0.0.1."""
+def make_server_certificate(directory: Path, ca_key, ca_cert: x509.Certificate, host: str,
+                            aliases: tuple[str, ...] = ()) -> None:
+    """``superlink.crt``/``.key`` for ``host`` (a DNS name or IP), plus localhost, 127.0.0.1 and
+    ``aliases`` (DNS names the SuperLink also answers to, such as its compose service name)."""
     names: list[x509.GeneralName] = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names += [x509.DNSName(alias) for alias in aliases if alias not in (host, "localhost")]
     try:
         ip = ipaddress.ip_address(host)
         if ip != ipaddress.ip_address("127.0.0.1"):

@@ -7,6 +7,7 @@ the round in flight, and ``resume`` continues from the newest complete round.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
+from common.atomic_files import atomic_write_bytes
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet
 from common.secure_aggregation.protocol import Advertisement, SecureAggregationError
@@ -37,7 +39,7 @@ from common.wire import (
 from server.aggregation import aggregate_adapters
 from server.checkpoints import CheckpointStore
 from server.global_model import GlobalModel
-from server.messaging import FederationError, send_and_collect, wait_for_nodes
+from server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
 from server.report import MetricsLog, plot_curves, summary_table
 from server.secure_rounds import SecureExchange, secure_sum
 
@@ -80,9 +82,9 @@ def collect_train_replies(requests: list[Message], replies: list[Message]) -> Ro
     answered = {r.metadata.reply_to_message_id for r in replies}
     for node_id in [m.metadata.dst_node_id for m in requests if m.metadata.message_id not in answered]:
         out.failed[f"node-{node_id}"] = "no reply before the round timeout"
-    for reply in replies:
+    for node, reply in by_node(requests, replies):
         if reply.has_error():
-            out.failed[f"node-{reply.metadata.src_node_id}"] = reply.error.reason.splitlines()[-1][:300]
+            out.failed[f"node-{node}"] = reply.error.reason.splitlines()[-1][:300]
             continue
         status = reply.content[STATUS]
         site = str(status["site-id"])
@@ -95,7 +97,7 @@ def collect_train_replies(requests: list[Message], replies: list[Message]) -> Ro
         out.train[site] = metrics
         if SECAGG in reply.content:
             ad = advertisement_from(reply.content[SECAGG], int(metrics["num-examples"]))
-            out.advertised[reply.metadata.src_node_id] = (site, ad)
+            out.advertised[node] = (site, ad)
         else:
             out.updates[site] = (from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"]))
     return out
@@ -117,19 +119,17 @@ class FederationServer:
 
     def evaluate_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
         plan = ConfigRecord({"round": round_, "a-fingerprint": self.model.a_fingerprint})
-        replies = send_and_collect(
-            grid, self._messages(nodes, MessageType.EVALUATE, plan), f"round {round_} site eval",
-            self.cfg.federation.round_timeout_s,
-        )
+        requests = self._messages(nodes, MessageType.EVALUATE, plan)
+        replies = send_and_collect(grid, requests, f"round {round_} site eval", self.cfg.federation.round_timeout_s)
         clients = {}
-        for reply in replies:
+        for node, reply in by_node(requests, replies):
             if not reply.has_error() and METRICS in reply.content:
                 clients[str(reply.content[STATUS]["site-id"])] = dict(reply.content[METRICS])
             elif not reply.has_error() and reply.content[STATUS]["state"] == "declined":
                 log.debug("round %d: %s", round_, reply.content[STATUS]["reason"])
             else:
                 reason = reply.error.reason if reply.has_error() else reply.content[STATUS]["reason"]
-                log.warning("round %d: node %d did not evaluate: %s", round_, reply.metadata.src_node_id,
+                log.warning("round %d: node %d did not evaluate: %s", round_, node,
                             str(reason).splitlines()[-1][:300])
         return {"round": round_, "server": self.model.evaluate(self.test_set), "clients": clients}
 
@@ -189,18 +189,25 @@ class FederationServer:
         current = self.model.state()
         exchange = SecureExchange(grid, {n: site for n, (site, _) in got.advertised.items()}, sa.stage_timeout_s,
                                   send=send_and_collect)
+        sites = {n: site for n, (site, _) in got.advertised.items()}
+        record = None
+        if sa.record_masked_inputs:
+            def record(node: int, vector: np.ndarray) -> None:
+                buffer = io.BytesIO()
+                np.save(buffer, vector, allow_pickle=False)
+                atomic_write_bytes(self.run_dir / "masked-inputs" / f"round-{round_:04d}" / f"{sites[node]}.npy",
+                                   buffer.getvalue())
         try:
             result = secure_sum(
                 exchange, round_tag(self.run_id, round_), {n: ad for n, (_, ad) in got.advertised.items()}, clip,
                 max(2, self.cfg.federation.min_clients), sum(int(np.size(v)) for v in current.values()),
-                sa.neighbours, sa.threshold_fraction,
+                sa.neighbours, sa.threshold_fraction, on_masked=record,
             )
         except SecureAggregationError as exc:
             log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
             return f"failed: secure aggregation: {exc}", {"dropped": exchange.dropped, "error": str(exc)}
         mean = unflatten_adapter(result.mean_update, current)
         self.model.update({k: current[k] + mean[k] for k in current})
-        sites = {n: site for n, (site, _) in got.advertised.items()}
         if result.clipped_values:
             log.warning("round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
                         round_, result.clipped_values, clip)

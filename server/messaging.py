@@ -29,6 +29,16 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
         time.sleep(0.2)
 
 
+def by_node(requests: Iterable[Message], replies: Iterable[Message]) -> list[tuple[int, Message]]:
+    """Each reply with the node its request went to.
+
+    A reply is matched to its request, not taken at its word for its sender: the error the
+    SuperLink writes for a node that went offline comes from the SuperLink, not that node.
+    """
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in requests}
+    return [(destination[r.metadata.reply_to_message_id], r) for r in replies]
+
+
 def send_and_collect(grid: Grid, messages: Iterable[Message], desc: str, timeout_s: float) -> list[Message]:
     """Push all messages, then pull replies as they arrive (each reply is pulled exactly once).
 

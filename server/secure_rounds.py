@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -28,7 +29,7 @@ from common.secure_aggregation.records import (
     unmask_request_record,
 )
 from common.wire import MASKED, SECAGG, STATUS, payload_nbytes
-from server.messaging import send_and_collect
+from server.messaging import by_node, send_and_collect
 
 log = logging.getLogger("fedtune.server.secagg")
 
@@ -46,10 +47,9 @@ class SecureExchange:
     def __call__(self, step: str, message_type: str, records: Mapping[int, ConfigRecord]) -> dict[int, RecordDict]:
         requests = [Message(RecordDict({SECAGG: r}), message_type=message_type, dst_node_id=n)
                     for n, r in records.items()]
-        replies = self.send(self.grid, requests, step, self.timeout_s)
+        replies = by_node(requests, self.send(self.grid, requests, step, self.timeout_s))
         good: dict[int, RecordDict] = {}
-        for reply in replies:
-            node = reply.metadata.src_node_id
+        for node, reply in replies:
             if reply.has_error():
                 self.drop(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
             elif reply.content[STATUS]["state"] != "ok":
@@ -58,7 +58,7 @@ class SecureExchange:
                 good[node] = reply.content
                 self.bytes_received[self.sites[node]] = self.bytes_received.get(self.sites[node], 0) + \
                     payload_nbytes(reply.content)
-        for node in set(records) - {reply.metadata.src_node_id for reply in replies}:
+        for node in set(records) - {node for node, _ in replies}:
             self.drop(node, step, "no reply before secure_aggregation.stage_timeout_s")
         return good
 
@@ -69,9 +69,12 @@ class SecureExchange:
 
 
 def secure_sum(exchange: SecureExchange, tag: bytes, advertised: Mapping[int, Advertisement], clip_range: float,
-               min_survivors: int, vector_length: int, neighbours: int = 0,
-               threshold_fraction: float = 0.5) -> SecureSum:
-    """Run steps 2-4 of SecAgg+ with the sites that trained; raises SecureAggregationError."""
+               min_survivors: int, vector_length: int, neighbours: int = 0, threshold_fraction: float = 0.5,
+               on_masked: Callable[[int, np.ndarray], None] | None = None) -> SecureSum:
+    """Run steps 2-4 of SecAgg+ with the sites that trained; raises SecureAggregationError.
+
+    ``on_masked(node, vector)`` sees each masked vector as received (for an audit record).
+    """
     server = ServerRound(tag, advertised, clip_range, min_survivors, vector_length, neighbours, threshold_fraction)
     shared = exchange("secagg share keys", SHARE_KEYS,
                       {n: params_record(p) for n, p in server.share_keys_requests().items()})
@@ -84,6 +87,9 @@ def secure_sum(exchange: SecureExchange, tag: bytes, advertised: Mapping[int, Ad
             vectors[node] = masked_from(content.array_records[MASKED])
         except (KeyError, ValueError) as exc:
             exchange.drop(node, "secagg masked input", f"malformed masked vector: {exc}")
+            continue
+        if on_masked is not None:
+            on_masked(node, vectors[node])
     requests = server.receive_masked(vectors)
     answers = exchange("secagg unmask", UNMASK,
                        {n: unmask_request_record(s, d) for n, (s, d) in requests.items()})

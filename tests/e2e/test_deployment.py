@@ -1,9 +1,13 @@
-"""A real deployment on loopback: SuperLink and three SuperNodes as separate processes, with TLS,
-site authentication and a persistent state database, set up by ``fedtune deploy init``.
+"""A real deployment on loopback: SuperLink, the operator's app registry and three SuperNodes as
+separate processes, with TLS, site authentication, signed app bundles and a persistent state
+database, all set up by ``fedtune deploy init``.
 
-The federation runs for two rounds with secure aggregation and DP-SGD through ``flwr run``;
-each site reads only the data its own policy names. Then the refusals: a site whose key was
-never registered, and a site that pins another CA, are both turned away.
+First the app is sent unsigned (``flwr run DIR``): every site refuses to run it. Then the
+signed bundle runs by name for two rounds with secure aggregation and DP-SGD; each site reads
+only the data its own policy names, and one site is killed in the middle of round 2, after
+it trained and before it sent its masked vector. The server's record of what it received
+shows masked vectors unrelated to each site's true update, whose sum is the true sum. Then
+the refusals: a site whose key was never registered, and a site that pins another CA.
 """
 
 from __future__ import annotations
@@ -21,13 +25,18 @@ from pathlib import Path
 import pytest
 
 from common.config import config_from_dict
+import numpy as np
+
+from common.wire import flatten_adapter
 from deploy.bundle import (
     Deployment,
     flower_env,
     init_deployment,
     register_command,
+    registry_command,
     run_command,
     superlink_command,
+    superlink_env,
     supernode_command,
 )
 from deploy.credentials import make_ca, make_site_auth_key
@@ -62,15 +71,31 @@ class Federation:
         self.d, self.logs, self.procs = d, logs, {}
         logs.mkdir(exist_ok=True)
 
-    def start(self, name: str, cmd: list[str], home: Path) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(cmd, env=flower_env(home), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        self.procs[name] = subprocess.Popen(cmd, env=flower_env(home) | (env or {}), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         return self.procs[name]
 
     def cli(self, cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=flower_env(self.d.operator / "flwr-home"), capture_output=True, text=True,
                               timeout=timeout)
+
+    def cli_in_background(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        return self.start(name, cmd, self.d.operator / "flwr-home")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process and its children (the site's ClientApp): a crash, not a shutdown."""
+        os.killpg(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def wait_for_log(self, name: str, text: str, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.log(name).count(text) >= count:
+                return True
+            time.sleep(0.1)
+        return False
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -110,15 +135,18 @@ def deployment(tmp_path_factory):
                  "max_eval_examples": 16},
         "partition": {"scheme": "files", "num_clients": 3}, "federation": {"rounds": 2, "min_clients": 2},
         "train": {"local_steps": 2, "batch_size": 8}, "privacy": {"epsilon": 4.0, "delta": 1e-3},
+        # A killed site is noticed when Flower marks it offline (two missed 30 s heartbeats).
+        "secure_aggregation": {"record_masked_inputs": True, "stage_timeout_s": 120},
     }, "test", tmp)
-    d = init_deployment(tmp / "fed", cfg, port=_free_port())
+    d = init_deployment(tmp / "fed", cfg, port=_free_port(), registry_port=_free_port())
     for site, path in zip(d.sites, paths):
         policy = d.site_dir(site) / "policy.toml"
         policy.write_text(policy.read_text().replace('# data_path = "/srv/fedtune/data/train.jsonl"',
                                                      f'data_path = "{path}"'))
     fed = Federation(d, tmp / "logs")
     try:
-        fed.start("superlink", superlink_command(d), d.operator / "flwr-home")
+        fed.start("registry", registry_command(d), d.operator / "flwr-home")
+        fed.start("superlink", superlink_command(d), d.operator / "flwr-home", superlink_env(d))
         assert fed.wait_until_healthy(60), fed.log("superlink")[-3000:]
         for site in d.sites:
             r = fed.cli(register_command(d, site))
@@ -130,15 +158,32 @@ def deployment(tmp_path_factory):
         fed.stop_all()
 
 
-def test_two_secure_dp_rounds_over_tls_with_authenticated_sites(deployment):
+def test_sites_refuse_an_unsigned_app(deployment, tmp_path):
     fed, d = deployment, deployment.d
-    r = fed.cli(run_command(d), timeout=600)
-    run_dir = d.operator / "runs" / "loopback"
-    assert (run_dir / "result.json").exists(), r.stdout[-3000:] + r.stderr[-3000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["status"] for r in records[1:]] == ["aggregated 3 sites securely"] * 2
-    assert records[2]["secure-aggregation"]["survivors"] == ["site-0", "site-1", "site-2"]
+    r = fed.cli(run_command(d, signed=False) + ["--run-config", f"output-dir={json.dumps(str(tmp_path))}"],
+                timeout=300)
+    assert not (tmp_path / "loopback" / "result.json").exists(), "the unsigned run must not complete"
     for site in d.sites:
+        assert "The FAB could not be verified" in fed.log(site), fed.log(site)[-2000:]
+        assert not (d.site_dir(site) / "state" / "privacy_ledger.json").exists(), "no site trained"
+    assert "every site failed" in r.stdout + r.stderr
+
+
+def test_two_signed_secure_dp_rounds_survive_a_site_killed_mid_round(deployment):
+    fed, d = deployment, deployment.d
+    run = fed.cli_in_background("flwr-run", run_command(d))
+    # site-2 trains round 2 and is killed when the request for its masked vector arrives.
+    assert fed.wait_for_log("site-2", "Receiving: train.secagg_masked_input", 2, timeout=480), fed.log("flwr-run")
+    fed.kill("site-2")
+    assert run.wait(timeout=480) == 0, fed.log("flwr-run")[-3000:]
+    run_dir = d.operator / "runs" / "loopback"
+    assert (run_dir / "result.json").exists(), fed.log("flwr-run")[-3000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records[1:]] == ["aggregated 3 sites securely", "aggregated 2 sites securely"]
+    round2 = records[2]["secure-aggregation"]
+    assert round2["survivors"] == ["site-0", "site-1"] and list(round2["dropped"]) == ["site-2"]
+    assert "masked input" in round2["dropped"]["site-2"]
+    for site in d.sites:  # site-2 spent its budget for round 2 even though its update never left
         ledger = json.loads((d.site_dir(site) / "state" / "privacy_ledger.json").read_text())
         assert [e["round"] for e in ledger["entries"]] == [1, 2]
         assert 0 < ledger["epsilon"] <= 4.0
@@ -147,6 +192,27 @@ def test_two_secure_dp_rounds_over_tls_with_authenticated_sites(deployment):
     first = load_file(str(run_dir / "checkpoints" / "round-0001" / "adapter_model.safetensors"))
     second = load_file(str(run_dir / "checkpoints" / "round-0002" / "adapter_model.safetensors"))
     assert any((first[k] != second[k]).any() for k in first), "the global adapter changed"
+
+    # What the server held in round 2: one masked vector per survivor, nothing else of theirs.
+    received = sorted(p.stem for p in (run_dir / "masked-inputs" / "round-0002").glob("*.npy"))
+    assert received == ["site-0", "site-1"]
+    counts = {s: int(records[2]["train"][s]["num-examples"]) for s in received}
+    true_updates = {}
+    for site in received:
+        with np.load(d.site_dir(site) / "state" / "last_update.npz") as saved:  # the site's own copy
+            released = {k: saved[k] for k in saved.files if k != "__meta__"}
+        true_updates[site] = flatten_adapter(released) - flatten_adapter({k: first[k] for k in released})
+    dim = true_updates["site-0"].size
+    for site in received:
+        vector = np.load(run_dir / "masked-inputs" / "round-0002" / f"{site}.npy")
+        assert vector.dtype == np.uint32 and vector.shape == (dim + 1,)
+        corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), true_updates[site])[0, 1]
+        assert abs(corr) < 5 / np.sqrt(dim), f"{site}'s masked vector correlates with its update ({corr:.3f})"
+    total = sum(counts.values())
+    expected = sum(counts[s] / total * true_updates[s].astype(np.float64) for s in received)
+    got = flatten_adapter({k: second[k] for k in released}).astype(np.float64) - \
+        flatten_adapter({k: first[k] for k in released})
+    assert np.max(np.abs(got - expected)) < 1e-6, "the unmasked mean is the survivors' true weighted mean"
 
 
 def test_an_unregistered_site_is_refused(deployment, tmp_path):
