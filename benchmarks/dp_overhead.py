@@ -24,8 +24,8 @@ varies by about 100 MB between identical runs (``--malloc-mmap-threshold 0`` to 
 No privacy figure comes out of this script: the noise multiplier is fixed (it costs one
 Gaussian draw per trainable value whatever its size) and no epsilon is computed.
 
-    python benchmarks/dp_overhead.py            # MiniLM 64 x 32 and SmolLM2-135M 8 x 96 tokens, 5 variants (~15 min)
-    python benchmarks/dp_overhead.py --quick    # MiniLM only, 3 variants, 3 timed rounds (~2 min)
+    python benchmarks/dp_overhead.py            # MiniLM 64 x 32 and SmolLM2-135M 8 x 96 tokens, 5 variants (12 min of CPU)
+    python benchmarks/dp_overhead.py --quick    # MiniLM only, 3 variants, 3 timed rounds (~3 min)
     python benchmarks/dp_overhead.py --models smollm2 --rounds 3 --threads 2
 """
 
