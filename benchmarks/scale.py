@@ -168,6 +168,12 @@ def per_round(ends: dict[int, float], clock) -> dict[int, float]:
     return {r: clock(ends[r]) - clock(ends[r - 1]) for r in sorted(ends) if r - 1 in ends}
 
 
+def is_complete(clients: int, statuses: list[str]) -> bool:
+    """Every round aggregated every site: a run that lost sites (Ray's memory monitor kills actors when the
+    machine runs short of memory) did not measure this federation size."""
+    return bool(statuses) and all(s == f"aggregated {clients} sites securely" for s in statuses)
+
+
 def measure(clients: int, variant: str, records_per_site: int, rounds: int, work: Path) -> dict:
     """Run one federation in a child process and read its run directory and memory peaks."""
     out = work / f"clients-{clients}-{variant}"
@@ -198,6 +204,7 @@ def measure(clients: int, variant: str, records_per_site: int, rounds: int, work
         "peak_tree_pss_mb": memory.peak_pss / 2**20, "peak_driver_rss_mb": memory.peak_root_rss / 2**20,
         "peak_processes": memory.peak_processes,
         "statuses": [r.get("status") for r in records[1:]],
+        "complete": is_complete(clients, [r.get("status") for r in records[1:]]),
         "contributors_last_round": len(last.get("train", {})),
         "max_epsilon_last_round": max(eps) if eps else None,
         "final_accuracy": last["server"].get("accuracy"),
@@ -253,7 +260,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for variant, marker, color in zip(VARIANTS, ("o", "s"), ("C0", "C1")):
-        sel = [r for r in rows if r["variant"] == variant]
+        sel = [r for r in rows if r["variant"] == variant and is_complete(r["clients"], r["statuses"])]
         if not sel:
             continue
         n = [r["clients"] for r in sel]
@@ -283,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories and logs")
+    parser.add_argument("--attempts", type=int, default=2, help="runs of a size until every round aggregates every site")
+    parser.add_argument("--update", action="store_true",
+                        help="merge into the existing scale.json, replacing the sizes and variants measured now")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: one federation
     parser.add_argument("--variant", choices=VARIANTS, default="dp", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -307,17 +317,33 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for i, n in enumerate(args.clients):
         for variant in args.variants if i % 2 == 0 else args.variants[::-1]:
-            row = measure(n, variant, args.records_per_site, args.rounds, work)
+            for attempt in range(1, args.attempts + 1):
+                row = measure(n, variant, args.records_per_site, args.rounds, work / f"attempt-{attempt}") | {
+                    "attempt": attempt}
+                print(f"  {n:4d} sites {variant:>5}: {row['median_round_s']:6.1f} s/round wall, "
+                      f"{row['median_round_cpu_s']:6.1f} s CPU  peak PSS {row['peak_tree_pss_mb']:6.0f} "
+                      f"MiB, RSS {row['peak_tree_rss_mb']:6.0f} MiB, driver {row['peak_driver_rss_mb']:5.0f} MiB  "
+                      f"({row['peak_processes']} processes, {row['process_wall_s']:.0f} s in all, "
+                      f"load {row['loadavg_before'][0]:.1f})", flush=True)
+                if row["complete"]:
+                    break
+                print(f"  INCOMPLETE: not every round aggregated all {n} sites ({row['statuses']}); see the log in "
+                      f"{work / f'attempt-{attempt}'}", flush=True)
             rows.append(row)
-            print(f"  {n:4d} sites {variant:>5}: {row['median_round_s']:6.1f} s/round wall, "
-                  f"{row['median_round_cpu_s']:6.1f} s CPU  peak PSS {row['peak_tree_pss_mb']:6.0f} "
-                  f"MiB, RSS {row['peak_tree_rss_mb']:6.0f} MiB, driver {row['peak_driver_rss_mb']:5.0f} MiB  "
-                  f"({row['peak_processes']} processes, {row['process_wall_s']:.0f} s in all, "
-                  f"load {row['loadavg_before'][0]:.1f})", flush=True)
+    command = " ".join(["python", "benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])])
+    commands = [command]
+    if args.update and (args.out / "scale.json").exists():
+        previous = json.loads((args.out / "scale.json").read_text())
+        measured = {(r["clients"], r["variant"]) for r in rows}
+        rows += [r for r in previous["rows"] if (r["clients"], r["variant"]) not in measured]
+        commands = previous.get("commands", [previous.get("command")]) + commands
+        accounting = accounting or previous.get("accounting", {})
     rows.sort(key=lambda r: (VARIANTS.index(r["variant"]), r["clients"]))
     summary = {}
-    for variant in args.variants:
-        sel = [r for r in rows if r["variant"] == variant]
+    for variant in VARIANTS:
+        sel = [r for r in rows if r["variant"] == variant and is_complete(r["clients"], r["statuses"])]
+        if len(sel) < 2:
+            continue
         summary[variant] = {"growth": growth(sel), "wall_fit": linear_fit(sel, "median_round_s"),
                             "cpu_fit": linear_fit(sel, "median_round_cpu_s")}
         g, fit = summary[variant]["growth"], summary[variant]["cpu_fit"]
@@ -327,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"; CPU per round ~ {fit['fixed_s']:.1f} s + {fit['per_site_s']:.2f} s/site" if fit else ""))
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"benchmark": "scale", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "command": " ".join(["python", "benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])]),
+              "commands": commands,
               "setup": {"model": "tiny-bert (random init), FFA-LoRA rank 4", "data": str(data_dir()),
                         "partition": "iid", "secure_aggregation": "SecAgg+ on in both variants",
                         "dp": "variant dp: DP-SGD, epsilon 8, delta 1e-4 per site; variant no-dp: off",

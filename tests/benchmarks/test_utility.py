@@ -47,7 +47,7 @@ def test_local_site_trains_on_exactly_its_federated_records(workload, tmp_path):
 
 def _fake_run(path, accuracies, epsilons=()):
     (path / "sites").mkdir(parents=True)
-    lines = [{"round": i, "status": "ok", "server": {"loss": 1.0, "accuracy": a, "macro-f1": a / 2}}
+    lines = [{"round": i, "status": "base model" if i == 0 else "aggregated 3 sites", "server": {"loss": 1.0, "accuracy": a, "macro-f1": a / 2}}
              for i, a in enumerate(accuracies)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (path / "config.json").write_text("{}")
@@ -70,3 +70,16 @@ def test_summary_reads_epsilon_from_ledgers_and_ratios_against_centralised(workl
         pytest.approx((0.3, 0.2, 0.4))
     assert rows["base"]["accuracy"] == 0.0
     assert "75.0%" in utility.format_table(workload, list(rows.values()))
+
+
+def test_a_run_with_a_lost_round_is_neither_resumed_nor_counted(tmp_path):
+    run = tmp_path / "run"
+    _fake_run(run, [0.0, 0.3])
+    (run / "run.json").write_text("{}")
+    assert utility._resumable(run)  # unfinished, every round so far aggregated
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lost = json.loads(lines[1]) | {"status": "failed: secure aggregation: masked input: only 0 sites remain"}
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], json.dumps(lost)]) + "\n")
+    assert not utility._resumable(run)
+    (run / "result.json").write_text("{}")
+    assert not utility._resumable(run)
