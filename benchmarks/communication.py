@@ -24,9 +24,7 @@ is not something fedtune does: it is priced as the same messages carrying every 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 import warnings
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -53,6 +52,7 @@ from common.secure_aggregation.records import advertisement_from, round_tag  # n
 from common.wire import ADAPTER, METRICS, PLAN, SECAGG, STATUS, payload_nbytes, to_array_record  # noqa: E402
 from server.federation import training_plan  # noqa: E402
 from server.secure_rounds import SecureExchange, secure_sum  # noqa: E402
+from results_report import command, machine, write_report  # noqa: E402
 
 RUN_ID = 1
 RUN_NAME = "communication-benchmark"
@@ -309,15 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bytes per site per round, {', '.join(MODELS[m] for m in args.models)}; SecAgg+ with {args.sites} sites")
     rows = [row for key in args.models for row in measure_model(key, args.sites, args.seed)]
     print_rows(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "communication", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "command": " ".join(["python", "benchmarks/communication.py",
-                                   *(argv if argv is not None else sys.argv[1:])]),
+    wall_s = time.time() - started
+    report = {"benchmark": "communication", "machine": machine(),
+              "command": command("communication", argv if argv is not None else sys.argv[1:]),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "wall_s": time.time() - started, "rows": rows}
-    (args.out / "communication.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.out / "communication.png")
-    print(f"wrote {args.out / 'communication.json'} and .png ({time.time() - started:.0f}s)")
+              "wall_s": wall_s, "rows": rows}
+    write_report(args.out, "communication", report, lambda path: plot(rows, path), wall_s)
     return 0
 
 

@@ -213,12 +213,13 @@ def variant_config(site_paths: list[Path], work: Path, variant: str, rounds: int
 def final_logits(run_dir: Path, texts_labels: list[tuple[str, str]], labels: list[str], max_length: int) -> np.ndarray:
     """Logits of the run's merged final model (``run_dir/merged``), with the product's own encoding."""
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from common.data.encoding import encode_examples
     from common.data.shapes import Example
+    from common.models.loading import load_exported_classifier
 
-    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "merged").eval()
+    model = load_exported_classifier(run_dir / "merged")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
     data = encode_examples([Example(t, c) for t, c in texts_labels], tokenizer, "classification", labels, max_length)
     out = []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -40,6 +39,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_report import command, machine, write_report  # noqa: E402
 
 SHARED_BANKING77 = Path("/work/shared/data/banking77")
 SAMPLE_BANKING77 = REPO / "common" / "data" / "samples" / "banking77"
@@ -177,6 +179,7 @@ def is_complete(clients: int, statuses: list[str]) -> bool:
 def measure(clients: int, variant: str, records_per_site: int, rounds: int, work: Path) -> dict:
     """Run one federation in a child process and read its run directory and memory peaks."""
     out = work / f"clients-{clients}-{variant}"
+    work.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, __file__, "--one", str(clients), "--variant", variant,
            "--records-per-site", str(records_per_site), "--rounds", str(rounds), "--work", str(out)]
     load_before = os.getloadavg()
@@ -271,10 +274,10 @@ def plot(rows: list[dict], path: Path) -> None:
         right.plot(n, [r["peak_driver_rss_mb"] for r in sel], marker=marker, color=color, ls="-.", label=f"{variant}: driver RSS")
     left.set(xlabel="sites", ylabel="seconds", title="time per round (median)")
     left.set_ylim(bottom=0)
-    left.legend()
+    left.legend(fontsize=8)
     right.set(xlabel="sites", ylabel="MiB", title="peak memory (driver + Ray)")
     right.set_ylim(bottom=0)
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="lower center", ncol=2)
     fig.suptitle("tiny-bert + FFA-LoRA, SecAgg+ on, 2 CPUs (1 per Ray actor)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -330,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  INCOMPLETE: not every round aggregated all {n} sites ({row['statuses']}); see the log in "
                       f"{work / f'attempt-{attempt}'}", flush=True)
             rows.append(row)
-    command = " ".join(["python", "benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])])
-    commands = [command]
+    commands = [command("scale", argv if argv is not None else sys.argv[1:])]
     if args.update and (args.out / "scale.json").exists():
         previous = json.loads((args.out / "scale.json").read_text())
         measured = {(r["clients"], r["variant"]) for r in rows}
@@ -351,19 +353,16 @@ def main(argv: list[str] | None = None) -> int:
               f"x{g['median_round_s']:.2f}, round CPU x{g['median_round_cpu_s']:.2f}, peak PSS "
               f"x{g['peak_tree_pss_mb']:.2f}, RSS x{g['peak_tree_rss_mb']:.2f}"
               + (f"; CPU per round ~ {fit['fixed_s']:.1f} s + {fit['per_site_s']:.2f} s/site" if fit else ""))
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "scale", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    report = {"benchmark": "scale", "machine": machine(),
               "commands": commands,
               "setup": {"model": "tiny-bert (random init), FFA-LoRA rank 4", "data": str(data_dir()),
                         "partition": "iid", "secure_aggregation": "SecAgg+ on in both variants",
                         "dp": "variant dp: DP-SGD, epsilon 8, delta 1e-4 per site; variant no-dp: off",
                         "cpus_per_client": 1.0, "local_steps": 5, "batch_size": 16},
               "wall_s": time.time() - started, "accounting": accounting, "rows": rows, "summary": summary}
-    (args.out / "scale.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.out / "scale.png")
+    write_report(args.out, "scale", report, lambda path: plot(rows, path), report["wall_s"])
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"wrote {args.out / 'scale.json'} and .png ({time.time() - started:.0f}s)")
     return 0
 
 

@@ -14,10 +14,8 @@ the median. Prints a table, writes JSON and a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
@@ -38,6 +37,7 @@ from common.wire import SECAGG, STATUS, payload_nbytes  # noqa: E402
 from server.aggregation import aggregate_adapters  # noqa: E402
 from server.messaging import send_and_collect, wait_for_nodes  # noqa: E402
 from server.secure_rounds import SecureExchange, secure_sum  # noqa: E402
+from results_report import command, machine, write_report  # noqa: E402
 
 UPDATE_SCALE = 1e-3
 CLIP = 0.02
@@ -162,13 +162,11 @@ def main(argv: list[str] | None = None) -> int:
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"include_dashboard": False, "logging_level": logging.ERROR}},
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"benchmark": "secure_aggregation", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "command": " ".join(["python", "benchmarks/secure_aggregation.py", *(argv or sys.argv[1:])]),
-              "wall_s": time.time() - started, "rows": rows}
-    (args.out / "secure_aggregation.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.out / "secure_aggregation.png")
-    print(f"wrote {args.out / 'secure_aggregation.json'} and .png ({time.time() - started:.0f}s)")
+    wall_s = time.time() - started
+    report = {"benchmark": "secure_aggregation", "machine": machine(),
+              "command": command("secure_aggregation", argv if argv is not None else sys.argv[1:]),
+              "wall_s": wall_s, "rows": rows}
+    write_report(args.out, "secure_aggregation", report, lambda path: plot(rows, path), wall_s)
     return 0
 
 

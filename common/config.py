@@ -43,6 +43,10 @@ class ModelConfig(_Section):
     task: Literal["causal-lm", "classification"] = "classification"
     max_length: int = Field(64, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Classification: "mean" pools token states over the mask (how sentence encoders such as
+    # MiniLM were trained); "model" keeps the architecture's own head; "auto" picks "mean" for
+    # BERT-style encoders. See common/models/pooling.py.
+    pooling: Literal["auto", "mean", "model"] = "auto"
 
 
 class LoraSettings(_Section):

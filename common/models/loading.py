@@ -19,6 +19,7 @@ class BaseModelSpec:
     task: str
     dtype: str
     labels: tuple[str, ...] = ()
+    pooling: str = "auto"  # classification only: see common.models.pooling
 
 
 def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
@@ -43,7 +44,9 @@ def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
     from common.data.federation_data import load_label_set
 
     labels = tuple(load_label_set(cfg.data)) if cfg.model.task == "classification" else ()
-    return BaseModelSpec(resolve_model_dir(cfg.model, cfg.run.seed), cfg.model.task, cfg.model.dtype, labels)
+    return BaseModelSpec(
+        resolve_model_dir(cfg.model, cfg.run.seed), cfg.model.task, cfg.model.dtype, labels, cfg.model.pooling
+    )
 
 
 def load_tokenizer(spec: BaseModelSpec):
@@ -60,6 +63,8 @@ def load_base_model(spec: BaseModelSpec, pad_token_id: int | None = None) -> Any
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from common.models.pooling import install_mean_pooling, resolve_pooling
+
     dtype = getattr(torch, spec.dtype)
     if spec.task == "causal-lm":
         model = AutoModelForCausalLM.from_pretrained(spec.directory, dtype=dtype)
@@ -72,7 +77,26 @@ def load_base_model(spec: BaseModelSpec, pad_token_id: int | None = None) -> Any
             id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)},
         )
+        if resolve_pooling(spec.pooling, model) == "mean":
+            install_mean_pooling(model)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     model.requires_grad_(False)
     return model
+
+
+def load_exported_classifier(directory: Path) -> Any:
+    """A merged classifier written by ``fedtune`` (``RUN_DIR/merged``), with the pooling it was trained with.
+
+    Plain ``AutoModelForSequenceClassification.from_pretrained`` would put BERT's untrained [CLS]
+    pooler back under a head trained on mean-pooled states; this re-installs the mean pooling
+    that ``config.json`` records under ``fedtune_pooling``.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from common.models.pooling import POOLING_KEY, install_mean_pooling
+
+    model = AutoModelForSequenceClassification.from_pretrained(directory)
+    if getattr(model.config, POOLING_KEY, None) == "mean":
+        install_mean_pooling(model)
+    return model.eval()

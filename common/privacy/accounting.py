@@ -8,6 +8,7 @@ by the accountant from that full history, never estimated or extrapolated.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -32,9 +33,20 @@ def calibrate_noise(
     """Smallest noise multiplier (to 0.01 in epsilon) whose ``total_steps`` stay within the target.
 
     ``prior`` holds releases planned before training (a DP label histogram, say) that share the budget.
+    The search takes seconds and a site repeats it every round with the same arguments, so the
+    result is memoised per process (a pure function of its arguments).
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(total_steps), accountant,
+                      tuple((float(s), float(q), int(n)) for s, q, n in prior))
+
+
+@lru_cache(maxsize=1024)
+def _calibrate(
+    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str,
+    prior: tuple[StepGroup, ...],
+) -> float:
     if prior:
         return _calibrate_after(target_epsilon, delta, sample_rate, total_steps, accountant, list(prior))
     return float(

@@ -89,3 +89,17 @@ def test_balanced_weights_are_inverse_to_counts_and_average_to_one():
     assert skewed.max() / skewed.min() == pytest.approx(10 / (1005 / 2000))  # raw weight 100.5 clipped to 10
     noisy = noisy_label_histogram([0] * 90 + [1] * 20 + [2] * 10, 3, 2.0, np.random.default_rng(0))
     assert np.abs(noisy - counts).max() < 10
+
+
+def test_calibration_is_memoised_per_arguments():
+    """Sites calibrate every round with the same arguments; the search runs once per process."""
+    from common.privacy import accounting
+
+    first = calibrate_noise(6.0, 1e-5, 0.03, 120)
+    hits = accounting._calibrate.cache_info().hits
+    assert calibrate_noise(6, 1e-5, 0.03, 120.0) == first
+    assert accounting._calibrate.cache_info().hits == hits + 1
+    misses = accounting._calibrate.cache_info().misses
+    assert calibrate_noise(6.0, 1e-5, 0.03, 240) > first  # other arguments: searched anew
+    assert accounting._calibrate.cache_info().misses == misses + 1
+    assert epsilon_spent([(first, 0.03, 120)], 1e-5) <= 6.0
