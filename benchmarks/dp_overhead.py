@@ -36,7 +36,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -58,6 +58,7 @@ from common.data.federation_data import load_examples, load_label_set  # noqa: E
 from common.losses import per_sample_causal_lm_loss  # noqa: E402
 from common.models.loading import model_spec  # noqa: E402
 from common.models.lora import build_adapted_model  # noqa: E402
+from results_report import command, machine, write_report  # noqa: E402
 
 NOISE_MULTIPLIER = 1.0
 
@@ -387,21 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         print_rows(model_rows)
         rows.extend(model_rows)
         walls[key] = time.time() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "dp_overhead",
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "command": " ".join(["python", "benchmarks/dp_overhead.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": f"{machine()}, torch {torch.__version__}",
+        "command": command("dp_overhead", argv if argv is not None else sys.argv[1:]),
         "torch_threads": args.threads, "noise_multiplier": NOISE_MULTIPLIER,
         "workloads": {k: asdict(WORKLOADS[k]) | {"rounds": args.rounds or WORKLOADS[k].rounds} for k in args.models},
         "memory_steps": args.memory_steps, "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "wall_s": time.time() - started, "wall_s_per_model": walls, "rows": rows,
     }
-    (args.out / "dp_overhead.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.out / "dp_overhead.png")
-    print(f"wrote {args.out / 'dp_overhead.json'} and .png ({time.time() - started:.0f}s, "
-          f"load average now {os.getloadavg()[0]:.1f})")
+    write_report(args.out, "dp_overhead", report, lambda path: plot(rows, path), report["wall_s"])
+    print(f"load average now {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 import tomllib
@@ -43,6 +42,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from results_report import command, machine, write_report  # noqa: E402
 
 PRESET = "banking77-minilm"
 CANARY_SITE = 0
@@ -396,19 +398,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['mia_auc']:.3f} ({row['train_s']:.0f} s, load {row['loadavg_before'][0]:.1f})", flush=True)
     print()
     print_table(rows, args.copies)
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        "benchmark": "empirical_privacy", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-        "command": " ".join(["python", "benchmarks/empirical_privacy.py", *(argv if argv is not None else sys.argv[1:])]),
+        "benchmark": "empirical_privacy", "machine": machine(),
+        "command": command("empirical_privacy", argv if argv is not None else sys.argv[1:]),
         "setup": {"preset": PRESET, "canary_site": CANARY_SITE, "site_sizes_before": setup["site_sizes"],
                   "members": len(setup["members"]), "nonmembers": len(setup["nonmembers"]),
                   "canary_words": CANARY_WORDS, "labels": len(setup["labels"]),
                   "canaries": [asdict(c) for c in setup["canaries"]], "secure_aggregation": "on (preset default)"},
         "wall_s": time.time() - started, "loadavg_end": os.getloadavg(), "rows": rows,
     }
-    (args.out / "empirical_privacy.json").write_text(json.dumps(report, indent=2))
-    plot(rows, args.copies, args.out / "empirical_privacy.png")
-    print(f"wrote {args.out / 'empirical_privacy.json'} and .png ({time.time() - started:.0f}s)")
+    write_report(args.out, "empirical_privacy", report, lambda path: plot(rows, args.copies, path), report["wall_s"])
     return 0
 
 
