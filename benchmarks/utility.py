@@ -77,6 +77,7 @@ class Workload:
     local_sites: tuple[int, ...]
     medquad_per_source: int = 0  # > 0: a seeded subsample of that many records per NIH source
     private_settings: tuple[str, ...] = ()  # further --set overrides of the DP-SGD variants
+    private_rounds: int = 0  # rounds of the DP-SGD variants (0: ``rounds``); noise is calibrated to them
 
     @property
     def metric(self) -> str:
@@ -85,13 +86,13 @@ class Workload:
 
 def _banking77(name: str, eval_examples: int, rounds: int, plain: Schedule, private: Schedule,
                epsilons: tuple[float, ...], local_sites: tuple[int, ...], sites: int = 10,
-               private_settings: tuple[str, ...] = ()) -> Workload:
+               private_settings: tuple[str, ...] = (), private_rounds: int = 0) -> Workload:
     settings = (f"data.path='{DATA / 'banking77/train.csv'}'", f"data.test_path='{DATA / 'banking77/test.csv'}'",
                 f"data.labels_file='{DATA / 'banking77/categories.json'}'", "partition.scheme='dirichlet'",
                 f"partition.num_clients={sites}", "partition.alpha=0.5", f"data.max_eval_examples={eval_examples}",
                 "train.eval_batch_size=64")
     return Workload(name, "banking77-minilm", settings, rounds, plain, private, epsilons, local_sites,
-                    private_settings=private_settings)
+                    private_settings=private_settings, private_rounds=private_rounds)
 
 
 def _medquad(name: str, per_source: int, eval_examples: int, rounds: int, plain: Schedule, private: Schedule,
@@ -103,15 +104,16 @@ def _medquad(name: str, per_source: int, eval_examples: int, rounds: int, plain:
 
 
 WORKLOADS = {
-    # Non-private: the preset's Adam, 8 steps of 64 a round. DP-SGD: one full-batch step a round
-    # (sample rate 1: every record, no subsampling to amplify), plain SGD with a large step (the
-    # per-record gradients are clipped to norm 1, so lr 80 moves the head by at most 80 a round);
-    # lora.alpha=1 keeps the adapter's share of that step small. Chosen with the head-only probe
-    # in docs/benchmarks.md. Per-record gradients of ~1000 records take about 11 GB in a site
-    # process, so DP sites run one at a time, with 2 threads.
-    "banking77": _banking77("banking77", 600, 6, Schedule(8, 64, 2e-2), Schedule(1, 2048, 80.0), (8.0, 4.0, 1.0),
+    # Non-private: the preset's Adam, 8 steps of 64 a round, 6 rounds. DP-SGD: one full-batch step
+    # a round (sample rate 1: every record, no subsampling to amplify) for 8 rounds, plain SGD with
+    # a large step (per-record gradients are clipped to norm 1, so lr 60 moves the head by at most
+    # 60 a round); lora.alpha=1 keeps the adapter's share of that step small. Chosen with
+    # benchmarks/pooling_probe.py; the 6-round run is in results/utility-tuning. Per-record
+    # gradients of ~1000 records take about 11 GB in a site process, so DP sites run one at a time.
+    "banking77": _banking77("banking77", 600, 6, Schedule(8, 64, 2e-2), Schedule(1, 2048, 60.0), (8.0, 4.0, 1.0),
                             (0, 4, 7), private_settings=("train.optimizer='sgd'", "lora.alpha=1",
-                                                         "federation.cpus_per_client=2", "train.torch_threads=2")),
+                                                         "federation.cpus_per_client=2", "train.torch_threads=2"),
+                            private_rounds=8),
     "medquad": _medquad("medquad", 60, 32, 2, Schedule(3, 8, 2e-3), Schedule(1, 24, 2e-3), (8.0, 4.0, 1.0), (0, 4), 64),
 }
 QUICK = {
@@ -140,6 +142,7 @@ def variant_settings(w: Workload, variant: str, num_sites: int) -> list[str]:
     if variant == "federated":
         return [*common, "privacy.enabled=false", *_schedule_settings(w.plain)]
     if variant.startswith("dp-eps"):
+        common[0] = f"federation.rounds={w.private_rounds or w.rounds}"
         return [*common, "privacy.enabled=true", f"privacy.epsilon={float(variant.removeprefix('dp-eps'))}",
                 *_schedule_settings(w.private), *w.private_settings]
     if variant.startswith("local-site-"):
@@ -371,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="another DP-SGD schedule to try (use another --out)")
     parser.add_argument("--dp-set", action="append", default=None, metavar="KEY=VALUE",
                         help="replace the DP variants' extra overrides, e.g. lora.alpha=4 (use another --out)")
+    parser.add_argument("--dp-rounds", type=int, default=0, help="rounds of the DP variants (use another --out)")
     parser.add_argument("--report", action="store_true", help="run nothing: table and plot from the JSON's results")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/utility"), help="where the simulations' run "
                         "directories go")
@@ -383,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         workloads = [replace(w, private=Schedule(int(steps), int(batch), float(lr))) for w in workloads]
     if args.dp_set is not None:
         workloads = [replace(w, private_settings=tuple(args.dp_set)) for w in workloads]
+    if args.dp_rounds:
+        workloads = [replace(w, private_rounds=args.dp_rounds) for w in workloads]
     stem = "utility-quick" if args.quick else "utility"
     json_path = args.out / f"{stem}.json"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -440,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   *variant_settings(w, v, num_sites(w))]})
         entry["table"] = format_table(w, entry["rows"])
         save()
-        print(f"\n{w.name}: held-out {w.metric} after round {w.rounds}\n{entry['table']}\n", flush=True)
+        print(f"\n{w.name}: held-out {w.metric} after the last round\n{entry['table']}\n", flush=True)
     panels = [(WORKLOADS_BY_NAME[n], e["rows"]) for n, e in report["workloads"].items()
               if n in WORKLOADS_BY_NAME and e.get("rows")]
     if panels:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -33,6 +34,9 @@ def test_variants_differ_only_where_they_should(workload, tmp_path):
     assert (dp8.train.batch_size, dp8.train.lr, fed.train.batch_size) == (64, 5e-2, 16)
     assert {c.federation.rounds for c in cfgs.values()} == {2}
     assert len({tuple(e.text for e in server_test_set(c)) for c in cfgs.values()}) == 1  # one held-out set
+    longer = dataclasses.replace(workload, private_rounds=5)
+    assert utility.config_for(longer, "dp-eps8", tmp_path).federation.rounds == 5
+    assert utility.config_for(longer, "federated", tmp_path).federation.rounds == 2
 
 
 def test_local_site_trains_on_exactly_its_federated_records(workload, tmp_path):
