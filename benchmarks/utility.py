@@ -109,7 +109,7 @@ WORKLOADS = {
     # a large step (per-record gradients are clipped to norm 1, so lr 60 moves the head by at most
     # 60 a round); lora.alpha=1 keeps the adapter's share of that step small. Chosen with
     # benchmarks/pooling_probe.py; the 6-round run is in results/utility-tuning. Per-record
-    # gradients of ~1000 records take about 11 GB in a site process, so DP sites run one at a time.
+    # gradients of ~1000 records take gigabytes in a site process, so DP sites run one at a time.
     "banking77": _banking77("banking77", 600, 6, Schedule(8, 64, 2e-2), Schedule(1, 2048, 60.0), (8.0, 4.0, 1.0),
                             (0, 4, 7), private_settings=("train.optimizer='sgd'", "lora.alpha=1",
                                                          "federation.cpus_per_client=2", "train.torch_threads=2"),
