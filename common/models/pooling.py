@@ -4,7 +4,7 @@ Sentence-transformer encoders such as all-MiniLM-L6-v2 were trained to be read b
 token state. Their checkpoints carry no trained [CLS] pooler, so ``BertForSequenceClassification``
 would put a randomly initialised, frozen ``tanh(W h_CLS)`` under the head: features dominated by
 one shared direction, on which a linear head learns slowly and DP-SGD's noise costs most (on
-Banking77 at epsilon=8 the probe in docs/benchmarks.md goes from about 0.3 to 0.8 accuracy).
+Banking77 at epsilon=8 the head-only probe of docs/benchmarks.md goes from 0.37 to 0.81 accuracy).
 ``MaskedMeanPooler`` takes the pooler's place inside the model, so training, evaluation, Opacus'
 per-record gradients and the merged export all see the same network.
 """
