@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,8 +45,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common.atomic_files import atomic_write_json  # noqa: E402
+from results_report import machine  # noqa: E402
 from common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
 
 # The full data sets (see /work/shared/data/README.md); FEDTUNE_DATA points elsewhere.
@@ -134,15 +135,16 @@ def _schedule_settings(s: Schedule, steps_factor: int = 1) -> list[str]:
 
 def variant_settings(w: Workload, variant: str, num_sites: int) -> list[str]:
     """The --set overrides of one variant (besides the workload's shared ones)."""
-    common = [f"federation.rounds={w.rounds}", "privacy.share_site_metrics=false"]
+    private = variant.startswith("dp-eps")
+    rounds = (w.private_rounds or w.rounds) if private else w.rounds
+    common = [f"federation.rounds={rounds}", "privacy.share_site_metrics=false"]
     alone = ["partition.num_clients=1", "federation.min_clients=1", "secure_aggregation.enabled=false",
              "privacy.enabled=false"]
     if variant == "centralised":
         return [*common, *alone, "partition.scheme='iid'", *_schedule_settings(w.plain, num_sites)]
     if variant == "federated":
         return [*common, "privacy.enabled=false", *_schedule_settings(w.plain)]
-    if variant.startswith("dp-eps"):
-        common[0] = f"federation.rounds={w.private_rounds or w.rounds}"
+    if private:
         return [*common, "privacy.enabled=true", f"privacy.epsilon={float(variant.removeprefix('dp-eps'))}",
                 *_schedule_settings(w.private), *w.private_settings]
     if variant.startswith("local-site-"):
@@ -394,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = json.loads(json_path.read_text()) if json_path.exists() and not args.fresh else {}
     report.setdefault("workloads", {})
-    report |= {"benchmark": "utility", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+    report |= {"benchmark": "utility", "machine": machine()}
     runs_dir = args.runs_dir.resolve()
     # Ray starts its workers (the simulated sites) at niceness 15; on a machine shared with other
     # jobs they would then get almost no CPU and the wall times would measure the neighbours.
