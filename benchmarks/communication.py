@@ -4,11 +4,14 @@ Nothing is trained. Each preset's model is built, and one round's messages are t
 fedtune builds (``server.federation``, ``client.app``), with random values where they carry
 an update (so Flower cannot deduplicate equal chunks, as it would for a fresh, all-zero B).
 A fedtune round is a train request and its reply, then an evaluate request (carrying the
-new global adapter) and its reply. Under secure aggregation the train reply carries two
-public keys instead of the adapter, and three exchanges follow (share keys, masked input,
-unmask): these are run for real, in one process, through the sites' Flower handlers
-(``client.app.register_secure_aggregation``) and the server's ``server.secure_rounds.secure_sum``,
-with 10 and 100 sites, and the unmasked mean is checked against the sites' true mean.
+new global adapter) and its reply. Under secure aggregation a steady round (the second of
+a run, set up during the first) is: the train request with the shares addressed to the
+site, its reply with the masked vector and the next round's keys, then one unmask exchange
+that also carries the next round's set-up. The first round's own set-up (advertise, share
+keys) is reported apart. All of it runs for real, in one process, through the sites'
+Flower handlers (``client.app.register_secure_aggregation``) and the server's
+``server.secure_rounds``, with 10 and 100 sites, and the unmasked mean is checked against
+the sites' true mean.
 
 Every message is measured twice: as the values it carries (4 bytes each as float32) and as
 Flower 1.41 transfers it, i.e. every nested object (message, record dict, records, arrays,
@@ -48,10 +51,10 @@ from client.app import register_secure_aggregation  # noqa: E402
 from common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
 from common.secure_aggregation.neighbours import neighbour_count  # noqa: E402
 from common.secure_aggregation.quantisation import auto_clip_range  # noqa: E402
-from common.secure_aggregation.records import advertisement_from, round_tag  # noqa: E402
-from common.wire import ADAPTER, METRICS, PLAN, SECAGG, STATUS, payload_nbytes, to_array_record  # noqa: E402
+from common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_record, round_tag  # noqa: E402
+from common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, payload_nbytes, to_array_record  # noqa: E402
 from server.federation import training_plan  # noqa: E402
-from server.secure_rounds import SecureExchange, secure_sum  # noqa: E402
+from server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
 from results_report import command, machine, write_report  # noqa: E402
 
 RUN_ID = 1
@@ -106,10 +109,13 @@ def status(site_id: str, state: str) -> ConfigRecord:
     return ConfigRecord({"site-id": site_id, "state": state, "reason": ""})
 
 
-def train_request(cfg: FedtuneConfig, node: int, state: dict[str, np.ndarray], fingerprint: str) -> Message:
-    plan = training_plan(cfg, RUN_NAME, 1, fingerprint)
-    return posted(Message(RecordDict({ADAPTER: to_array_record(state), PLAN: plan}), message_type=MessageType.TRAIN,
-                          dst_node_id=node))
+def train_request(cfg: FedtuneConfig, node: int, state: dict[str, np.ndarray], fingerprint: str,
+                  prepared: PreparedRound | None = None, round_: int = 1) -> Message:
+    plan = training_plan(cfg, RUN_NAME, round_, fingerprint)
+    content = RecordDict({ADAPTER: to_array_record(state), PLAN: plan})
+    if prepared is not None:
+        content[SECAGG] = prepared.train_record(node)
+    return posted(Message(content, message_type=MessageType.TRAIN, dst_node_id=node))
 
 
 def evaluate_exchange(node: int, state: dict[str, np.ndarray], fingerprint: str,
@@ -134,9 +140,11 @@ def plain_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], up: dict[str, n
 
 @dataclass
 class SecureRound:
-    """Every site's exchanges in one SecAgg+ round, and how far the unmasked mean is from the truth."""
+    """Every site's exchanges in a steady SecAgg+ round, the first round's set-up, and how far
+    the unmasked mean is from the truth."""
 
     exchanges: dict[int, list[Exchange]]
+    setup: dict[int, list[Exchange]]
     neighbours: int
     relative_error: float
 
@@ -144,46 +152,59 @@ class SecureRound:
 def secure_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], fingerprint: str, num_sites: int,
                  train_metrics: dict[str, float], eval_metrics: dict[str, float],
                  rng: np.random.Generator) -> SecureRound:
-    """A real SecAgg+ round between ``num_sites`` sites' Flower handlers and the server's protocol code."""
+    """Two real SecAgg+ rounds between ``num_sites`` sites' Flower handlers and the server's
+    protocol code; the second (steady) one is measured."""
     nodes = list(range(FIRST_NODE, FIRST_NODE + num_sites))
     contexts = {n: Context(run_id=RUN_ID, node_id=n, node_config={"partition-id": n}, state=RecordDict(),
                            run_config={}) for n in nodes}
-    app = ClientApp()
-    register_secure_aggregation(app)
-    d = sum(int(np.size(v)) for v in down.values())
-    t, p = cfg.train, cfg.privacy
-    clip = cfg.secure_aggregation.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm)
-    updates = {n: rng.uniform(-clip / 2, clip / 2, d).astype(np.float32) for n in nodes}
     examples = {n: 100 + i for i, n in enumerate(nodes)}
-    tag = round_tag(RUN_NAME, 1)
+    app = ClientApp()
+    register_secure_aggregation(app, lambda context: (examples[context.node_id], 2))
+    d = sum(int(np.size(v)) for v in down.values())
+    t, p, sa = cfg.train, cfg.privacy, cfg.secure_aggregation
+    clip = sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm)
+    settings = SecureSettings(clip, max(2, cfg.federation.min_clients), d, sa.neighbours, sa.threshold_fraction)
+    updates = {n: rng.uniform(-clip / 2, clip / 2, d).astype(np.float32) for n in nodes}
+    setup: dict[int, list[Exchange]] = {n: [] for n in nodes}
     out: dict[int, list[Exchange]] = {n: [] for n in nodes}
-    advertised = {}
-    for n in nodes:
-        request = train_request(cfg, n, down, fingerprint)
-        keys = secure_aggregation.begin_round(contexts[n], tag, updates[n], examples[n], floor=2)
-        reply = Message(RecordDict({SECAGG: keys, METRICS: MetricRecord({**train_metrics, "num-examples": examples[n]}),
-                                    STATUS: status(f"site-{n}", "trained")}), reply_to=request)
-        out[n].append(exchange("train", request, reply))
-        advertised[n] = advertisement_from(reply.content[SECAGG], examples[n])
+    record = setup
 
     def deliver(_grid: Any, requests: list[Message], step: str, _timeout: float) -> list[Message]:
         replies = []
         for request in requests:
             node = posted(request).metadata.dst_node_id
             reply = app(request, contexts[node])
-            out[node].append(exchange(step.removeprefix("secagg "), request, reply))
+            record[node].append(exchange(step.removeprefix("secagg "), request, reply))
             replies.append(reply)
         return replies
 
-    result = secure_sum(SecureExchange(None, {n: f"site-{n}" for n in nodes}, 60.0, send=deliver), tag, advertised,
-                        clip, max(2, cfg.federation.min_clients), d, cfg.secure_aggregation.neighbours,
-                        cfg.secure_aggregation.threshold_fraction)
+    def train_and_finish(round_: int, prepared: PreparedRound) -> tuple[Any, PreparedRound | None]:
+        next_tag = round_tag(RUN_NAME, round_ + 1)
+        masked, next_keys = {}, {}
+        for n in nodes:
+            request = train_request(cfg, n, down, fingerprint, prepared, round_)
+            masked[n] = secure_aggregation.mask_update(contexts[n], prepared.tag, prepared.inboxes[n], updates[n],
+                                                       f"site-{n}")
+            keys = secure_aggregation.advertise(contexts[n], next_tag, examples[n], 2)
+            next_keys[n] = advertisement_from(keys, next_tag)
+            reply = Message(RecordDict({MASKED: masked_record(masked[n]), SECAGG_NEXT: keys,
+                                        METRICS: MetricRecord({**train_metrics, "num-examples": examples[n]}),
+                                        STATUS: status(f"site-{n}", "trained")}), reply_to=request)
+            record[n].append(exchange("train", request, reply))
+        return finish_round(exchange_, prepared, masked, settings, next_tag, next_keys)
+
+    exchange_ = SecureExchange(None, {n: f"site-{n}" for n in nodes}, 60.0, send=deliver)
+    prepared = set_up_round(exchange_, round_tag(RUN_NAME, 1), nodes, settings)
+    _, prepared = train_and_finish(1, prepared)  # round 1's own exchanges are not counted
+    setup = {n: ex[:2] for n, ex in setup.items()}
+    record = out
+    result, _ = train_and_finish(2, prepared)
     total = sum(examples.values())
     truth = sum(examples[n] * updates[n].astype(np.float64) for n in nodes) / total
     error = float(np.sqrt(np.mean((result.mean_update - truth) ** 2)) / np.sqrt(np.mean(truth ** 2)))
     for n in nodes:
         out[n].append(evaluate_exchange(n, down, fingerprint, eval_metrics))
-    return SecureRound(out, neighbour_count(num_sites, cfg.secure_aggregation.neighbours), error)
+    return SecureRound(out, setup, neighbour_count(num_sites, sa.neighbours), error)
 
 
 def round_row(model_key: str, scheme: str, exchanges: list[Exchange], **extra: Any) -> dict[str, Any]:
@@ -244,7 +265,9 @@ def measure_model(model_key: str, sites: list[int], seed: int) -> list[dict[str,
         row = round_row(model_key, f"FFA-LoRA + SecAgg+, {n} sites", per_site[0], sites=n,
                         neighbours=secure.neighbours, relative_error=secure.relative_error,
                         max_upload_bytes=max(sum(e.up_bytes for e in ex) for ex in per_site),
-                        max_download_bytes=max(sum(e.down_bytes for e in ex) for ex in per_site))
+                        max_download_bytes=max(sum(e.down_bytes for e in ex) for ex in per_site),
+                        first_round_setup_upload_bytes=sum(e.up_bytes for e in next(iter(secure.setup.values()))),
+                        first_round_setup_download_bytes=sum(e.down_bytes for e in next(iter(secure.setup.values()))))
         rows.append(row)
         print(f"  {model_key} SecAgg+ with {n} sites ({secure.neighbours} neighbours): {time.time() - start:.1f}s, "
               f"unmasked mean within {secure.relative_error:.1e} (relative RMS)", flush=True)

@@ -4,7 +4,10 @@ Dummy sites (no model, no data) return a random update of ``--params`` float32 v
 the figures isolate what aggregation costs: messages through Flower's simulation engine,
 masking, Shamir sharing and unmasking. For every federation size one simulation runs the
 two kinds of round alternately; the first round of each kind is a warm-up, the rest give
-the median. Prints a table, writes JSON and a PNG.
+the median. A secure round is what fedtune runs in steady state (``server.secure_rounds``):
+the train exchange, whose replies carry the masked vectors and the next round's keys, and
+one unmask exchange that also sets the next round up. The first secure round (the warm-up)
+is set up with two exchanges of its own. Prints a table, writes JSON and a PNG.
 
     python benchmarks/secure_aggregation.py            # 5, 10, 20 sites x 0.1M, 1M values
     python benchmarks/secure_aggregation.py --quick    # 5, 10 sites x 0.1M values
@@ -32,11 +35,18 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from client import secure_aggregation  # noqa: E402
 from client.app import register_secure_aggregation  # noqa: E402
-from common.secure_aggregation.records import advertisement_from, round_tag  # noqa: E402
-from common.wire import SECAGG, STATUS, payload_nbytes  # noqa: E402
+from common.secure_aggregation.records import (  # noqa: E402
+    SECAGG_NEXT,
+    advertisement_from,
+    inbox_from,
+    masked_from,
+    masked_record,
+    round_tag,
+)
+from common.wire import MASKED, SECAGG, STATUS, payload_nbytes  # noqa: E402
 from server.aggregation import aggregate_adapters  # noqa: E402
 from server.messaging import send_and_collect, wait_for_nodes  # noqa: E402
-from server.secure_rounds import SecureExchange, secure_sum  # noqa: E402
+from server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
 from results_report import command, machine, write_report  # noqa: E402
 
 UPDATE_SCALE = 1e-3
@@ -54,38 +64,50 @@ def client_app() -> ClientApp:
         status = ConfigRecord({"site-id": f"site-{context.node_id}", "state": "trained", "reason": ""})
         metrics = MetricRecord({"num-examples": 100})
         if plan["secure"]:
-            keys = secure_aggregation.begin_round(context, bytes(plan["tag"]), update, 100, floor=2)
-            return Message(RecordDict({SECAGG: keys, "metrics": metrics, STATUS: status}), reply_to=msg)
+            tag, inbox = inbox_from(msg.content[SECAGG])
+            vector = secure_aggregation.mask_update(context, tag, inbox, update, f"site-{context.node_id}")
+            keys = secure_aggregation.advertise(context, bytes(plan["next-tag"]), 100, 2)
+            return Message(RecordDict({MASKED: masked_record(vector), SECAGG_NEXT: keys, "metrics": metrics,
+                                       STATUS: status}), reply_to=msg)
         weights = msg.content["adapter"]["w"].numpy()
         adapter = ArrayRecord(array_dict={"w": Array(weights + update)})
         return Message(RecordDict({"adapter": adapter, "metrics": metrics, STATUS: status}), reply_to=msg)
 
-    register_secure_aggregation(app)
+    register_secure_aggregation(app, lambda context: (100, 2))
     return app
 
 
-def train_requests(nodes: list[int], weights: np.ndarray, secure: bool, tag: bytes = b"") -> list[Message]:
-    plan = ConfigRecord({"params": weights.size, "secure": secure, "tag": tag})
+def train_requests(nodes: list[int], weights: np.ndarray, prepared: PreparedRound | None = None,
+                   next_tag: bytes = b"") -> list[Message]:
+    plan = ConfigRecord({"params": weights.size, "secure": prepared is not None, "next-tag": next_tag})
     record = ArrayRecord(array_dict={"w": Array(weights)})
-    return [Message(RecordDict({"adapter": record, "plan": plan}), message_type=MessageType.TRAIN, dst_node_id=n)
+    return [Message(RecordDict({"adapter": record, "plan": plan,
+                                **({SECAGG: prepared.train_record(n)} if prepared else {})}),
+                    message_type=MessageType.TRAIN, dst_node_id=n)
             for n in nodes]
 
 
 def plain_round(grid: Grid, nodes: list[int], weights: np.ndarray) -> tuple[np.ndarray, int]:
-    replies = send_and_collect(grid, train_requests(nodes, weights, secure=False), "plain", 600)
+    replies = send_and_collect(grid, train_requests(nodes, weights), "plain", 600)
     updates = [({"w": r.content["adapter"]["w"].numpy()}, float(r.content["metrics"]["num-examples"]))
                for r in replies]
     return aggregate_adapters(updates)["w"], payload_nbytes(replies[0].content)
 
 
-def secure_round(grid: Grid, nodes: list[int], weights: np.ndarray, index: int) -> tuple[np.ndarray, int]:
-    tag = round_tag("bench", index)
-    replies = send_and_collect(grid, train_requests(nodes, weights, secure=True, tag=tag), "secure: train", 600)
-    advertised = {r.metadata.src_node_id: advertisement_from(r.content[SECAGG], 100) for r in replies}
+def secure_round(grid: Grid, nodes: list[int], weights: np.ndarray, index: int,
+                 prepared: PreparedRound | None) -> tuple[np.ndarray, int, PreparedRound | None]:
+    """One steady-state secure round (set up first if the previous one did not set it up)."""
+    settings = SecureSettings(CLIP, 2, weights.size)
     exchange = SecureExchange(grid, {n: f"site-{n}" for n in nodes}, 600)
-    result = secure_sum(exchange, tag, advertised, CLIP, 2, weights.size)
+    tag, next_tag = round_tag("bench", index), round_tag("bench", index + 1)
+    if prepared is None or prepared.tag != tag:
+        prepared = set_up_round(exchange, tag, nodes, settings)
+    replies = send_and_collect(grid, train_requests(nodes, weights, prepared, next_tag), "secure: train", 600)
+    masked = {r.metadata.src_node_id: masked_from(r.content[MASKED]) for r in replies}
+    next_keys = {r.metadata.src_node_id: advertisement_from(r.content[SECAGG_NEXT], next_tag) for r in replies}
+    result, upcoming = finish_round(exchange, prepared, masked, settings, next_tag, next_keys)
     uploaded = sum(exchange.bytes_received.values()) / len(nodes) + payload_nbytes(replies[0].content)
-    return weights + result.mean_update.astype(np.float32), int(uploaded)
+    return weights + result.mean_update.astype(np.float32), int(uploaded), upcoming
 
 
 def server_app(sizes: list[int], rounds: int, n: int, results: list[dict]) -> ServerApp:
@@ -98,6 +120,7 @@ def server_app(sizes: list[int], rounds: int, n: int, results: list[dict]) -> Se
             weights = np.zeros(d, dtype=np.float32)
             times: dict[str, list[float]] = {"plain": [], "secure": []}
             upload: dict[str, int] = {}
+            prepared = None
             for r in range(rounds):
                 order = ("plain", "secure") if r % 2 == 0 else ("secure", "plain")
                 for kind in order:
@@ -105,7 +128,7 @@ def server_app(sizes: list[int], rounds: int, n: int, results: list[dict]) -> Se
                     if kind == "plain":
                         weights, upload[kind] = plain_round(grid, nodes, weights)
                     else:
-                        weights, upload[kind] = secure_round(grid, nodes, weights, r)
+                        weights, upload[kind], prepared = secure_round(grid, nodes, weights, r, prepared)
                     times[kind].append(time.perf_counter() - start)
             plain, secure = statistics.median(times["plain"][1:]), statistics.median(times["secure"][1:])
             row = {"clients": n, "params": d, "plain_s": plain, "secure_s": secure, "ratio": secure / plain,

@@ -16,8 +16,10 @@ from flwr.clientapp.typing import Mod
 
 from client import secure_aggregation
 from client.site import RoundRequest, Site, SiteRefusal
-from common.secure_aggregation.records import round_tag
-from common.wire import ADAPTER, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
+from common.secure_aggregation.protocol import ProtocolViolation
+from common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
+from common.secure_aggregation.share_transport import ShareDecryptionError
+from common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
 
 log = logging.getLogger("fedtune.client")
 
@@ -64,13 +66,31 @@ def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
     return Message(RecordDict({STATUS: _status(site_id_of(context), "refused", str(exc))}), reply_to=msg)
 
 
-def register_secure_aggregation(app: ClientApp) -> None:
-    """The three SecAgg+ steps after training, as ``train.<action>`` handlers (they need no Site)."""
-    steps = {"secagg_share_keys": secure_aggregation.share_keys,
-             "secagg_masked_input": secure_aggregation.masked_input,
-             "secagg_unmask": secure_aggregation.unmask}
-    for action, step in steps.items():
+def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Declaration) -> None:
+    """The SecAgg+ steps outside training, as ``train.<action>`` handlers.
+
+    ``declare(context)`` gives what a site states when it sets a round up: its number of
+    training examples (its weight) and its floor on the number of sites in a revealed sum.
+    """
+    app.train("secagg_advertise")(
+        lambda msg, context: secure_aggregation.advertise_step(msg, context, site_id_of(context), declare))
+    for action, step in {"secagg_share_keys": secure_aggregation.share_keys,
+                         "secagg_unmask": secure_aggregation.unmask}.items():
         app.train(action)(lambda msg, context, step=step: step(msg, context, site_id_of(context)))
+
+
+def _secure_inbox(msg: Message, request: RoundRequest, context: Context) -> tuple[bytes, dict[int, bytes]]:
+    """The shares sent with a secure train request, checked before any training (and budget) is spent."""
+    if SECAGG not in msg.content.config_records:
+        raise SiteRefusal("secure aggregation requested but the train request carries no shares")
+    tag, inbox = inbox_from(msg.content[SECAGG])
+    if tag != round_tag(request.run_id, request.round):
+        raise SiteRefusal(f"secure aggregation: shares for {tag!r} in the request for round {request.round}")
+    try:
+        secure_aggregation.check_set_up(context, tag)
+    except ProtocolViolation as exc:
+        raise SiteRefusal(f"secure aggregation: {exc}") from exc
+    return tag, inbox
 
 
 def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -85,8 +105,17 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             return _not_ready(msg, context, exc)
         try:
             request = decode_request(msg.content)
+            if request.secure_aggregation:
+                tag, inbox = _secure_inbox(msg, request, context)
             global_adapter = from_array_record(msg.content[ADAPTER])
             outcome = site.train(request, global_adapter)
+            if request.secure_aggregation:
+                # The update leaves the site only masked; its keys for the next round ride along.
+                update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
+                try:
+                    vector = secure_aggregation.mask_update(context, tag, inbox, update, site.site_id)
+                except (ProtocolViolation, ShareDecryptionError, ValueError) as exc:
+                    raise SiteRefusal(f"secure aggregation: {exc}") from exc
         except SiteRefusal as exc:
             log.warning("%s refused round: %s", site.site_id, exc)
             return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
@@ -96,19 +125,22 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             "num-examples": outcome.num_examples, "steps": outcome.steps, "epsilon": outcome.epsilon,
             "noise-multiplier": outcome.noise_multiplier, "sample-rate": outcome.sample_rate,
         })
+        content = RecordDict({METRICS: metrics, STATUS: _status(site.site_id, "trained")})
         if request.secure_aggregation:
-            # The update stays on the site until it is masked; only fresh public keys go back now.
-            update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
-            keys = secure_aggregation.begin_round(context, round_tag(request.run_id, request.round), update,
-                                                  outcome.num_examples, floor=site.policy.min_aggregation_sites)
-            content = RecordDict({SECAGG: keys, METRICS: metrics, STATUS: _status(site.site_id, "trained")})
+            content[MASKED] = masked_record(vector)
+            if request.round < request.total_rounds:
+                content[SECAGG_NEXT] = secure_aggregation.advertise(
+                    context, round_tag(request.run_id, request.round + 1), outcome.num_examples,
+                    site.policy.min_aggregation_sites)
         else:
-            content = RecordDict({
-                ADAPTER: to_array_record(outcome.adapter), METRICS: metrics, STATUS: _status(site.site_id, "trained"),
-            })
+            content[ADAPTER] = to_array_record(outcome.adapter)
         return Message(content, reply_to=msg)
 
-    register_secure_aggregation(app)
+    def declare(context: Context) -> tuple[int, int]:
+        site = site_for(context)
+        return site.num_examples, site.policy.min_aggregation_sites
+
+    register_secure_aggregation(app, declare)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -1,41 +1,45 @@
 """A site's side of secure aggregation as Flower handlers, with its secrets kept in ``context.state``.
 
-The site's round state (fresh private keys, the self-mask seed, the update, the shares it
-holds for its neighbours) must survive between the protocol's messages, which a simulation
-may hand to different worker processes; Flower keeps ``context.state`` on the site (the
-SuperNode) and never sends it to the server. It is erased once the site has unmasked.
+A site holds at most two rounds at once: ``next``, set up (keys, then shares sent) before
+its training request arrives, and ``current``, masked and waiting to be unmasked. Both
+must survive between messages, which a simulation may hand to different worker
+processes; Flower keeps ``context.state`` on the site (the SuperNode) and never sends it
+to the server. A round's secrets are erased once the site has unmasked it. The update
+itself is masked as soon as training ends and is never stored here.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from common.secure_aggregation.key_agreement import KeyPair, public_key_of
 from common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from common.secure_aggregation.records import (
+    SECAGG_NEXT,
     advertisement_record,
-    indexed_bytes_from,
     indexed_bytes_record,
-    masked_record,
     params_from,
     params_record,
     unmask_reply_record,
 )
-from common.secure_aggregation.share_transport import ShareDecryptionError
-from common.wire import MASKED, SECAGG, STATUS
+from common.wire import SECAGG, STATUS
 
 log = logging.getLogger("fedtune.client.secagg")
 
-_STATE = "secagg-state"
-_UPDATE = "secagg-update"
+CURRENT, NEXT = "secagg-current", "secagg-next"
+
+# What a site declares when it sets a round up: (its number of training examples, the
+# fewest sites it lets a sum be revealed over).
+Declaration = Callable[[Context], tuple[int, int]]
 
 
-def _save(context: Context, state: ClientRound, tag: bytes) -> None:
+def _save(context: Context, slot: str, state: ClientRound, tag: bytes) -> None:
     held = sorted(state.held_shares)
-    context.state[_STATE] = ConfigRecord({
+    context.state[slot] = ConfigRecord({
         "round-tag": tag, "c-private": state.c_keys.private, "s-private": state.s_keys.private,
         "self-seed": state.self_seed, "num-examples": state.num_examples, "floor": state.min_survivors_floor,
         "has-params": state.params is not None,
@@ -44,43 +48,81 @@ def _save(context: Context, state: ClientRound, tag: bytes) -> None:
         "clipped": state.clipped,
     })
     if state.params is not None:
-        context.state[_STATE + "-params"] = params_record(state.params)
+        context.state[slot + "-params"] = params_record(state.params)
 
 
-def _load(context: Context) -> tuple[ClientRound, bytes]:
-    if _STATE not in context.state.config_records:
-        raise ProtocolViolation("no secure-aggregation round in progress on this site (restarted mid-round?)")
-    r = context.state.config_records[_STATE]
+def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
+    """The round held in ``slot``, provided it is round ``tag``."""
+    if slot not in context.state.config_records:
+        what = "set up" if slot == NEXT else "masked"
+        raise ProtocolViolation(f"no secure-aggregation round {what} on this site for {tag!r} "
+                                "(the site restarted, or dropped out of the set-up)")
+    r = context.state.config_records[slot]
+    if bytes(r["round-tag"]) != tag:
+        raise ProtocolViolation(f"step for {tag!r} but this site holds {bytes(r['round-tag'])!r}")
     c_priv, s_priv = bytes(r["c-private"]), bytes(r["s-private"])
-    state = ClientRound(
-        update=context.state.array_records[_UPDATE]["update"].numpy(), num_examples=int(r["num-examples"]),
-        min_survivors_floor=int(r["floor"]),
+    return ClientRound(
+        num_examples=int(r["num-examples"]), min_survivors_floor=int(r["floor"]),
         c_keys=KeyPair(c_priv, public_key_of(c_priv)), s_keys=KeyPair(s_priv, public_key_of(s_priv)),
         self_seed=bytes(r["self-seed"]),
-        params=params_from(context.state.config_records[_STATE + "-params"]) if r["has-params"] else None,
+        params=params_from(context.state.config_records[slot + "-params"]) if r["has-params"] else None,
         held_shares={int(j): (bytes(b), bytes(s)) for j, b, s in zip(r["held-owners"], r["held-b"], r["held-s"],
                                                                         strict=True)},
         alive=tuple(int(j) for j in r["alive"]), unmasked=bool(r["unmasked"]), clipped=int(r["clipped"]),
     )
-    return state, bytes(r["round-tag"])
 
 
-def forget_round(context: Context) -> None:
-    """Erase the round's secrets (after unmasking, or before a new round)."""
-    for name in (_STATE, _STATE + "-params"):
+def _forget(context: Context, slot: str) -> None:
+    for name in (slot, slot + "-params"):
         context.state.config_records.pop(name, None)
-    context.state.array_records.pop(_UPDATE, None)
 
 
-def begin_round(context: Context, tag: bytes, update: np.ndarray, num_examples: int, floor: int) -> ConfigRecord:
-    """Fresh keys for this round; returns the public half for the trained reply."""
-    forget_round(context)
-    state = ClientRound(update=np.asarray(update, dtype=np.float32), num_examples=num_examples,
-                        min_survivors_floor=floor)
-    # The update does not change during the round: stored once here, not on every step.
-    context.state[_UPDATE] = ArrayRecord(array_dict={"update": Array(np.ascontiguousarray(state.update))})
-    _save(context, state, tag)
-    return advertisement_record(state.advertise())
+def forget_rounds(context: Context) -> None:
+    """Erase every secure-aggregation secret this site holds."""
+    _forget(context, CURRENT)
+    _forget(context, NEXT)
+
+
+def advertise(context: Context, tag: bytes, num_examples: int, floor: int) -> ConfigRecord:
+    """Fresh keys for round ``tag`` (replacing any round set up before); the public half to send."""
+    state = ClientRound(num_examples=num_examples, min_survivors_floor=floor)
+    _forget(context, NEXT)
+    _save(context, NEXT, state, tag)
+    return advertisement_record(state.advertise(), tag)
+
+
+def _share_keys(context: Context, params_rec: ConfigRecord) -> dict[int, bytes]:
+    params = params_from(params_rec)
+    state = _load(context, NEXT, params.round_tag)
+    ciphertexts = state.share_keys(params)
+    _save(context, NEXT, state, params.round_tag)
+    return ciphertexts
+
+
+def mask_update(context: Context, tag: bytes, inbox: Mapping[int, bytes], update: np.ndarray,
+                site_id: str) -> np.ndarray:
+    """The masked vector of round ``tag``, from the shares its neighbours sent; the round moves to ``current``.
+
+    Raises ProtocolViolation (or ShareDecryptionError) when the round was not set up with
+    this site or the shares do not open; the update is then not sent at all.
+    """
+    state = _load(context, NEXT, tag)
+    if state.params is None:
+        raise ProtocolViolation(f"this site never shared its keys for {tag!r}")
+    vector = state.masked_input(inbox, update)
+    if state.clipped:
+        log.warning("%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
+                    site_id, state.clipped, state.params.clip_range)
+    _forget(context, NEXT)
+    _forget(context, CURRENT)
+    _save(context, CURRENT, state, tag)
+    return vector
+
+
+def check_set_up(context: Context, tag: bytes) -> None:
+    """Raise ProtocolViolation unless round ``tag`` was set up with this site (checked before training)."""
+    if _load(context, NEXT, tag).params is None:
+        raise ProtocolViolation(f"this site never shared its keys for {tag!r}")
 
 
 def _refuse(msg: Message, site_id: str, reason: str) -> Message:
@@ -93,43 +135,43 @@ def _ok(site_id: str) -> ConfigRecord:
     return ConfigRecord({"site-id": site_id, "state": "ok", "reason": ""})
 
 
+def advertise_step(msg: Message, context: Context, site_id: str, declare: Declaration) -> Message:
+    try:
+        tag = bytes(msg.content[SECAGG]["round-tag"])
+        num_examples, floor = declare(context)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        return _refuse(msg, site_id, str(exc))
+    keys = advertise(context, tag, num_examples, floor)
+    return Message(RecordDict({SECAGG: keys, STATUS: _ok(site_id)}), reply_to=msg)
+
+
 def share_keys(msg: Message, context: Context, site_id: str) -> Message:
     try:
-        state, tag = _load(context)
-        params = params_from(msg.content[SECAGG])
-        if params.round_tag != tag:
-            raise ProtocolViolation(f"step for {params.round_tag!r} but this site trained for {tag!r}")
-        ciphertexts = state.share_keys(params)
+        ciphertexts = _share_keys(context, msg.content[SECAGG])
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
-    _save(context, state, tag)
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
 
 
-def masked_input(msg: Message, context: Context, site_id: str) -> Message:
-    try:
-        state, tag = _load(context)
-        vector = state.masked_input(indexed_bytes_from(msg.content[SECAGG]))
-    except (ProtocolViolation, ShareDecryptionError, KeyError, ValueError) as exc:
-        return _refuse(msg, site_id, str(exc))
-    if state.clipped:
-        log.warning("%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
-                    site_id, state.clipped, state.params.clip_range)
-    _save(context, state, tag)
-    return Message(RecordDict({MASKED: masked_record(vector), STATUS: _ok(site_id)}), reply_to=msg)
-
-
 def unmask(msg: Message, context: Context, site_id: str) -> Message:
+    """This round's shares; and, when the request carries them, the next round's parameters
+    answered with this site's share ciphertexts for it (the set-up rides on this message)."""
     try:
-        state, tag = _load(context)
         request = msg.content[SECAGG]
+        state = _load(context, CURRENT, bytes(request["round-tag"]))
         b_shares, s_shares = state.unmask([int(i) for i in request["survivors"]],
                                           [int(i) for i in request["dropped"]])
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
-    forget_round(context)
-    return Message(RecordDict({SECAGG: unmask_reply_record(b_shares, s_shares), STATUS: _ok(site_id)}),
-                   reply_to=msg)
+    _forget(context, CURRENT)
+    content = RecordDict({SECAGG: unmask_reply_record(b_shares, s_shares), STATUS: _ok(site_id)})
+    if SECAGG_NEXT in msg.content.config_records:
+        try:
+            content[SECAGG_NEXT] = indexed_bytes_record(_share_keys(context, msg.content[SECAGG_NEXT]))
+        except (ProtocolViolation, KeyError, ValueError) as exc:
+            log.warning("%s: next round's secure-aggregation set-up refused: %s", site_id, exc)
+            _forget(context, NEXT)
+    return Message(content, reply_to=msg)
 
 
-__all__ = ["begin_round", "forget_round", "masked_input", "share_keys", "unmask"]
+__all__ = ["advertise", "advertise_step", "check_set_up", "forget_rounds", "mask_update", "share_keys", "unmask"]

@@ -97,6 +97,11 @@ class Site:
         self.val_set: EncodedSet = encode_examples(split.val, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
         self.ledger_path = self.state_dir / "privacy_ledger.json"
 
+    @property
+    def num_examples(self) -> int:
+        """This site's weight in the federated mean: the size of its training split."""
+        return len(self.train_set)
+
     def _set_global(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> None:
         if self.cfg.lora.ffa and fingerprint and fingerprint != frozen_a_fingerprint(self.model):
             raise SiteRefusal("FFA-LoRA frozen A matrices differ from the server's: check lora.init_seed and model")
@@ -170,7 +175,7 @@ class Site:
         if replayed is not None:
             return replayed
         start = time.time()
-        n = len(self.train_set)
+        n = self.num_examples
         self._set_global(adapter, request.a_fingerprint)
         plan = LocalTrainPlan(
             steps=request.local_steps, batch_size=min(request.batch_size, n), lr=request.lr,

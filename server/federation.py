@@ -24,9 +24,10 @@ from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet
 from common.secure_aggregation.protocol import Advertisement, SecureAggregationError
 from common.secure_aggregation.quantisation import auto_clip_range
-from common.secure_aggregation.records import advertisement_from, round_tag
+from common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_from, round_tag
 from common.wire import (
     ADAPTER,
+    MASKED,
     METRICS,
     PLAN,
     SECAGG,
@@ -41,7 +42,7 @@ from server.checkpoints import CheckpointStore
 from server.global_model import GlobalModel
 from server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
 from server.report import MetricsLog, plot_curves, summary_table
-from server.secure_rounds import SecureExchange, secure_sum
+from server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round
 
 log = logging.getLogger("fedtune.server")
 
@@ -51,7 +52,9 @@ class RoundReplies:
     """What came back from the sites in one round, by site id."""
 
     updates: dict[str, tuple[dict, float]] = field(default_factory=dict)
-    advertised: dict[int, tuple[str, Advertisement]] = field(default_factory=dict)
+    masked: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)
+    next_keys: dict[int, Advertisement] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)  # node id -> site id
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -59,7 +62,7 @@ class RoundReplies:
     @property
     def contributors(self) -> int:
         """Sites whose update can enter this round's aggregate, in the clear or masked."""
-        return len(self.updates) + len(self.advertised)
+        return len(self.updates) + len(self.masked)
 
     @property
     def every_site_refused(self) -> bool:
@@ -76,7 +79,8 @@ def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: s
     })
 
 
-def collect_train_replies(requests: list[Message], replies: list[Message]) -> RoundReplies:
+def collect_train_replies(requests: list[Message], replies: list[Message], next_tag: bytes | None = None) -> RoundReplies:
+    """Sort the train replies; a secure reply carries a masked vector and maybe keys for round ``next_tag``."""
     out = RoundReplies()
     sent = {m.metadata.message_id: payload_nbytes(m.content) for m in requests}
     answered = {r.metadata.reply_to_message_id for r in replies}
@@ -87,19 +91,27 @@ def collect_train_replies(requests: list[Message], replies: list[Message]) -> Ro
             out.failed[f"node-{node}"] = reply.error.reason.splitlines()[-1][:300]
             continue
         status = reply.content[STATUS]
-        site = str(status["site-id"])
+        site = out.names[node] = str(status["site-id"])
         if status["state"] != "trained":
             out.refused[site] = str(status["reason"])
             continue
         metrics = dict(reply.content[METRICS])
         metrics["bytes-sent"] = sent[reply.metadata.reply_to_message_id]
         metrics["bytes-received"] = payload_nbytes(reply.content)
-        out.train[site] = metrics
-        if SECAGG in reply.content:
-            ad = advertisement_from(reply.content[SECAGG], int(metrics["num-examples"]))
-            out.advertised[node] = (site, ad)
+        if MASKED in reply.content.array_records:
+            try:
+                out.masked[node] = (site, masked_from(reply.content[MASKED]))
+            except (KeyError, ValueError) as exc:
+                out.failed[site] = f"malformed masked vector: {exc}"
+                continue
+            if next_tag is not None and SECAGG_NEXT in reply.content.config_records:
+                try:
+                    out.next_keys[node] = advertisement_from(reply.content[SECAGG_NEXT], next_tag)
+                except (KeyError, ValueError) as exc:
+                    log.warning("%s advertised malformed keys for the next round: %s", site, exc)
         else:
             out.updates[site] = (from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"]))
+        out.train[site] = metrics
     return out
 
 
@@ -109,6 +121,9 @@ class FederationServer:
         self.store = CheckpointStore(self.run_dir / "checkpoints")
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.run_id = json.loads((self.run_dir / "run.json").read_text())["run-id"]
+        # The next round's secure-aggregation set-up, done during this round (server.secure_rounds).
+        self.prepared: PreparedRound | None = None
+        self.site_names: dict[int, str] = {}
 
     def _messages(self, nodes: list[int], message_type: str, plan: ConfigRecord) -> list[Message]:
         adapter = to_array_record(self.model.state())
@@ -158,17 +173,37 @@ class FederationServer:
 
     def train_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
         plan = training_plan(self.cfg, self.run_id, round_, self.model.a_fingerprint)
-        requests = self._messages(nodes, MessageType.TRAIN, plan)
+        secure = self.cfg.secure_aggregation.enabled
+        exchange = SecureExchange(grid, self.site_names, self.cfg.secure_aggregation.stage_timeout_s, send=send_and_collect)
+        prepared, settings = None, self._secure_settings()
+        if secure:
+            prepared, self.prepared = self.prepared, None
+            tag = round_tag(self.run_id, round_)
+            if prepared is None or prepared.tag != tag or prepared.nodes != sorted(nodes):
+                try:
+                    prepared = set_up_round(exchange, tag, nodes, settings)
+                except SecureAggregationError as exc:
+                    return self._set_up_failed(grid, nodes, round_, exchange, exc)
+        trainers = prepared.nodes if prepared is not None else nodes
+        requests = self._messages(trainers, MessageType.TRAIN, plan)
+        if prepared is not None:
+            for m in requests:
+                m.content[SECAGG] = prepared.train_record(m.metadata.dst_node_id)
         replies = send_and_collect(grid, requests, f"round {round_} training", self.cfg.federation.round_timeout_s)
-        got = collect_train_replies(requests, replies)
+        next_tag = round_tag(self.run_id, round_ + 1) if secure and round_ < self.cfg.federation.rounds else None
+        got = collect_train_replies(requests, replies, next_tag)
+        self.site_names.update(got.names)
+        # Sites that refused or failed the set-up were not asked to train; the round names them too.
+        got.refused = {**exchange.refusals, **got.refused}
+        got.failed = {**{s: r for s, r in exchange.dropped.items() if s in exchange.failed}, **got.failed}
         for site, reason in {**got.refused, **got.failed}.items():
             log.warning("round %d: %s did not contribute: %s", round_, site, reason)
         contributed = got.contributors
         if got.failed and not contributed and not got.refused:
             raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
-        secure: dict[str, Any] = {}
-        if got.advertised and contributed >= self.cfg.federation.min_clients:
-            status, secure = self._aggregate_securely(grid, round_, got)
+        summary: dict[str, Any] = {}
+        if prepared is not None and got.masked:
+            status, summary = self._aggregate_securely(exchange, prepared, got, round_, settings, next_tag)
         elif len(got.updates) >= self.cfg.federation.min_clients:
             # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
             self.model.update(aggregate_adapters([got.updates[site] for site in sorted(got.updates)]))
@@ -180,42 +215,65 @@ class FederationServer:
             log.error("round %d %s; the global adapter is unchanged", round_, status)
         record = self.evaluate_round(grid, nodes, round_)
         return record | {"train": got.train, "refused": got.refused, "failed": got.failed, "status": status,
-                         **({"secure-aggregation": secure} if secure else {})}
+                         **({"secure-aggregation": summary} if summary else {})}
 
-    def _aggregate_securely(self, grid: Grid, round_: int, got: RoundReplies) -> tuple[str, dict[str, Any]]:
-        """SecAgg+ over the sites that trained; on failure the global adapter stays as it was."""
+    def _set_up_failed(self, grid: Grid, nodes: list[int], round_: int, exchange: SecureExchange,
+                       exc: SecureAggregationError) -> dict[str, Any]:
+        """Too few sites answered the set-up: nobody trains, so nobody spends privacy on this round."""
+        if len(exchange.failed) == len(nodes):
+            raise FederationError(f"round {round_}: every site failed; first error: "
+                                  f"{next(iter(exchange.dropped.values()))}") from exc
+        failed = {site: reason for site, reason in exchange.dropped.items() if site in exchange.failed}
+        if len(exchange.refusals) == len(nodes):
+            status = "stopped: every site refused"
+        else:
+            status = f"failed: secure aggregation: {exc}"
+            log.error("round %d: secure aggregation could not be set up: %s; nobody trains this round", round_, exc)
+        record = self.evaluate_round(grid, nodes, round_)
+        return record | {"train": {}, "refused": dict(exchange.refusals), "failed": failed, "status": status,
+                         "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)}}
+
+    def _secure_settings(self) -> SecureSettings:
         sa, t, p = self.cfg.secure_aggregation, self.cfg.train, self.cfg.privacy
-        clip = sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm)
-        current = self.model.state()
-        exchange = SecureExchange(grid, {n: site for n, (site, _) in got.advertised.items()}, sa.stage_timeout_s,
-                                  send=send_and_collect)
-        sites = {n: site for n, (site, _) in got.advertised.items()}
-        record = None
-        if sa.record_masked_inputs:
-            def record(node: int, vector: np.ndarray) -> None:
+        return SecureSettings(
+            clip_range=sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm),
+            min_survivors=max(2, self.cfg.federation.min_clients),
+            vector_length=sum(int(np.size(v)) for v in self.model.state().values()),
+            neighbours=sa.neighbours, threshold_fraction=sa.threshold_fraction,
+        )
+
+    def _aggregate_securely(self, exchange: SecureExchange, prepared: PreparedRound, got: RoundReplies, round_: int,
+                            settings: SecureSettings, next_tag: bytes | None) -> tuple[str, dict[str, Any]]:
+        """SecAgg+ steps 3-4 over the masked replies; on failure the global adapter stays as it was."""
+        for node, (site, vector) in got.masked.items():
+            exchange.sites[node] = site
+            if self.cfg.secure_aggregation.record_masked_inputs:
                 buffer = io.BytesIO()
                 np.save(buffer, vector, allow_pickle=False)
-                atomic_write_bytes(self.run_dir / "masked-inputs" / f"round-{round_:04d}" / f"{sites[node]}.npy",
+                atomic_write_bytes(self.run_dir / "masked-inputs" / f"round-{round_:04d}" / f"{site}.npy",
                                    buffer.getvalue())
+        for node in set(prepared.nodes) - set(got.masked):
+            reason = got.failed.get(f"node-{node}") or got.failed.get(exchange.site(node)) or \
+                got.refused.get(exchange.site(node)) or "no masked vector in its train reply"
+            exchange.drop(node, "train (masked input)", reason)
         try:
-            result = secure_sum(
-                exchange, round_tag(self.run_id, round_), {n: ad for n, (_, ad) in got.advertised.items()}, clip,
-                max(2, self.cfg.federation.min_clients), sum(int(np.size(v)) for v in current.values()),
-                sa.neighbours, sa.threshold_fraction, on_masked=record,
-            )
+            result, self.prepared = finish_round(exchange, prepared, {n: v for n, (_, v) in got.masked.items()},
+                                                 settings, next_tag, got.next_keys)
         except SecureAggregationError as exc:
             log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
             return f"failed: secure aggregation: {exc}", {"dropped": exchange.dropped, "error": str(exc)}
+        current = self.model.state()
         mean = unflatten_adapter(result.mean_update, current)
         self.model.update({k: current[k] + mean[k] for k in current})
         if result.clipped_values:
             log.warning("round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
-                        round_, result.clipped_values, clip)
+                        round_, result.clipped_values, settings.clip_range)
         for site, received in exchange.bytes_received.items():
             if site in got.train:
-                got.train[site]["bytes-received"] = received
-        summary = {"survivors": sorted(sites[n] for n in result.survivors), "dropped": dict(sorted(exchange.dropped.items())),
-                   "clipped-values": result.clipped_values, "clip-range": clip}
+                got.train[site]["bytes-received"] += received
+        summary = {"survivors": sorted(exchange.site(n) for n in result.survivors),
+                   "dropped": dict(sorted(exchange.dropped.items())),
+                   "clipped-values": result.clipped_values, "clip-range": settings.clip_range}
         return f"aggregated {len(result.survivors)} sites securely", summary
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:

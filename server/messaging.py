@@ -42,13 +42,14 @@ def by_node(requests: Iterable[Message], replies: Iterable[Message]) -> list[tup
 def send_and_collect(grid: Grid, messages: Iterable[Message], desc: str, timeout_s: float) -> list[Message]:
     """Push all messages, then pull replies as they arrive (each reply is pulled exactly once).
 
-    Polling starts every 5 ms and backs off to 200 ms: the quick secure-aggregation steps
-    are not held up, and long training rounds do not spin.
+    The pause between polls is a tenth of the time waited so far (5 ms to 200 ms), so a
+    reply is picked up at most about 10% late: quick secure-aggregation steps are not held
+    up, and long training rounds do not spin.
     """
     pending = set(grid.push_messages(list(messages)))
     replies: list[Message] = []
-    deadline = time.monotonic() + timeout_s
-    pause = 0.005
+    start = time.monotonic()
+    deadline = start + timeout_s
     with tqdm(total=len(pending), desc=desc, unit="site", leave=False, dynamic_ncols=True) as bar:
         while pending and time.monotonic() < deadline:
             for reply in grid.pull_messages(list(pending)):
@@ -56,6 +57,5 @@ def send_and_collect(grid: Grid, messages: Iterable[Message], desc: str, timeout
                 replies.append(reply)
                 bar.update(1)
             if pending:
-                time.sleep(pause)
-                pause = min(0.2, pause * 1.5)
+                time.sleep(min(0.2, max(0.005, 0.1 * (time.monotonic() - start))))
     return replies

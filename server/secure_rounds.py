@@ -1,8 +1,16 @@
-"""The server's side of secure aggregation as Flower messages: three exchanges after training.
+"""The server's side of secure aggregation as Flower messages, two exchanges a round in steady state.
 
-The sites that trained have already sent their public keys (with the trained reply); this
-module relays shares, collects masked vectors and the shares needed to unmask their sum,
-and hands back only :class:`SecureSum`. A site that errs, refuses or times out at any step
+A round is *set up* (SecAgg+ steps 1-2: keys advertised, shares exchanged) before its
+training request, and *finished* (steps 3-4) by the train replies, which carry the masked
+vectors, and one unmask exchange. The set-up of round r+1 rides on round r's messages:
+each train reply carries the site's keys for r+1, and the unmask request and reply carry
+r+1's parameters and share ciphertexts. So a steady round costs the train exchange plus
+one small exchange; :func:`set_up_round` spends two more only for the first round, after a
+restart, or when the sites differ from those set up (a site dropped or came back).
+
+Masking with a neighbour is only safe once that neighbour's shares are distributed (else
+its masks could not be removed if it dropped): here every site masks only after the whole
+set-up is done, exactly as in SecAgg+. A site that errs, refuses or times out at any step
 counts as dropped; the protocol tolerates that while enough sites remain and otherwise
 raises :class:`SecureAggregationError`, leaving the global model to the caller untouched.
 """
@@ -11,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -18,17 +27,19 @@ from flwr.serverapp import Grid
 
 from common.secure_aggregation.protocol import Advertisement, SecureAggregationError, SecureSum, ServerRound
 from common.secure_aggregation.records import (
-    MASKED_INPUT,
+    ADVERTISE,
+    SECAGG_NEXT,
     SHARE_KEYS,
     UNMASK,
+    advertisement_from,
+    inbox_record,
     indexed_bytes_from,
-    indexed_bytes_record,
-    masked_from,
     params_record,
+    tag_record,
     unmask_reply_from,
     unmask_request_record,
 )
-from common.wire import MASKED, SECAGG, STATUS, payload_nbytes
+from common.wire import SECAGG, STATUS, payload_nbytes
 from server.messaging import by_node, send_and_collect
 
 log = logging.getLogger("fedtune.server.secagg")
@@ -36,64 +47,131 @@ log = logging.getLogger("fedtune.server.secagg")
 Sender = Callable[[Grid, list[Message], str, float], list[Message]]
 
 
+@dataclass(frozen=True)
+class SecureSettings:
+    """What every round of a run shares: the quantisation range and the graph's shape."""
+
+    clip_range: float
+    min_survivors: int
+    vector_length: int
+    neighbours: int = 0
+    threshold_fraction: float = 0.5
+
+    def server_round(self, tag: bytes, advertised: Mapping[int, Advertisement]) -> ServerRound:
+        return ServerRound(tag, advertised, self.clip_range, self.min_survivors, self.vector_length,
+                           self.neighbours, self.threshold_fraction)
+
+
 class SecureExchange:
     """One step: send a record to each node, keep the good replies, name who dropped and why."""
 
-    def __init__(self, grid: Grid, sites: Mapping[int, str], timeout_s: float, send: Sender = send_and_collect):
-        self.grid, self.sites, self.timeout_s, self.send = grid, dict(sites), timeout_s, send
+    def __init__(self, grid: Grid, sites: dict[int, str], timeout_s: float, send: Sender = send_and_collect):
+        """``sites`` (node id -> site id) is updated in place as replies name their senders."""
+        self.grid, self.sites, self.timeout_s, self.send = grid, sites, timeout_s, send
         self.dropped: dict[str, str] = {}
+        self.failed: set[str] = set()  # dropped by an error or a timeout, not by a refusal
+        self.refusals: dict[str, str] = {}  # site -> the reason it gave
         self.bytes_received: dict[str, int] = {}
 
-    def __call__(self, step: str, message_type: str, records: Mapping[int, ConfigRecord]) -> dict[int, RecordDict]:
-        requests = [Message(RecordDict({SECAGG: r}), message_type=message_type, dst_node_id=n)
-                    for n, r in records.items()]
+    def site(self, node: int) -> str:
+        return self.sites.get(node, f"node-{node}")
+
+    def __call__(self, step: str, message_type: str,
+                 records: Mapping[int, ConfigRecord | RecordDict]) -> dict[int, RecordDict]:
+        requests = [Message(r if isinstance(r, RecordDict) else RecordDict({SECAGG: r}), message_type=message_type,
+                            dst_node_id=n) for n, r in records.items()]
         replies = by_node(requests, self.send(self.grid, requests, step, self.timeout_s))
         good: dict[int, RecordDict] = {}
         for node, reply in replies:
+            if not reply.has_error() and STATUS in reply.content:
+                self.sites.setdefault(node, str(reply.content[STATUS]["site-id"]))
             if reply.has_error():
                 self.drop(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
+                self.failed.add(self.site(node))
             elif reply.content[STATUS]["state"] != "ok":
                 self.drop(node, step, str(reply.content[STATUS]["reason"]))
+                self.refusals[self.site(node)] = str(reply.content[STATUS]["reason"])
             else:
                 good[node] = reply.content
-                self.bytes_received[self.sites[node]] = self.bytes_received.get(self.sites[node], 0) + \
-                    payload_nbytes(reply.content)
+                self.received(node, payload_nbytes(reply.content))
         for node in set(records) - {node for node, _ in replies}:
             self.drop(node, step, "no reply before secure_aggregation.stage_timeout_s")
+            self.failed.add(self.site(node))
         return good
 
+    def received(self, node: int, nbytes: int) -> None:
+        site = self.site(node)
+        self.bytes_received[site] = self.bytes_received.get(site, 0) + nbytes
+
     def drop(self, node: int, step: str, reason: str) -> None:
-        site = self.sites.get(node, f"node-{node}")
+        site = self.site(node)
         self.dropped[site] = f"{step}: {reason}"
         log.warning("secure aggregation: %s dropped out at %s: %s", site, step, reason)
 
 
-def secure_sum(exchange: SecureExchange, tag: bytes, advertised: Mapping[int, Advertisement], clip_range: float,
-               min_survivors: int, vector_length: int, neighbours: int = 0, threshold_fraction: float = 0.5,
-               on_masked: Callable[[int, np.ndarray], None] | None = None) -> SecureSum:
-    """Run steps 2-4 of SecAgg+ with the sites that trained; raises SecureAggregationError.
+@dataclass
+class PreparedRound:
+    """A round whose keys and shares are distributed; its train requests carry ``train_record``."""
 
-    ``on_masked(node, vector)`` sees each masked vector as received (for an audit record).
-    """
-    server = ServerRound(tag, advertised, clip_range, min_survivors, vector_length, neighbours, threshold_fraction)
+    tag: bytes
+    server: ServerRound
+    inboxes: dict[int, dict[int, bytes]]
+
+    @property
+    def nodes(self) -> list[int]:
+        return sorted(self.inboxes)
+
+    def train_record(self, node: int) -> ConfigRecord:
+        return inbox_record(self.tag, self.inboxes[node])
+
+
+def set_up_round(exchange: SecureExchange, tag: bytes, nodes: list[int], settings: SecureSettings) -> PreparedRound:
+    """Steps 1-2 as two exchanges before training; raises SecureAggregationError if too few sites answer."""
+    replies = exchange("secagg advertise", ADVERTISE, {n: tag_record(tag) for n in nodes})
+    advertised = {}
+    for node, content in replies.items():
+        try:
+            advertised[node] = advertisement_from(content[SECAGG], tag)
+        except (KeyError, ValueError) as exc:
+            exchange.drop(node, "secagg advertise", f"malformed keys: {exc}")
+    server = settings.server_round(tag, advertised)
     shared = exchange("secagg share keys", SHARE_KEYS,
                       {n: params_record(p) for n, p in server.share_keys_requests().items()})
-    inboxes = server.route_shares({n: indexed_bytes_from(c[SECAGG]) for n, c in shared.items()})
-    masked = exchange("secagg masked input", MASKED_INPUT,
-                      {n: indexed_bytes_record(box) for n, box in inboxes.items()})
-    vectors = {}
-    for node, content in masked.items():
-        try:
-            vectors[node] = masked_from(content.array_records[MASKED])
-        except (KeyError, ValueError) as exc:
-            exchange.drop(node, "secagg masked input", f"malformed masked vector: {exc}")
-            continue
-        if on_masked is not None:
-            on_masked(node, vectors[node])
-    requests = server.receive_masked(vectors)
-    answers = exchange("secagg unmask", UNMASK,
-                       {n: unmask_request_record(s, d) for n, (s, d) in requests.items()})
-    return server.unmask({n: unmask_reply_from(c[SECAGG]) for n, c in answers.items()})
+    return PreparedRound(tag, server, server.route_shares({n: indexed_bytes_from(c[SECAGG]) for n, c in shared.items()}))
 
 
-__all__ = ["SecureAggregationError", "SecureExchange", "secure_sum"]
+def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapping[int, np.ndarray],
+                 settings: SecureSettings, next_tag: bytes | None = None,
+                 next_keys: Mapping[int, Advertisement] | None = None) -> tuple[SecureSum, PreparedRound | None]:
+    """Steps 3-4 from the masked vectors of the train replies, in one unmask exchange that
+    also sets round ``next_tag`` up among the sites that sent ``next_keys``.
+
+    Returns the sum and the next round (None when too few sites took part in its set-up);
+    raises SecureAggregationError when this round cannot be unmasked.
+    """
+    requests = prepared.server.receive_masked(masked)
+    upcoming = None
+    advertised = {n: a for n, a in (next_keys or {}).items() if n in requests}
+    if next_tag is not None and len(advertised) >= settings.min_survivors:
+        upcoming = settings.server_round(next_tag, advertised)
+    next_params = upcoming.share_keys_requests() if upcoming else {}
+    records = {}
+    for node, (survivors, dropped) in requests.items():
+        content = RecordDict({SECAGG: unmask_request_record(prepared.tag, survivors, dropped)})
+        if node in next_params:
+            content[SECAGG_NEXT] = params_record(next_params[node])
+        records[node] = content
+    answers = exchange("secagg unmask", UNMASK, records)
+    result = prepared.server.unmask({n: unmask_reply_from(c[SECAGG]) for n, c in answers.items()})
+    if upcoming is None:
+        return result, None
+    shared = {n: indexed_bytes_from(c[SECAGG_NEXT]) for n, c in answers.items() if SECAGG_NEXT in c.config_records}
+    try:
+        return result, PreparedRound(next_tag, upcoming, upcoming.route_shares(shared))
+    except SecureAggregationError as exc:
+        log.info("the next round will be set up anew: %s", exc)
+        return result, None
+
+
+__all__ = ["PreparedRound", "SecureAggregationError", "SecureExchange", "SecureSettings", "finish_round",
+           "set_up_round"]

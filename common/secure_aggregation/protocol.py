@@ -1,7 +1,7 @@
 """The four steps of a SecAgg+ round, as pure state machines for a site and for the server.
 
-1. advertise: each site that trained sends two fresh X25519 public keys (``c`` to encrypt
-   shares, ``s`` to agree on pairwise masks) and its example count.
+1. advertise: each site sends two fresh X25519 public keys (``c`` to encrypt shares, ``s``
+   to agree on pairwise masks) and its example count (its weight in the mean).
 2. share keys: the server assigns indices, neighbours and the threshold; each site
    Shamir-shares its self-mask seed ``b`` and its ``s`` private key among its neighbours
    and itself, and returns one AES-GCM ciphertext per neighbour for the server to relay.
@@ -11,8 +11,10 @@
    ``b`` (the neighbour finished) or the share of ``s`` (it dropped), never both; the
    server rebuilds the masks, removes them and keeps only the sum.
 
-Sites refuse to answer step 4 when fewer than ``min_survivors`` sites finished, so the
-server never learns a sum over too few sites. Nothing here touches Flower.
+Steps 1 and 2 need no update, so they may run before training (or during the previous
+round, see ``server.secure_rounds``); step 3 takes the update. Sites refuse to answer step
+4 when fewer than ``min_survivors`` sites finished, so the server never learns a sum over
+too few sites. Nothing here touches Flower.
 """
 
 from __future__ import annotations
@@ -94,7 +96,6 @@ def _decode_share(blob: bytes) -> np.ndarray:
 class ClientRound:
     """One site's side of one round. Holds secrets; lives only in the site's memory."""
 
-    update: np.ndarray
     num_examples: int
     min_survivors_floor: int = 2
     c_keys: KeyPair = field(default_factory=KeyPair.generate)
@@ -141,8 +142,9 @@ class ClientRound:
         if len(set(publics)) != len(publics) or {self.c_keys.public, self.s_keys.public} & set(publics):
             raise ProtocolViolation("neighbours' public keys repeat or copy this site's")
 
-    def masked_input(self, ciphertexts: Mapping[int, bytes], rng: np.random.Generator | None = None) -> np.ndarray:
-        """The quantised, weighted update plus a clipped-value count, masked (uint32)."""
+    def masked_input(self, ciphertexts: Mapping[int, bytes], update: np.ndarray,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+        """``update`` quantised and weighted, plus a clipped-value count, masked (uint32)."""
         p = self.params
         if p is None or self.alive:
             raise ProtocolViolation("masked input requested out of order")
@@ -160,7 +162,7 @@ class ClientRound:
         self.alive = tuple(sorted(ciphertexts))
         grid = QuantisationGrid(p.clip_range, p.num_participants)
         rng = rng or np.random.default_rng(secrets.randbits(128))
-        quantised, clipped = quantise(self.update, self.num_examples / p.total_examples, grid, rng)
+        quantised, clipped = quantise(update, self.num_examples / p.total_examples, grid, rng)
         self.clipped = clipped
         vector = np.concatenate([quantised, np.asarray([clipped], dtype=np.uint32)])
         add_mask(vector, self.self_seed, +1)
@@ -199,7 +201,7 @@ class ServerRound:
                  min_survivors: int, vector_length: int, neighbours: int = 0, threshold_fraction: float = 0.5):
         self.round_tag, self.clip_range, self.min_survivors = round_tag, clip_range, max(2, min_survivors)
         if len(advertised) < self.min_survivors:
-            raise SecureAggregationError(f"{len(advertised)} sites trained; secure aggregation needs at least "
+            raise SecureAggregationError(f"{len(advertised)} sites advertised keys; secure aggregation needs at least "
                                          f"{self.min_survivors}")
         self.vector_length = vector_length
         self.nodes = sorted(advertised)

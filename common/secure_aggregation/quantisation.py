@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 MODULUS_BITS = 32
-_MASK = (1 << MODULUS_BITS) - 1
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,22 @@ class QuantisationGrid:
 
 
 def quantise(update: np.ndarray, weight: float, grid: QuantisationGrid, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """``update * weight`` on the grid, as uint32 (two's complement), and how many coordinates were clipped."""
+    """``update * weight`` on the grid, as uint32 (two's complement), and how many coordinates were clipped.
+
+    Works in place on one float64 buffer: this runs on every site in every secure round.
+    """
     if not 0.0 < weight <= 1.0:
         raise ValueError(f"aggregation weight must be in (0, 1], got {weight}")
-    x = np.asarray(update, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
+    x = np.array(update, dtype=np.float64).ravel()
+    if not np.isfinite(x.sum()) and not np.all(np.isfinite(x)):
         raise ValueError("the update contains NaN or infinity; it cannot be aggregated")
-    clipped = int(np.count_nonzero(np.abs(x) > grid.clip_range))
-    scaled = np.clip(x, -grid.clip_range, grid.clip_range) * (weight * grid.levels / grid.clip_range)
-    rounded = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
-    return (rounded & _MASK).astype(np.uint32), clipped
+    clipped = int(np.count_nonzero(x > grid.clip_range)) + int(np.count_nonzero(x < -grid.clip_range))
+    np.clip(x, -grid.clip_range, grid.clip_range, out=x)
+    x *= weight * grid.levels / grid.clip_range
+    x += rng.random(x.shape[0])
+    np.floor(x, out=x)
+    # int64 -> uint32 keeps the low 32 bits: two's complement modulo 2**32.
+    return x.astype(np.int64).astype(np.uint32), clipped
 
 
 def dequantise(total: np.ndarray, grid: QuantisationGrid) -> np.ndarray:

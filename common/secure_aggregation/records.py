@@ -2,6 +2,12 @@
 
 Every value is a public key, a ciphertext, an index or a masked vector: nothing a site
 sends here reveals its update without the masks that only the protocol can remove.
+
+Message types: ``ADVERTISE`` and ``SHARE_KEYS`` set a round up before its training request
+(only when it was not set up during the previous round), ``UNMASK`` ends a round. The
+train request carries the shares addressed to the site (``SECAGG``), its reply the masked
+vector (``MASKED``) and the next round's keys (``SECAGG_NEXT``); the unmask request and
+reply carry the next round's parameters and share ciphertexts in ``SECAGG_NEXT``.
 """
 
 from __future__ import annotations
@@ -13,21 +19,44 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from common.secure_aggregation.protocol import Advertisement, RoundParameters
 
+ADVERTISE = "train.secagg_advertise"
 SHARE_KEYS = "train.secagg_share_keys"
-MASKED_INPUT = "train.secagg_masked_input"
 UNMASK = "train.secagg_unmask"
+SECAGG_NEXT = "secagg-next"
 
 
 def round_tag(run_id: str, round_: int) -> bytes:
     return f"fedtune/{run_id}/{round_}".encode()
 
 
-def advertisement_record(ad: Advertisement) -> ConfigRecord:
-    return ConfigRecord({"c-public": ad.c_public, "s-public": ad.s_public})
+def advertisement_record(ad: Advertisement, tag: bytes) -> ConfigRecord:
+    return ConfigRecord({"round-tag": tag, "c-public": ad.c_public, "s-public": ad.s_public,
+                         "num-examples": ad.num_examples})
 
 
-def advertisement_from(record: ConfigRecord, num_examples: int) -> Advertisement:
-    return Advertisement(bytes(record["c-public"]), bytes(record["s-public"]), int(num_examples))
+def advertisement_from(record: ConfigRecord, tag: bytes) -> Advertisement:
+    """The advertisement, provided it is for round ``tag``; ValueError otherwise."""
+    if bytes(record["round-tag"]) != tag:
+        raise ValueError(f"keys advertised for {bytes(record['round-tag'])!r}, expected {tag!r}")
+    n = int(record["num-examples"])
+    if n < 1:
+        raise ValueError(f"a site advertised {n} examples")
+    return Advertisement(bytes(record["c-public"]), bytes(record["s-public"]), n)
+
+
+def tag_record(tag: bytes) -> ConfigRecord:
+    return ConfigRecord({"round-tag": tag})
+
+
+def inbox_record(tag: bytes, inbox: Mapping[int, bytes]) -> ConfigRecord:
+    """The share ciphertexts addressed to one site for round ``tag`` (sent with its train request)."""
+    record = indexed_bytes_record(inbox)
+    record["round-tag"] = tag
+    return record
+
+
+def inbox_from(record: ConfigRecord) -> tuple[bytes, dict[int, bytes]]:
+    return bytes(record["round-tag"]), indexed_bytes_from(record)
 
 
 def params_record(p: RoundParameters) -> ConfigRecord:
@@ -61,8 +90,8 @@ def indexed_bytes_from(record: ConfigRecord, ids: str = "ids", data: str = "data
     return {int(k): bytes(v) for k, v in zip(record.get(ids, []), record.get(data, []), strict=True)}
 
 
-def unmask_request_record(survivors: list[int], dropped: list[int]) -> ConfigRecord:
-    return ConfigRecord({"survivors": list(survivors), "dropped": list(dropped)})
+def unmask_request_record(tag: bytes, survivors: list[int], dropped: list[int]) -> ConfigRecord:
+    return ConfigRecord({"round-tag": tag, "survivors": list(survivors), "dropped": list(dropped)})
 
 
 def unmask_reply_record(b_shares: Mapping[int, bytes], s_shares: Mapping[int, bytes]) -> ConfigRecord:

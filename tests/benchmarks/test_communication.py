@@ -49,12 +49,14 @@ def test_secure_round_measures_every_step_and_unmasks_the_true_mean():
         assert set(result.exchanges) and len(result.exchanges) == n
         for exchanges in result.exchanges.values():
             steps = {e.step: e for e in exchanges}
-            assert list(steps) == ["train", "share keys", "masked input", "unmask", "evaluate"]
-            assert steps["train"].up_values == 0  # only public keys go back with the trained reply
-            assert steps["masked input"].up_values == 207 + 1
-            assert steps["masked input"].up_bytes > 4 * 208
+            assert list(steps) == ["train", "unmask", "evaluate"]
+            assert steps["train"].up_values == 207 + 1  # the masked vector (and the next round's keys)
+            assert steps["train"].up_bytes > 4 * 208
+            assert steps["unmask"].up_values == 0
+        for exchanges in result.setup.values():
+            assert [e.step for e in exchanges] == ["advertise", "share keys"]
     # One encrypted share per neighbour: 4 neighbours cost more than 2.
-    share_up = {n: r.exchanges[min(r.exchanges)][1].up_bytes for n, r in rounds.items()}
+    share_up = {n: r.setup[min(r.setup)][1].up_bytes for n, r in rounds.items()}
     assert (rounds[3].neighbours, rounds[5].neighbours) == (2, 4)
     assert share_up[5] - share_up[3] >= 2 * 100
 

@@ -130,16 +130,16 @@ def _federation(n: int, d: int = 5_000, counts=None, min_survivors: int = 2, cli
     rng = np.random.default_rng(n)
     counts = counts or [int(c) for c in rng.integers(1, 500, n)]
     updates = {100 + i: rng.normal(0, 0.01, d).astype(np.float32) for i in range(n)}
-    clients = {node: ClientRound(u, c) for (node, u), c in zip(updates.items(), counts)}
+    clients = {node: ClientRound(c) for node, c in zip(updates, counts)}
     server = ServerRound(TAG, {node: c.advertise() for node, c in clients.items()}, clip, min_survivors, d)
     return clients, server, updates, dict(zip(updates, counts))
 
 
-def _run(clients, server, drop_before_share=(), drop_before_masked=(), drop_before_unmask=()):
+def _run(clients, server, updates, drop_before_share=(), drop_before_masked=(), drop_before_unmask=()):
     params = server.share_keys_requests()
     shared = {n: clients[n].share_keys(p) for n, p in params.items() if n not in drop_before_share}
     inboxes = server.route_shares(shared)
-    masked = {n: clients[n].masked_input(box) for n, box in inboxes.items() if n not in drop_before_masked}
+    masked = {n: clients[n].masked_input(box, updates[n]) for n, box in inboxes.items() if n not in drop_before_masked}
     requests = server.receive_masked(masked)
     answers = {n: clients[n].unmask(*req) for n, req in requests.items() if n not in drop_before_unmask}
     return server.unmask(answers), masked
@@ -152,7 +152,7 @@ def _weighted_mean(updates, counts, nodes):
 
 def test_full_round_reveals_the_weighted_mean_and_masked_vectors_look_random():
     clients, server, updates, counts = _federation(8)
-    result, masked = _run(clients, server)
+    result, masked = _run(clients, server, updates)
     assert result.survivors == sorted(updates) and result.dropped == [] and result.clipped_values == 0
     assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, sorted(updates))) < 1e-6
     for node, vector in masked.items():
@@ -167,7 +167,7 @@ def test_dropouts_above_the_threshold_are_tolerated_and_named(stage):
     clients, server, updates, counts = _federation(10)
     dropped = [101, 106, 107]
     kwargs = {"drop_before_share" if stage == "share" else "drop_before_masked": dropped}
-    result, _ = _run(clients, server, **kwargs)
+    result, _ = _run(clients, server, updates, **kwargs)
     survivors = [n for n in sorted(updates) if n not in dropped]
     assert result.survivors == survivors
     assert result.dropped == dropped
@@ -176,30 +176,30 @@ def test_dropouts_above_the_threshold_are_tolerated_and_named(stage):
 
 def test_a_site_that_vanishes_before_unmasking_is_covered_by_its_neighbours():
     clients, server, updates, counts = _federation(10)
-    result, _ = _run(clients, server, drop_before_unmask=[103, 104])
+    result, _ = _run(clients, server, updates, drop_before_unmask=[103, 104])
     # They sent masked input, so their updates are in the sum; only their share answers are missing.
     assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, sorted(updates))) < 1e-6
 
 
 def test_too_few_survivors_fails_the_round_loudly():
-    clients, server, _, _ = _federation(4, min_survivors=3)
+    clients, server, updates, _ = _federation(4, min_survivors=3)
     with pytest.raises(SecureAggregationError, match="masked input: only 2 sites remain, fewer than the 3 needed"):
-        _run(clients, server, drop_before_masked=[100, 101])
+        _run(clients, server, updates, drop_before_masked=[100, 101])
 
 
 def test_too_few_share_answers_fails_the_round_loudly():
-    clients, server, _, _ = _federation(5)
+    clients, server, updates, _ = _federation(5)
     with pytest.raises(SecureAggregationError, match=r"unmask: only \d shares of site 10\d's"):
-        _run(clients, server, drop_before_unmask=[100, 101, 102])
+        _run(clients, server, updates, drop_before_unmask=[100, 101, 102])
 
 
 def test_clients_refuse_what_would_reveal_an_individual_update():
-    clients, server, _, _ = _federation(4)
+    clients, server, updates, _ = _federation(4)
     params = server.share_keys_requests()
     shared = {n: clients[n].share_keys(p) for n, p in params.items()}
     inboxes = server.route_shares(shared)
     for n, box in inboxes.items():
-        clients[n].masked_input(box)
+        clients[n].masked_input(box, updates[n])
     me = clients[100]
     me_index = params[100].index
     with pytest.raises(ProtocolViolation, match="only 1 sites finished"):
@@ -213,7 +213,7 @@ def test_clients_refuse_what_would_reveal_an_individual_update():
 
 
 def test_clients_refuse_a_server_that_lowers_the_minimum_or_tampers_with_shares():
-    clients, server, _, _ = _federation(3)
+    clients, server, updates, _ = _federation(3)
     params = server.share_keys_requests()
     low = {**params[100].__dict__, "min_survivors": 1}
     with pytest.raises(ProtocolViolation, match="sums over 1 sites; this site requires at least 2"):
@@ -222,13 +222,13 @@ def test_clients_refuse_a_server_that_lowers_the_minimum_or_tampers_with_shares(
     inboxes = server.route_shares(shared)
     sender, blob = next(iter(inboxes[101].items()))
     with pytest.raises(ShareDecryptionError):
-        clients[101].masked_input({sender: blob[:-1] + bytes([blob[-1] ^ 1])})
+        clients[101].masked_input({sender: blob[:-1] + bytes([blob[-1] ^ 1])}, updates[101])
 
 
 def test_server_rejects_a_malformed_masked_vector():
-    clients, server, _, _ = _federation(3, d=10)
+    clients, server, updates, _ = _federation(3, d=10)
     inboxes = server.route_shares({n: clients[n].share_keys(p) for n, p in server.share_keys_requests().items()})
-    masked = {n: clients[n].masked_input(box) for n, box in inboxes.items()}
+    masked = {n: clients[n].masked_input(box, updates[n]) for n, box in inboxes.items()}
     masked[100] = masked[100].astype(np.int64)
     with pytest.raises(SecureAggregationError, match="node 100 sent a masked vector of int64"):
         server.receive_masked(masked)

@@ -1,11 +1,13 @@
-"""Secure aggregation in a real Flower simulation: 4 sites x 3 rounds with DP-SGD, dropouts injected.
+"""Secure aggregation in a real Flower simulation: 4 sites x 4 rounds with DP-SGD, dropouts injected.
 
-Round 1: site-3 loses its connection before sending its masked update; 3 sites remain
-(min_clients = 3), so the round completes with their sum and names who dropped. Round 2:
-two sites drop, the round fails loudly and the global adapter stays exactly as it was.
-Round 3: everyone stays. The server's view is recorded message by message: it never holds
-an adapter, each masked vector is unrelated to its site's update, and the unmasked mean
-equals the sites' true weighted mean within the quantisation error.
+Round 1 is set up before training (two exchanges) and sets round 2 up in its own messages.
+Round 2: site-3 trains but loses its connection before its masked reply arrives; 3 sites
+remain (min_clients = 3), so the round completes with their sum and names who dropped.
+Round 3 is set up anew (the sites differ from those set up); two sites drop, the round
+fails loudly and the global adapter stays exactly as it was. Round 4: everyone stays. The
+server's view is recorded message by message: it never holds an adapter, each masked vector
+is unrelated to its site's update, and the unmasked mean equals the sites' true weighted
+mean within the quantisation error.
 """
 
 from __future__ import annotations
@@ -16,27 +18,26 @@ import numpy as np
 import pytest
 
 from common.config import load_config
-from common.secure_aggregation.records import MASKED_INPUT
+from common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK
 from common.wire import ADAPTER, MASKED, SECAGG, STATUS, flatten_adapter, from_array_record
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
 
 pytestmark = pytest.mark.e2e
 
-DROPS = {3: {1, 2}, 2: {2}}  # partition id -> rounds in which it drops before sending its masked input
+DROPS = {3: {2, 3}, 2: {3}}  # partition id -> rounds in which its masked reply is lost after training
 
 
-def drop_before_masked_input(plan: dict[int, set[int]]):
-    """A Flower mod that makes the planned sites fail the masked-input step (a lost connection)."""
+def drop_after_training(plan: dict[int, set[int]]):
+    """A Flower mod that loses the planned sites' train replies (a connection lost after training)."""
 
     def mod(msg, context, call_next):
-        if msg.metadata.message_type == MASKED_INPUT:
-            pid = int(context.node_config["partition-id"])
-            tag = bytes(context.state.config_records["secagg-state"]["round-tag"]).decode()
-            round_ = int(tag.rsplit("/", 1)[1])
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            pid, round_ = int(context.node_config["partition-id"]), int(msg.content["plan"]["round"])
             if round_ in plan.get(pid, ()):
                 raise ConnectionError(f"simulated: site-{pid} lost its connection in round {round_}")
-        return call_next(msg, context)
+        return reply
 
     return mod
 
@@ -65,7 +66,7 @@ column = "source"
 num_clients = 4
 min_examples = 10
 [federation]
-rounds = 3
+rounds = 4
 min_clients = 3
 [train]
 local_steps = 3
@@ -77,7 +78,7 @@ delta = 1e-3
 """)
     cfg = load_config(tmp / "c.toml")
     assert cfg.secure_aggregation.enabled, "secure aggregation is the default"
-    run_dir, seen = simulate_recording_messages(cfg, client_mods=[drop_before_masked_input(DROPS)])
+    run_dir, seen = simulate_recording_messages(cfg, client_mods=[drop_after_training(DROPS)])
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return cfg, run_dir, seen, records
 
@@ -89,52 +90,69 @@ def _fanouts(seen, message_type):
 def test_dropouts_above_threshold_are_tolerated_below_it_the_round_fails_and_the_model_stays(run):
     _, _, seen, records = run
     assert [r["status"] for r in records[1:]] == [
+        "aggregated 4 sites securely",
         "aggregated 3 sites securely",
         "failed: secure aggregation: masked input: only 2 sites remain, fewer than the 3 needed; "
         "the round is abandoned",
         "aggregated 4 sites securely",
     ]
-    round1 = records[1]["secure-aggregation"]
-    assert round1["survivors"] == ["site-0", "site-1", "site-2"]
-    assert list(round1["dropped"]) == ["site-3"]
-    assert "lost its connection in round 1" in round1["dropped"]["site-3"]
-    assert sorted(records[2]["secure-aggregation"]["dropped"]) == ["site-2", "site-3"]
-    assert records[3]["secure-aggregation"]["clipped-values"] == 0
-    # The global adapter sent out after the failed round 2 is bit-for-bit the one before it.
+    round2 = records[2]["secure-aggregation"]
+    assert round2["survivors"] == ["site-0", "site-1", "site-2"]
+    assert list(round2["dropped"]) == ["site-3"]
+    assert "lost its connection in round 2" in round2["dropped"]["site-3"]
+    assert sorted(records[3]["secure-aggregation"]["dropped"]) == ["site-2", "site-3"]
+    assert records[4]["secure-aggregation"]["clipped-values"] == 0
+    # The global adapter sent out after the failed round 3 is bit-for-bit the one before it.
     evals = _fanouts(seen, "evaluate")
-    after = [from_array_record(req[0].content[ADAPTER]) for req, _ in evals]  # rounds 0..3
+    after = [from_array_record(req[0].content[ADAPTER]) for req, _ in evals]  # rounds 0..4
     for key in after[1]:
-        np.testing.assert_array_equal(after[2][key], after[1][key])
+        np.testing.assert_array_equal(after[3][key], after[2][key])
         assert not np.array_equal(after[1][key], after[0][key])
-        assert not np.array_equal(after[3][key], after[2][key])
+        assert not np.array_equal(after[2][key], after[1][key])
+        assert not np.array_equal(after[4][key], after[3][key])
+
+
+def test_a_steady_round_costs_two_exchanges_its_set_up_rides_on_the_previous_round(run):
+    _, _, seen, _ = run
+    kinds = [req[0].metadata.message_type for req, _ in seen if req and req[0].metadata.message_type != "evaluate"]
+    assert kinds == [ADVERTISE, "train.secagg_share_keys", "train", UNMASK,  # round 1, set up first
+                     "train", UNMASK,  # round 2, set up by round 1's messages
+                     ADVERTISE, "train.secagg_share_keys", "train",  # round 3: new set-up, fails unmasked
+                     ADVERTISE, "train.secagg_share_keys", "train", UNMASK]  # round 4 (last: sets nothing up)
+    unmask_requests = [req for req, _ in _fanouts(seen, UNMASK)]
+    assert all(SECAGG_NEXT in m.content for m in unmask_requests[0]), "round 1 sets round 2 up"
+    assert all(SECAGG_NEXT in m.content for m in unmask_requests[1]), "round 2 sets round 3 up"
+    assert not any(SECAGG_NEXT in m.content for m in unmask_requests[2]), "the last round sets nothing up"
 
 
 def test_every_site_spent_privacy_for_every_round_it_trained(run):
     cfg, run_dir, _, _ = run
     for site in range(4):
         ledger = json.loads((run_dir / "sites" / f"site-{site}" / "privacy_ledger.json").read_text())
-        assert [e["round"] for e in ledger["entries"]] == [1, 2, 3]  # dropping out later does not refund
+        assert [e["round"] for e in ledger["entries"]] == [1, 2, 3, 4]  # dropping out later does not refund
         assert 0 < ledger["epsilon"] <= cfg.privacy.epsilon
 
 
 def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(run):
     _, run_dir, seen, _ = run
     trains = _fanouts(seen, "train")
-    assert len(trains) == 3
+    assert len(trains) == 4
     for requests, replies in seen:
         for reply in replies:
             assert reply.has_error() or ADAPTER not in reply.content, "no site sends its adapter in the clear"
-    for _, replies in trains:
+    for round_, (requests, replies) in enumerate(trains, start=1):
+        assert all(bytes(m.content[SECAGG]["round-tag"]).endswith(f"/{round_}".encode()) for m in requests), \
+            "each train request carries the shares addressed to its site for that round"
         for reply in replies:
-            keys = reply.content[SECAGG]
-            assert set(keys.keys()) == {"c-public", "s-public"}
-            assert all(len(keys[k]) == 32 for k in keys)
+            if not reply.has_error():
+                assert set(reply.content.array_records) == {MASKED}
+                keys = reply.content[SECAGG_NEXT] if round_ < 4 else None
+                assert keys is None or all(len(keys[k]) == 32 for k in ("c-public", "s-public"))
 
-    # Round 3: true updates are each site's released adapter (its replay file) minus the global it got.
-    (train_req, train_rep), = [f for f in _fanouts(seen, "train")][2:]
-    masked_req, masked_rep = _fanouts(seen, MASKED_INPUT)[2]
+    # Round 4: true updates are each site's released adapter (its replay file) minus the global it got.
+    train_req, train_rep = trains[3]
     before = from_array_record(train_req[0].content[ADAPTER])
-    after = from_array_record(_fanouts(seen, "evaluate")[3][0][0].content[ADAPTER])
+    after = from_array_record(_fanouts(seen, "evaluate")[4][0][0].content[ADAPTER])
     site_of_node = {r.metadata.src_node_id: str(r.content[STATUS]["site-id"]) for r in train_rep}
     counts = {str(r.content[STATUS]["site-id"]): int(r.content["metrics"]["num-examples"]) for r in train_rep}
     d = sum(v.size for v in before.values())
@@ -144,8 +162,8 @@ def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(
         with np.load(run_dir / "sites" / site / "last_update.npz") as saved:
             released = {k: saved[k] for k in saved.files if k != "__meta__"}
         true_updates[site] = flatten_adapter(released) - flatten_adapter(before)
-    masked = {site_of_node[r.metadata.src_node_id]: r.content[MASKED]["vector"].numpy() for r in masked_rep}
-    assert sorted(masked) == sorted(counts)
+    masked = {site_of_node[r.metadata.src_node_id]: r.content[MASKED]["vector"].numpy() for r in train_rep}
+    assert sorted(masked) == sorted(counts) and len(masked) == 4
     for site, vector in masked.items():
         assert vector.dtype == np.uint32 and vector.shape == (d + 1,), "32 bits a value, plus the clip count"
         corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), true_updates[site])[0, 1]

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, MetricRecord
 
 from client.app import DATA_INVALID, NO_METRICS, TRAIN_REPLY_METRICS
 from common.config import load_config
+from common.secure_aggregation.records import SECAGG_NEXT
 from common.wire import ADAPTER, MASKED, METRICS, SECAGG, STATUS
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
@@ -110,7 +111,7 @@ def test_nothing_about_raw_records_reaches_the_server(run):
     fragments = {text[:24] for r in raw for text in (r["question"], r["answer"]) if len(text) >= 24}
     for reply in seen:
         assert not reply.has_error()
-        assert set(reply.content.keys()) <= {ADAPTER, METRICS, STATUS, SECAGG, MASKED}
+        assert set(reply.content.keys()) <= {ADAPTER, METRICS, STATUS, SECAGG, SECAGG_NEXT, MASKED}
         strings = []
         for record in reply.content.values():
             if isinstance(record, ConfigRecord | MetricRecord):

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.secure_aggregation.protocol import Advertisement
 from server.federation import RoundReplies
 
-AD = Advertisement(b"c" * 32, b"s" * 32, 10)
 
-
-def test_a_site_that_trained_for_secure_aggregation_counts_as_a_contributor():
-    got = RoundReplies(advertised={7: ("site-0", AD)}, refused={"site-1": "budget", "site-2": "policy"})
+def test_a_site_that_sent_a_masked_vector_counts_as_a_contributor():
+    got = RoundReplies(masked={7: ("site-0", np.zeros(5, np.uint32))}, refused={"site-1": "budget", "site-2": "policy"})
     assert got.contributors == 1
     assert not got.every_site_refused, "one site trained: the federation must not stop"
 
