@@ -15,11 +15,22 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from client import secure_aggregation
+from client.revealed_rounds import RevealedRounds
 from client.site import RoundRequest, Site, SiteRefusal
-from common.secure_aggregation.protocol import ProtocolViolation
+from common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
 from common.secure_aggregation.share_transport import ShareDecryptionError
-from common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
+from common.wire import (
+    ADAPTER,
+    MASKED,
+    METRICS,
+    PLAN,
+    SECAGG,
+    STATUS,
+    flatten_adapter,
+    from_array_record,
+    to_array_record,
+)
 
 log = logging.getLogger("fedtune.client")
 
@@ -66,31 +77,44 @@ def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
     return Message(RecordDict({STATUS: _status(site_id_of(context), "refused", str(exc))}), reply_to=msg)
 
 
-def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Declaration) -> None:
+def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Declaration,
+                                revealed_for: Callable[[Context], RevealedRounds] | None = None) -> None:
     """The SecAgg+ steps outside training, as ``train.<action>`` handlers.
 
     ``declare(context)`` gives what a site states when it sets a round up: its number of
     training examples (its weight) and its floor on the number of sites in a revealed sum.
+    ``revealed_for(context)`` is the site's record of the rounds it unmasked (every real
+    site has one; only benchmarks of dummy sites go without).
     """
     app.train("secagg_advertise")(
         lambda msg, context: secure_aggregation.advertise_step(msg, context, site_id_of(context), declare))
-    for action, step in {"secagg_share_keys": secure_aggregation.share_keys,
-                         "secagg_unmask": secure_aggregation.unmask}.items():
-        app.train(action)(lambda msg, context, step=step: step(msg, context, site_id_of(context)))
+    app.train("secagg_share_keys")(
+        lambda msg, context: secure_aggregation.share_keys(msg, context, site_id_of(context)))
+
+    @app.train("secagg_unmask")
+    def unmask(msg: Message, context: Context) -> Message:
+        try:
+            revealed = revealed_for(context) if revealed_for is not None else None
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
+        return secure_aggregation.unmask(msg, context, site_id_of(context), revealed)
 
 
-def _secure_inbox(msg: Message, request: RoundRequest, context: Context) -> tuple[bytes, dict[int, bytes]]:
-    """The shares sent with a secure train request, checked before any training (and budget) is spent."""
+def _secure_round(msg: Message, request: RoundRequest, context: Context) -> ClientRound:
+    """The round set up with this site, its neighbours' shares opened: checked before any
+    training (and budget) is spent."""
     if SECAGG not in msg.content.config_records:
         raise SiteRefusal("secure aggregation requested but the train request carries no shares")
-    tag, inbox = inbox_from(msg.content[SECAGG])
+    try:
+        tag, inbox = inbox_from(msg.content[SECAGG])
+    except (KeyError, ValueError) as exc:
+        raise SiteRefusal(f"secure aggregation: malformed shares in the train request: {exc}") from exc
     if tag != round_tag(request.run_id, request.round):
         raise SiteRefusal(f"secure aggregation: shares for {tag!r} in the request for round {request.round}")
     try:
-        secure_aggregation.check_set_up(context, tag)
-    except ProtocolViolation as exc:
+        return secure_aggregation.open_inbox(context, tag, inbox)
+    except (ProtocolViolation, ShareDecryptionError, ValueError) as exc:
         raise SiteRefusal(f"secure aggregation: {exc}") from exc
-    return tag, inbox
 
 
 def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientApp:
@@ -106,15 +130,15 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
         try:
             request = decode_request(msg.content)
             if request.secure_aggregation:
-                tag, inbox = _secure_inbox(msg, request, context)
+                secure_round = _secure_round(msg, request, context)
             global_adapter = from_array_record(msg.content[ADAPTER])
             outcome = site.train(request, global_adapter)
             if request.secure_aggregation:
                 # The update leaves the site only masked; its keys for the next round ride along.
                 update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
                 try:
-                    vector = secure_aggregation.mask_update(context, tag, inbox, update, site.site_id)
-                except (ProtocolViolation, ShareDecryptionError, ValueError) as exc:
+                    vector = secure_aggregation.mask_opened(context, secure_round, update, site.site_id)
+                except (ProtocolViolation, ValueError) as exc:
                     raise SiteRefusal(f"secure aggregation: {exc}") from exc
         except SiteRefusal as exc:
             log.warning("%s refused round: %s", site.site_id, exc)
@@ -140,7 +164,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
         site = site_for(context)
         return site.num_examples, site.policy.min_aggregation_sites
 
-    register_secure_aggregation(app, declare)
+    register_secure_aggregation(app, declare, lambda context: site_for(context).revealed_rounds)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from client.revealed_rounds import RevealedRounds
 from common.secure_aggregation.key_agreement import KeyPair, public_key_of
 from common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from common.secure_aggregation.records import (
@@ -45,6 +46,7 @@ def _save(context: Context, slot: str, state: ClientRound, tag: bytes) -> None:
         "has-params": state.params is not None,
         "held-owners": held, "held-b": [state.held_shares[j][0] for j in held],
         "held-s": [state.held_shares[j][1] for j in held], "alive": list(state.alive), "unmasked": state.unmasked,
+        "sent-masked": state.sent_masked,
         "clipped": state.clipped,
     })
     if state.params is not None:
@@ -69,6 +71,7 @@ def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
         held_shares={int(j): (bytes(b), bytes(s)) for j, b, s in zip(r["held-owners"], r["held-b"], r["held-s"],
                                                                         strict=True)},
         alive=tuple(int(j) for j in r["alive"]), unmasked=bool(r["unmasked"]), clipped=int(r["clipped"]),
+        sent_masked=bool(r["sent-masked"]),
     )
 
 
@@ -99,17 +102,24 @@ def _share_keys(context: Context, params_rec: ConfigRecord) -> dict[int, bytes]:
     return ciphertexts
 
 
-def mask_update(context: Context, tag: bytes, inbox: Mapping[int, bytes], update: np.ndarray,
-                site_id: str) -> np.ndarray:
-    """The masked vector of round ``tag``, from the shares its neighbours sent; the round moves to ``current``.
+def open_inbox(context: Context, tag: bytes, inbox: Mapping[int, bytes]) -> ClientRound:
+    """Round ``tag``, set up with this site, with the shares its neighbours sent opened.
 
-    Raises ProtocolViolation (or ShareDecryptionError) when the round was not set up with
-    this site or the shares do not open; the update is then not sent at all.
+    Called before training: raises ProtocolViolation (or ShareDecryptionError) when the
+    round was not set up with this site or the shares are unusable, so no privacy budget is
+    spent on an update that could not be sent.
     """
     state = _load(context, NEXT, tag)
     if state.params is None:
         raise ProtocolViolation(f"this site never shared its keys for {tag!r}")
-    vector = state.masked_input(inbox, update)
+    state.receive_shares(inbox)
+    return state
+
+
+def mask_opened(context: Context, state: ClientRound, update: np.ndarray, site_id: str) -> np.ndarray:
+    """The masked vector of an opened round (:func:`open_inbox`); the round moves to ``current``."""
+    tag = state.params.round_tag
+    vector = state.masked_input(None, update)
     if state.clipped:
         log.warning("%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
                     site_id, state.clipped, state.params.clip_range)
@@ -119,10 +129,10 @@ def mask_update(context: Context, tag: bytes, inbox: Mapping[int, bytes], update
     return vector
 
 
-def check_set_up(context: Context, tag: bytes) -> None:
-    """Raise ProtocolViolation unless round ``tag`` was set up with this site (checked before training)."""
-    if _load(context, NEXT, tag).params is None:
-        raise ProtocolViolation(f"this site never shared its keys for {tag!r}")
+def mask_update(context: Context, tag: bytes, inbox: Mapping[int, bytes], update: np.ndarray,
+                site_id: str) -> np.ndarray:
+    """:func:`open_inbox` then :func:`mask_opened`, for an update that is already at hand."""
+    return mask_opened(context, open_inbox(context, tag, inbox), update, site_id)
 
 
 def _refuse(msg: Message, site_id: str, reason: str) -> Message:
@@ -141,6 +151,9 @@ def advertise_step(msg: Message, context: Context, site_id: str, declare: Declar
         num_examples, floor = declare(context)
     except (KeyError, ValueError, RuntimeError) as exc:
         return _refuse(msg, site_id, str(exc))
+    # A round set up apart from training starts after the previous one ended: its secrets, if
+    # it was never unmasked (a failed round), have no further use.
+    _forget(context, CURRENT)
     keys = advertise(context, tag, num_examples, floor)
     return Message(RecordDict({SECAGG: keys, STATUS: _ok(site_id)}), reply_to=msg)
 
@@ -153,14 +166,21 @@ def share_keys(msg: Message, context: Context, site_id: str) -> Message:
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
 
 
-def unmask(msg: Message, context: Context, site_id: str) -> Message:
+def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRounds | None = None) -> Message:
     """This round's shares; and, when the request carries them, the next round's parameters
-    answered with this site's share ciphertexts for it (the set-up rides on this message)."""
+    answered with this site's share ciphertexts for it (the set-up rides on this message).
+
+    ``revealed`` is the site's on-disk record of the rounds it unmasked: a round is claimed
+    there before its shares leave, and a second request for it (after a restart) is refused.
+    """
     try:
         request = msg.content[SECAGG]
-        state = _load(context, CURRENT, bytes(request["round-tag"]))
+        tag = bytes(request["round-tag"])
+        state = _load(context, CURRENT, tag)
         b_shares, s_shares = state.unmask([int(i) for i in request["survivors"]],
                                           [int(i) for i in request["dropped"]])
+        if revealed is not None:
+            revealed.claim(tag)
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
     _forget(context, CURRENT)
@@ -174,4 +194,5 @@ def unmask(msg: Message, context: Context, site_id: str) -> Message:
     return Message(content, reply_to=msg)
 
 
-__all__ = ["advertise", "advertise_step", "check_set_up", "forget_rounds", "mask_update", "share_keys", "unmask"]
+__all__ = ["advertise", "advertise_step", "forget_rounds", "mask_opened", "mask_update", "open_inbox", "share_keys",
+           "unmask"]

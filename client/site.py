@@ -21,6 +21,7 @@ import torch
 
 from client.dp_training import LocalTrainPlan, train_adapter
 from client.policy import PolicyViolation, SitePolicy
+from client.revealed_rounds import RevealedRounds
 from common.atomic_files import atomic_write_bytes, atomic_write_json
 from common.config import FedtuneConfig
 from common.data.encoding import EncodedSet, encode_examples
@@ -96,6 +97,7 @@ class Site:
         self.train_set: EncodedSet = encode_examples(split.train, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
         self.val_set: EncodedSet = encode_examples(split.val, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
         self.ledger_path = self.state_dir / "privacy_ledger.json"
+        self.revealed_rounds = RevealedRounds(self.state_dir / "secagg_revealed.json")
 
     @property
     def num_examples(self) -> int:

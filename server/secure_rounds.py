@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -45,6 +46,7 @@ from server.messaging import by_node, send_and_collect
 log = logging.getLogger("fedtune.server.secagg")
 
 Sender = Callable[[Grid, list[Message], str, float], list[Message]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class SecureExchange:
             if reply.has_error():
                 self.drop(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
                 self.failed.add(self.site(node))
+            elif STATUS not in reply.content.config_records:
+                self.drop(node, step, "malformed reply: no status record")
+                self.failed.add(self.site(node))
             elif reply.content[STATUS]["state"] != "ok":
                 self.drop(node, step, str(reply.content[STATUS]["reason"]))
                 self.refusals[self.site(node)] = str(reply.content[STATUS]["reason"])
@@ -98,6 +103,18 @@ class SecureExchange:
             self.drop(node, step, "no reply before secure_aggregation.stage_timeout_s")
             self.failed.add(self.site(node))
         return good
+
+    def parsed(self, step: str, replies: Mapping[int, RecordDict], parse: Callable[[RecordDict], T]) -> dict[int, T]:
+        """Each good reply's payload; a malformed one drops its site (named in the log) rather
+        than stopping the server, and the protocol decides whether enough sites remain."""
+        out: dict[int, T] = {}
+        for node, content in replies.items():
+            try:
+                out[node] = parse(content)
+            except (KeyError, ValueError, TypeError) as exc:
+                self.drop(node, step, f"malformed reply: {exc}")
+                self.failed.add(self.site(node))
+        return out
 
     def received(self, node: int, nbytes: int) -> None:
         site = self.site(node)
@@ -128,16 +145,12 @@ class PreparedRound:
 def set_up_round(exchange: SecureExchange, tag: bytes, nodes: list[int], settings: SecureSettings) -> PreparedRound:
     """Steps 1-2 as two exchanges before training; raises SecureAggregationError if too few sites answer."""
     replies = exchange("secagg advertise", ADVERTISE, {n: tag_record(tag) for n in nodes})
-    advertised = {}
-    for node, content in replies.items():
-        try:
-            advertised[node] = advertisement_from(content[SECAGG], tag)
-        except (KeyError, ValueError) as exc:
-            exchange.drop(node, "secagg advertise", f"malformed keys: {exc}")
+    advertised = exchange.parsed("secagg advertise", replies, lambda c: advertisement_from(c[SECAGG], tag))
     server = settings.server_round(tag, advertised)
     shared = exchange("secagg share keys", SHARE_KEYS,
                       {n: params_record(p) for n, p in server.share_keys_requests().items()})
-    return PreparedRound(tag, server, server.route_shares({n: indexed_bytes_from(c[SECAGG]) for n, c in shared.items()}))
+    return PreparedRound(tag, server, server.route_shares(
+        exchange.parsed("secagg share keys", shared, lambda c: indexed_bytes_from(c[SECAGG]))))
 
 
 def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapping[int, np.ndarray],
@@ -162,10 +175,12 @@ def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapp
             content[SECAGG_NEXT] = params_record(next_params[node])
         records[node] = content
     answers = exchange("secagg unmask", UNMASK, records)
-    result = prepared.server.unmask({n: unmask_reply_from(c[SECAGG]) for n, c in answers.items()})
+    result = prepared.server.unmask(exchange.parsed("secagg unmask", answers, lambda c: unmask_reply_from(c[SECAGG])))
     if upcoming is None:
         return result, None
-    shared = {n: indexed_bytes_from(c[SECAGG_NEXT]) for n, c in answers.items() if SECAGG_NEXT in c.config_records}
+    shared = exchange.parsed("secagg share keys (next round)",
+                             {n: c for n, c in answers.items() if n in next_params and SECAGG_NEXT in c.config_records},
+                             lambda c: indexed_bytes_from(c[SECAGG_NEXT]))
     try:
         return result, PreparedRound(next_tag, upcoming, upcoming.route_shares(shared))
     except SecureAggregationError as exc:

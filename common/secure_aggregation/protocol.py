@@ -104,6 +104,7 @@ class ClientRound:
     params: RoundParameters | None = None
     held_shares: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     alive: tuple[int, ...] = ()
+    sent_masked: bool = False
     unmasked: bool = False
     clipped: int = 0
 
@@ -142,24 +143,44 @@ class ClientRound:
         if len(set(publics)) != len(publics) or {self.c_keys.public, self.s_keys.public} & set(publics):
             raise ProtocolViolation("neighbours' public keys repeat or copy this site's")
 
-    def masked_input(self, ciphertexts: Mapping[int, bytes], update: np.ndarray,
-                     rng: np.random.Generator | None = None) -> np.ndarray:
-        """``update`` quantised and weighted, plus a clipped-value count, masked (uint32)."""
+    def receive_shares(self, ciphertexts: Mapping[int, bytes]) -> None:
+        """Open the shares the neighbours sent; the neighbours that did are the ones masked with.
+
+        Raises ProtocolViolation (or ShareDecryptionError) when the shares are unusable, so a
+        site can check them before it spends any privacy budget on training.
+        """
         p = self.params
         if p is None or self.alive:
             raise ProtocolViolation("masked input requested out of order")
         unknown = set(ciphertexts) - set(p.neighbours)
         if unknown:
             raise ProtocolViolation(f"shares from sites that are not neighbours: {sorted(unknown)}")
+        if len(ciphertexts) + 1 < p.threshold:
+            raise ProtocolViolation(f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} "
+                                    "could never be met")
+        opened = {}
         for j, blob in ciphertexts.items():
             key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", p.round_tag, j, p.index))
             plaintext = open_sealed(key, blob, associated_data(p.round_tag, j, p.index))
             half = len(plaintext) // 2
-            self.held_shares[j] = (plaintext[:half], plaintext[half:])
-        if len(ciphertexts) + 1 < p.threshold:
-            raise ProtocolViolation(f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} "
-                                    "could never be met")
+            opened[j] = (plaintext[:half], plaintext[half:])
+        self.held_shares.update(opened)
         self.alive = tuple(sorted(ciphertexts))
+
+    def masked_input(self, ciphertexts: Mapping[int, bytes] | None, update: np.ndarray,
+                     rng: np.random.Generator | None = None) -> np.ndarray:
+        """``update`` quantised and weighted, plus a clipped-value count, masked (uint32).
+
+        ``ciphertexts`` are the neighbours' shares, or None when :meth:`receive_shares` has
+        already opened them.
+        """
+        if ciphertexts is not None:
+            self.receive_shares(ciphertexts)
+        p = self.params
+        if p is None or not self.alive or self.sent_masked:
+            # A second vector under the same masks would reveal the difference of two updates.
+            raise ProtocolViolation("masked input requested out of order")
+        self.sent_masked = True
         grid = QuantisationGrid(p.clip_range, p.num_participants)
         rng = rng or np.random.default_rng(secrets.randbits(128))
         quantised, clipped = quantise(update, self.num_examples / p.total_examples, grid, rng)
@@ -174,7 +195,7 @@ class ClientRound:
     def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
         """Shares of ``b`` for neighbours that finished and of ``s`` for those that dropped."""
         p = self.params
-        if p is None or not self.alive:
+        if p is None or not self.sent_masked:
             raise ProtocolViolation("unmasking requested out of order")
         if self.unmasked:
             raise ProtocolViolation("shares were already released this round; a second request is refused")
@@ -233,6 +254,7 @@ class ServerRound:
 
     def route_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
         """Each site that shared its keys gets the ciphertexts its neighbours addressed to it."""
+        replies = {n: r for n, r in replies.items() if n in self.index}
         self.shared = {self.index[n] for n in replies}
         self._require(len(self.shared), "share keys")
         by_index = {self.index[n]: r for n, r in replies.items()}
@@ -260,7 +282,8 @@ class ServerRound:
         return [self.node_of[i] for i in sorted(set(self.node_of) - set(self.masked))]
 
     def _combine(self, owner: int, kind: int, answers: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> bytes:
-        holders = [h for h in sorted(answers) if owner in answers[h][kind]]
+        # A share of the wrong size (a faulty site) counts as missing, not as a crash.
+        holders = [h for h in sorted(answers) if len(answers[h][kind].get(owner, b"")) == 4 * _SHARE_WORDS]
         if len(holders) < self.threshold:
             what = "self-mask seed" if kind == 0 else "mask key"
             raise SecureAggregationError(

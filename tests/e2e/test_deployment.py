@@ -185,9 +185,12 @@ def test_two_signed_secure_dp_rounds_survive_a_site_killed_mid_round(deployment)
     round2 = records[2]["secure-aggregation"]
     assert round2["survivors"] == ["site-0", "site-1"] and list(round2["dropped"]) == ["site-2"]
     assert "masked input" in round2["dropped"]["site-2"]
-    for site in d.sites:  # site-2 died before it finished training round 2
+    for site in d.sites:
         ledger = json.loads((d.site_dir(site) / "state" / "privacy_ledger.json").read_text())
-        assert [e["round"] for e in ledger["entries"]] == ([1] if site == "site-2" else [1, 2])
+        rounds = [e["round"] for e in ledger["entries"]]
+        # site-2 was killed as its round-2 request arrived; on a slow machine it may have finished
+        # training (and spent round 2's budget) first, but its reply never reached the server.
+        assert rounds in ([1], [1, 2]) if site == "site-2" else rounds == [1, 2]
         assert 0 < ledger["epsilon"] <= 4.0
     from safetensors.numpy import load_file
 

@@ -7,12 +7,14 @@ Round 3 is set up anew (the sites differ from those set up); two sites drop, the
 fails loudly and the global adapter stays exactly as it was. Round 4: everyone stays. The
 server's view is recorded message by message: it never holds an adapter, each masked vector
 is unrelated to its site's update, and the unmasked mean equals the sites' true weighted
-mean within the quantisation error.
+mean within the quantisation error. Last, the run is resumed as if the server had crashed
+after unmasking round 4: the sites refuse to reveal round 4 a second time.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -173,3 +175,32 @@ def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(
     got = flatten_adapter(after).astype(np.float64) - flatten_adapter(before)
     assert np.sqrt(np.mean((got - expected) ** 2)) / np.sqrt(np.mean(expected**2)) < 1e-3
     assert np.max(np.abs(got - expected)) < 1e-6
+
+
+def test_a_round_replayed_after_its_sum_was_revealed_fails_and_the_run_goes_on(run, tmp_path):
+    """The server crashed after unmasking round 4 but before writing its checkpoint. Resumed, it
+    runs round 4 again: the sites replay their round-4 updates (no new privacy cost) but refuse
+    to reveal a second sum of them, which over other survivors would give one update away."""
+    from safetensors.numpy import load_file
+
+    from server.simulation import simulate
+
+    cfg, run_dir, _, _ = run
+    resumed = tmp_path / run_dir.name  # a copy, so the other tests keep their run
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "round-0004")
+    ledgers = {p: p.read_bytes() for p in (resumed / "sites").glob("*/privacy_ledger.json")}
+    simulate(cfg, run_dir=resumed, resume=True)
+
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[4]["status"].startswith("failed: secure aggregation: unmask: only 0 shares"), records[4]["status"]
+    dropped = records[4]["secure-aggregation"]["dropped"]
+    assert sorted(dropped) == [f"site-{i}" for i in range(4)]
+    assert all("already released its unmasking shares" in reason for reason in dropped.values()), dropped
+    third = load_file(str(resumed / "checkpoints" / "round-0003" / "adapter_model.safetensors"))
+    fourth = load_file(str(resumed / "checkpoints" / "round-0004" / "adapter_model.safetensors"))
+    for key in third:
+        np.testing.assert_array_equal(fourth[key], third[key])
+    for path, before in ledgers.items():
+        assert path.read_bytes() == before, "the replay spent no privacy"

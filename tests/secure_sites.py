@@ -1,0 +1,73 @@
+"""Sites' real SecAgg+ handlers served in this process, for tests of the protocol's Flower glue
+without a simulation: the server's ``server.secure_rounds`` talks to real ClientApps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
+
+from client import secure_aggregation
+from client.app import register_secure_aggregation
+from client.revealed_rounds import RevealedRounds
+from common.secure_aggregation.protocol import SecureSum
+from server.secure_rounds import SecureExchange, SecureSettings, finish_round, set_up_round
+
+NODES = [11, 12, 13]
+EXAMPLES = {11: 100, 12: 250, 13: 400}
+DIM, CLIP = 500, 0.05
+SETTINGS = SecureSettings(CLIP, 2, DIM)
+
+
+def random_updates(seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.uniform(-CLIP / 4, CLIP / 4, DIM).astype(np.float32) for n in NODES}
+
+
+class Sites:
+    """Three sites; ``restart`` loses what they hold in memory (context.state), not what is on disk.
+
+    Messages are built outside a Flower runtime, so a test using this needs TaskIdentity set
+    (see the ``server_identity`` fixtures).
+    """
+
+    def __init__(self, state_dir: Path, keep_record: bool = True, mods: Sequence[Mod] = ()):
+        self.revealed = {n: RevealedRounds(Path(state_dir) / f"site-{n}" / "secagg_revealed.json") for n in NODES}
+        self.app = ClientApp(mods=list(mods))
+        register_secure_aggregation(self.app, lambda context: (EXAMPLES[context.node_id], 2),
+                                    (lambda context: self.revealed[context.node_id]) if keep_record else None)
+        self.restart()
+
+    def restart(self) -> None:
+        self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n}, state=RecordDict(),
+                                    run_config={}) for n in NODES}
+
+    def deliver(self, _grid, requests: list[Message], _step: str, _timeout: float) -> list[Message]:
+        replies = []
+        for request in requests:
+            request.metadata.__dict__["_message_id"] = request.object_id  # as the SuperLink posts it
+            replies.append(self.app(request, self.contexts[request.metadata.dst_node_id]))
+        return replies
+
+    def exchange(self) -> SecureExchange:
+        return SecureExchange(None, {n: f"site-{n}" for n in NODES}, 60.0, send=self.deliver)
+
+
+def secure_round(sites: Sites, tag: bytes, updates: dict[int, np.ndarray], arriving: Sequence[int],
+                 exchange: SecureExchange | None = None) -> SecureSum:
+    """Set round ``tag`` up with every site; only ``arriving`` sites' masked vectors reach the server."""
+    exchange = exchange or sites.exchange()
+    prepared = set_up_round(exchange, tag, NODES, SETTINGS)
+    masked = {n: secure_aggregation.mask_update(sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}")
+              for n in arriving if n in prepared.inboxes}
+    result, _ = finish_round(exchange, prepared, masked, SETTINGS)
+    return result
+
+
+def weighted_mean(updates: dict[int, np.ndarray], nodes: Sequence[int]) -> np.ndarray:
+    total = sum(EXAMPLES[n] for n in nodes)
+    return sum(EXAMPLES[n] * updates[n].astype(np.float64) for n in nodes) / total
