@@ -10,7 +10,7 @@ work per site is fixed and only the number of sites grows. Each run is its own c
 start: a background thread samples the resident memory (RSS, and PSS, which shares pages
 fairly between processes) of the child's whole process tree (driver, Ray's GCS and raylet,
 the actors). A round's wall time is the gap between the checkpoints of consecutive rounds
-(local training on every site, the three SecAgg+ exchanges, held-out evaluation on the
+(local training on every site, the SecAgg+ exchanges, held-out evaluation on the
 server, the checkpoint); round 1 also loads every site's data and is left out of the median.
 Next to it, the CPU seconds the whole process tree spent in the same interval: Ray runs its
 actors at nice 15, so on a shared machine other people's work stretches wall time, not CPU.
@@ -19,6 +19,7 @@ Prints a table, writes JSON and a PNG.
     python benchmarks/scale.py             # 10, 25, 50, 100 sites x {dp, no-dp}, 3 rounds each
     python benchmarks/scale.py --quick     # 10 and 25 sites
     python benchmarks/scale.py --clients 10 200 --rounds 5 --variants dp
+    python benchmarks/scale.py --probe-only   # only the engine's polling cost, into scale.json
 """
 
 from __future__ import annotations
@@ -238,6 +239,43 @@ def accounting_cost(records_per_site: int, rounds: int) -> dict:
             "epsilon_per_ledger_entry_s": ledger_s}
 
 
+def engine_polling_cost(sizes: list[int], sweeps: int = 20) -> list[dict]:
+    """CPU seconds Flower's simulation engine spends finding each node's messages, per second of a round.
+
+    Every 0.1 s ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`` asks
+    ``InMemoryLinkState.get_message_ins`` for each node's next message, and each call checks
+    every message in the store: with one request in flight per site, O(sites^2) work ten
+    times a second, in the driver, however long the sites take to train. Timed here on
+    Flower's own ``get_message_ins`` over a store of one delivered request per site (the state
+    while sites train), with the federation check stubbed to a set copy.
+    """
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.common import now
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    out = []
+    for n in sizes:
+        state = InMemoryLinkState.__new__(InMemoryLinkState)  # only the fields get_message_ins reads
+        state.lock = threading.RLock()
+        state._federation_manager = SimpleNamespace(filter_nodes=lambda nodes, _federation: set(nodes))
+        state.run_ids = {1: SimpleNamespace(run=SimpleNamespace(federation_id="fedtune"))}
+        state.delete_messages = lambda _ids: None
+        created = now().timestamp()
+        state.message_ins_store = {
+            f"m{i}": SimpleNamespace(metadata=SimpleNamespace(created_at=created, ttl=1e9, src_node_id=0,
+                                                              dst_node_id=i + 1, run_id=1, delivered_at="yes"))
+            for i in range(n)}
+        start = time.process_time()
+        for _ in range(sweeps):
+            for node in range(1, n + 1):
+                state.get_message_ins(node_id=node, limit=1)
+        sweep_s = (time.process_time() - start) / sweeps
+        out.append({"clients": n, "sweep_cpu_s": sweep_s, "cpu_s_per_round_second": 10 * sweep_s})
+    return out
+
+
 def growth(rows: list[dict]) -> dict:
     """Largest over smallest federation of one variant: the factor each figure grows by."""
     small, large = rows[0], rows[-1]
@@ -296,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempts", type=int, default=2, help="runs of a size until every round aggregates every site")
     parser.add_argument("--update", action="store_true",
                         help="merge into the existing scale.json, replacing the sizes and variants measured now")
+    parser.add_argument("--probe-only", action="store_true",
+                        help="only time the simulation engine's message polling, into the existing scale.json")
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: one federation
     parser.add_argument("--variant", choices=VARIANTS, default="dp", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -312,6 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     print(f"scale: {args.clients} sites x {args.records_per_site} records, {args.rounds} rounds, tiny-bert, "
           f"SecAgg+ on, variants {args.variants}, {os.cpu_count()} CPUs, data {data_dir()}")
+    polling = engine_polling_cost(args.clients)
+    for p in polling:
+        print(f"Flower's simulation engine, {p['clients']:4d} sites: {p['cpu_s_per_round_second']:.3f} CPU s per "
+              "second of a round polling for messages (O(sites^2))", flush=True)
+    if args.probe_only:
+        report = json.loads((args.out / "scale.json").read_text())
+        report["engine_polling"] = polling
+        report["commands"] = report.get("commands", []) + [command("scale", argv if argv is not None else sys.argv[1:])]
+        rows = report["rows"]
+        write_report(args.out, "scale", report, lambda path: plot(rows, path), report["wall_s"])
+        return 0
     accounting = accounting_cost(args.records_per_site, args.rounds) if "dp" in args.variants else {}
     if accounting:
         print(f"privacy maths of one dp site (this process, load {os.getloadavg()[0]:.1f}): calibrate_noise "
@@ -359,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         "partition": "iid", "secure_aggregation": "SecAgg+ on in both variants",
                         "dp": "variant dp: DP-SGD, epsilon 8, delta 1e-4 per site; variant no-dp: off",
                         "cpus_per_client": 1.0, "local_steps": 5, "batch_size": 16},
-              "wall_s": time.time() - started, "accounting": accounting, "rows": rows, "summary": summary}
+              "wall_s": time.time() - started, "accounting": accounting, "engine_polling": polling, "rows": rows,
+              "summary": summary}
     write_report(args.out, "scale", report, lambda path: plot(rows, path), report["wall_s"])
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
