@@ -20,17 +20,7 @@ from client.site import RoundRequest, Site, SiteRefusal
 from common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
 from common.secure_aggregation.share_transport import ShareDecryptionError
-from common.wire import (
-    ADAPTER,
-    MASKED,
-    METRICS,
-    PLAN,
-    SECAGG,
-    STATUS,
-    flatten_adapter,
-    from_array_record,
-    to_array_record,
-)
+from common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
 
 log = logging.getLogger("fedtune.client")
 
