@@ -133,7 +133,8 @@ def server_app(sizes: list[int], rounds: int, n: int, results: list[dict]) -> Se
             plain, secure = statistics.median(times["plain"][1:]), statistics.median(times["secure"][1:])
             row = {"clients": n, "params": d, "plain_s": plain, "secure_s": secure, "ratio": secure / plain,
                    "plain_upload_bytes": upload["plain"], "secure_upload_bytes": upload["secure"],
-                   "secure_bits_per_value": 8 * upload["secure"] / d, "rounds_timed": rounds - 1}
+                   "secure_bits_per_value": 8 * upload["secure"] / d, "rounds_timed": rounds - 1,
+                   "plain_rounds_s": times["plain"][1:], "secure_rounds_s": times["secure"][1:]}
             results.append(row)
             print(f"  {n:3d} sites x {d / 1e6:4.1f}M: plain {plain:6.3f}s  secure {secure:6.3f}s  "
                   f"ratio {secure / plain:4.2f}x  upload {upload['plain'] / 1e6:5.2f} MB -> "
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of each kind per size (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds of each kind per size (the first is warm-up)")
     parser.add_argument("--quick", action="store_true", help="5 and 10 sites, 0.1M values, 3 rounds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

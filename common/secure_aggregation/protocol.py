@@ -183,9 +183,10 @@ class ClientRound:
         self.sent_masked = True
         grid = QuantisationGrid(p.clip_range, p.num_participants)
         rng = rng or np.random.default_rng(secrets.randbits(128))
-        quantised, clipped = quantise(update, self.num_examples / p.total_examples, grid, rng)
+        vector = np.empty(np.size(update) + 1, dtype=np.uint32)
+        _, clipped = quantise(update, self.num_examples / p.total_examples, grid, rng, out=vector[:-1])
         self.clipped = clipped
-        vector = np.concatenate([quantised, np.asarray([clipped], dtype=np.uint32)])
+        vector[-1] = clipped
         add_mask(vector, self.self_seed, +1)
         for j in self.alive:
             seed = agree(self.s_keys.private, p.neighbours[j][1], _info("mask", p.round_tag, p.index, j))

@@ -40,23 +40,32 @@ class QuantisationGrid:
         return self.clip_range / self.levels
 
 
-def quantise(update: np.ndarray, weight: float, grid: QuantisationGrid, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def quantise(update: np.ndarray, weight: float, grid: QuantisationGrid, rng: np.random.Generator,
+             out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """``update * weight`` on the grid, as uint32 (two's complement), and how many coordinates were clipped.
 
-    Works in place on one float64 buffer: this runs on every site in every secure round.
+    This runs on every site in every secure round, so it makes few passes over one float64
+    buffer and writes into ``out`` (uint32, the update's length) when given. Shifting by
+    2**31 before the cast turns the cast's truncation into the floor of stochastic rounding
+    and the shift back (the top bit flipped) into two's complement modulo 2**32.
     """
     if not 0.0 < weight <= 1.0:
         raise ValueError(f"aggregation weight must be in (0, 1], got {weight}")
-    x = np.array(update, dtype=np.float64).ravel()
+    x = np.asarray(update).ravel()
     if not np.isfinite(x.sum()) and not np.all(np.isfinite(x)):
         raise ValueError("the update contains NaN or infinity; it cannot be aggregated")
-    clipped = int(np.count_nonzero(x > grid.clip_range)) + int(np.count_nonzero(x < -grid.clip_range))
-    np.clip(x, -grid.clip_range, grid.clip_range, out=x)
-    x *= weight * grid.levels / grid.clip_range
-    x += rng.random(x.shape[0])
-    np.floor(x, out=x)
-    # int64 -> uint32 keeps the low 32 bits: two's complement modulo 2**32.
-    return x.astype(np.int64).astype(np.uint32), clipped
+    c = grid.clip_range
+    clipped = int(np.count_nonzero(x > c)) + int(np.count_nonzero(x < -c))
+    y = np.empty(x.shape[0], dtype=np.float64)
+    np.clip(x, -c, c, out=y)
+    y *= weight * grid.levels / c
+    # float32 draws: a rounding probability off by at most 2**-24 of one grid step.
+    y += rng.random(x.shape[0], dtype=np.float32)
+    y += 2.0 ** (MODULUS_BITS - 1)
+    out = np.empty(x.shape[0], dtype=np.uint32) if out is None else out
+    out[...] = y  # |y - 2**31| < 2**31: in range of uint32, truncation is the floor
+    out ^= np.uint32(1 << (MODULUS_BITS - 1))
+    return out, clipped
 
 
 def dequantise(total: np.ndarray, grid: QuantisationGrid) -> np.ndarray:
