@@ -347,8 +347,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3: round 1 is warm-up and the median needs two rounds")
     args.clients = sorted(args.clients)
-    work = args.work or Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print(f"scale: {args.clients} sites x {args.records_per_site} records, {args.rounds} rounds, tiny-bert, "
           f"SecAgg+ on, variants {args.variants}, {os.cpu_count()} CPUs, data {data_dir()}")
@@ -363,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = report["rows"]
         write_report(args.out, "scale", report, lambda path: plot(rows, path), report["wall_s"])
         return 0
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedtune-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
     accounting = accounting_cost(args.records_per_site, args.rounds) if "dp" in args.variants else {}
     if accounting:
         print(f"privacy maths of one dp site (this process, load {os.getloadavg()[0]:.1f}): calibrate_noise "
