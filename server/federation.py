@@ -245,11 +245,10 @@ class FederationServer:
     def _aggregate_securely(self, exchange: SecureExchange, prepared: PreparedRound, got: RoundReplies, round_: int,
                             settings: SecureSettings, next_tag: bytes | None) -> tuple[str, dict[str, Any]]:
         """SecAgg+ steps 3-4 over the masked replies; on failure the global adapter stays as it was."""
-        expected = (settings.vector_length + 1,)
         for node, (site, vector) in list(got.masked.items()):
-            if vector.dtype != np.uint32 or vector.shape != expected:
+            if (problem := prepared.server.malformed(vector)) is not None:
                 del got.masked[node]
-                got.failed[site] = f"masked vector of {vector.dtype} {vector.shape}; expected uint32 {expected}"
+                got.failed[site] = f"sent {problem}"
         for node, (site, vector) in got.masked.items():
             exchange.sites[node] = site
             if self.cfg.secure_aggregation.record_masked_inputs:

@@ -88,11 +88,9 @@ class SecureExchange:
             if not reply.has_error() and STATUS in reply.content:
                 self.sites.setdefault(node, str(reply.content[STATUS]["site-id"]))
             if reply.has_error():
-                self.drop(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
-                self.failed.add(self.site(node))
+                self.fail(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
             elif STATUS not in reply.content.config_records:
-                self.drop(node, step, "malformed reply: no status record")
-                self.failed.add(self.site(node))
+                self.fail(node, step, "malformed reply: no status record")
             elif reply.content[STATUS]["state"] != "ok":
                 self.drop(node, step, str(reply.content[STATUS]["reason"]))
                 self.refusals[self.site(node)] = str(reply.content[STATUS]["reason"])
@@ -100,8 +98,7 @@ class SecureExchange:
                 good[node] = reply.content
                 self.received(node, payload_nbytes(reply.content))
         for node in set(records) - {node for node, _ in replies}:
-            self.drop(node, step, "no reply before secure_aggregation.stage_timeout_s")
-            self.failed.add(self.site(node))
+            self.fail(node, step, "no reply before secure_aggregation.stage_timeout_s")
         return good
 
     def parsed(self, step: str, replies: Mapping[int, RecordDict], parse: Callable[[RecordDict], T]) -> dict[int, T]:
@@ -112,13 +109,17 @@ class SecureExchange:
             try:
                 out[node] = parse(content)
             except (KeyError, ValueError, TypeError) as exc:
-                self.drop(node, step, f"malformed reply: {exc}")
-                self.failed.add(self.site(node))
+                self.fail(node, step, f"malformed reply: {exc}")
         return out
 
     def received(self, node: int, nbytes: int) -> None:
         site = self.site(node)
         self.bytes_received[site] = self.bytes_received.get(site, 0) + nbytes
+
+    def fail(self, node: int, step: str, reason: str) -> None:
+        """Dropped by an error, a timeout or a malformed reply (not by a refusal)."""
+        self.drop(node, step, reason)
+        self.failed.add(self.site(node))
 
     def drop(self, node: int, step: str, reason: str) -> None:
         site = self.site(node)

@@ -30,3 +30,12 @@ def tiny_bert_spec():
 
     labels = ("card_arrival", "card_linking", "exchange_rate")
     return BaseModelSpec(resolve_model_dir(ModelConfig(name="tiny-bert")), "classification", "float32", labels)
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Let a test build and reply to Flower messages outside a Flower runtime (as the server would)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

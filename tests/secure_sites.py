@@ -32,7 +32,7 @@ class Sites:
     """Three sites; ``restart`` loses what they hold in memory (context.state), not what is on disk.
 
     Messages are built outside a Flower runtime, so a test using this needs TaskIdentity set
-    (see the ``server_identity`` fixtures).
+    (the ``server_identity`` fixture of tests/conftest.py).
     """
 
     def __init__(self, state_dir: Path, keep_record: bool = True, mods: Sequence[Mod] = ()):

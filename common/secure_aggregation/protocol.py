@@ -264,13 +264,19 @@ class ServerRound:
             for i in sorted(self.shared)
         }
 
+    def malformed(self, vector: np.ndarray) -> str | None:
+        """What is wrong with a masked vector's type or shape, or None when it fits this round."""
+        expected = (self.vector_length + 1,)
+        if vector.dtype != np.uint32 or vector.shape != expected:
+            return f"a masked vector of {vector.dtype} {vector.shape}; expected uint32 {expected}"
+        return None
+
     def receive_masked(self, replies: Mapping[int, np.ndarray]) -> dict[int, tuple[list[int], list[int]]]:
         """Record the masked vectors; what each finished site is asked to unmask (survivors, dropped)."""
         for node, vector in replies.items():
             v = np.asarray(vector)
-            if v.dtype != np.uint32 or v.shape != (self.vector_length + 1,):
-                raise SecureAggregationError(f"node {node} sent a masked vector of {v.dtype} {v.shape}; expected "
-                                             f"uint32 ({self.vector_length + 1},)")
+            if (problem := self.malformed(v)) is not None:
+                raise SecureAggregationError(f"node {node} sent {problem}")
             if self.index[node] in self.shared:
                 self.masked[self.index[node]] = v
         self._require(len(self.masked), "masked input")

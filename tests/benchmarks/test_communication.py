@@ -5,18 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import load_config, preset_path
 from tests.benchmarks.scripts import load_benchmark_script
 
+pytestmark = pytest.mark.usefixtures("server_identity")
+
 communication = load_benchmark_script("communication")
-
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 def _message(**arrays: np.ndarray) -> Message:

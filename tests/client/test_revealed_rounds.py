@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import secure_aggregation
 from common.secure_aggregation.protocol import ProtocolViolation, SecureAggregationError, SecureSum
@@ -20,11 +19,7 @@ from common.secure_aggregation.share_transport import ShareDecryptionError
 from server.secure_rounds import set_up_round
 from tests.secure_sites import EXAMPLES, NODES, SETTINGS, Sites, random_updates, secure_round, weighted_mean
 
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message
-from flwr.supercore.task_identity import TaskIdentity
 
 from client import secure_aggregation
 from common.secure_aggregation import records
@@ -15,11 +14,7 @@ from common.wire import SECAGG
 from server.secure_rounds import finish_round, set_up_round
 from tests.secure_sites import NODES, SETTINGS, Sites, random_updates, secure_round, weighted_mean
 
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 def corrupt(node: int, message_type: str, field: str):
