@@ -9,10 +9,13 @@ The sites are three real ClientApps' SecAgg+ handlers served in this process (te
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from client import secure_aggregation
+from client.revealed_rounds import RevealedRounds
 from common.secure_aggregation.protocol import ProtocolViolation, SecureAggregationError, SecureSum
 from common.secure_aggregation.records import round_tag
 from common.secure_aggregation.share_transport import ShareDecryptionError
@@ -87,3 +90,45 @@ def test_shares_are_opened_before_training_and_a_round_is_masked_once(tmp_path, 
     secure_aggregation.mask_opened(sites.contexts[11], opened, updates[11], "site-11")
     with pytest.raises(ProtocolViolation, match="out of order"):
         opened.masked_input(None, updates[11] * 2)  # a second vector under the same masks
+
+
+class SiteThatMustNotTrain:
+    """Stands in for ``client.site.Site``: any training (and privacy spending) fails the test."""
+
+    site_id, num_examples = "site-11", EXAMPLES[11]
+    policy = SimpleNamespace(min_aggregation_sites=2)
+
+    def __init__(self, state_dir):
+        self.revealed_rounds = RevealedRounds(state_dir / "secagg_revealed.json")
+        self.trained = 0
+
+    def train(self, request, adapter):
+        self.trained += 1
+        raise AssertionError("the site trained on a request whose shares do not open")
+
+
+def test_a_train_request_with_unusable_shares_is_refused_before_any_training(tmp_path):
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from client.app import build_client_app
+    from common.secure_aggregation.records import inbox_record
+    from common.wire import ADAPTER, PLAN, SECAGG, STATUS, to_array_record
+
+    sites = Sites(tmp_path)
+    tag = round_tag("run", 1)
+    prepared = set_up_round(sites.exchange(), tag, NODES, SETTINGS)
+    inbox = dict(prepared.inboxes[11])
+    sender = next(iter(inbox))
+    inbox[sender] = inbox[sender][:-1] + bytes([inbox[sender][-1] ^ 1])  # tampered in transit
+    site = SiteThatMustNotTrain(tmp_path)
+    app = build_client_app(lambda context: site)
+    plan = ConfigRecord({"run-id": "run", "round": 1, "total-rounds": 2, "local-steps": 1, "batch-size": 8, "lr": 0.1,
+                         "optimizer": "sgd", "dp": True, "epsilon": 8.0, "delta": 1e-4, "max-grad-norm": 1.0,
+                         "secure-aggregation": True})
+    request = Message(RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, dtype=np.float32)}), PLAN: plan,
+                                  SECAGG: inbox_record(tag, inbox)}), message_type=MessageType.TRAIN, dst_node_id=11)
+    request.metadata.__dict__["_message_id"] = request.object_id
+    reply = app(request, sites.contexts[11])  # the site's context holds round 1, set up
+    assert reply.content[STATUS]["state"] == "refused"
+    assert "failed authentication" in str(reply.content[STATUS]["reason"])
+    assert site.trained == 0
