@@ -46,15 +46,15 @@ from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from client import secure_aggregation  # noqa: E402
-from client.app import register_secure_aggregation  # noqa: E402
-from common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
-from common.secure_aggregation.neighbours import neighbour_count  # noqa: E402
-from common.secure_aggregation.quantisation import auto_clip_range  # noqa: E402
-from common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_record, round_tag  # noqa: E402
-from common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, payload_nbytes, to_array_record  # noqa: E402
-from server.federation import training_plan  # noqa: E402
-from server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
+from fedtune.client import secure_aggregation  # noqa: E402
+from fedtune.client.app import register_secure_aggregation  # noqa: E402
+from fedtune.common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
+from fedtune.common.secure_aggregation.neighbours import neighbour_count  # noqa: E402
+from fedtune.common.secure_aggregation.quantisation import auto_clip_range  # noqa: E402
+from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_record, round_tag  # noqa: E402
+from fedtune.common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, payload_nbytes, to_array_record  # noqa: E402
+from fedtune.server.federation import training_plan  # noqa: E402
+from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
 from results_report import command, machine, write_report  # noqa: E402
 
 RUN_ID = 1
@@ -219,9 +219,9 @@ def round_row(model_key: str, scheme: str, exchanges: list[Exchange], **extra: A
 
 def evaluation_metrics(cfg: FedtuneConfig, model: Any, tokenizer: Any) -> dict[str, float]:
     """The metric names and types a site really returns, from two records of the preset's data."""
-    from common.data.encoding import encode_examples
-    from common.data.federation_data import load_examples, load_label_set
-    from common.evaluation import evaluate_model
+    from fedtune.common.data.encoding import encode_examples
+    from fedtune.common.data.federation_data import load_examples, load_label_set
+    from fedtune.common.evaluation import evaluate_model
 
     labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
     data = encode_examples(load_examples(cfg.data.path, cfg)[:2], tokenizer, cfg.model.task, labels,
@@ -230,8 +230,8 @@ def evaluation_metrics(cfg: FedtuneConfig, model: Any, tokenizer: Any) -> dict[s
 
 
 def measure_model(model_key: str, sites: list[int], seed: int) -> list[dict[str, Any]]:
-    from common.models.loading import load_base_model, model_spec
-    from common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint
+    from fedtune.common.models.loading import load_base_model, model_spec
+    from fedtune.common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint
 
     cfg = load_config(preset_path(MODELS[model_key]))
     plain = load_config(preset_path(MODELS[model_key]), ["secure_aggregation.enabled=false"])

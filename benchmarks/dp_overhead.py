@@ -51,13 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from client.dp_training import LocalTrainPlan, poisson_batches, train_adapter  # noqa: E402
-from common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
-from common.data.encoding import IGNORE_INDEX, EncodedSet, encode_examples  # noqa: E402
-from common.data.federation_data import load_examples, load_label_set  # noqa: E402
-from common.losses import per_sample_causal_lm_loss  # noqa: E402
-from common.models.loading import model_spec  # noqa: E402
-from common.models.lora import build_adapted_model  # noqa: E402
+from fedtune.client.dp_training import LocalTrainPlan, poisson_batches, train_adapter  # noqa: E402
+from fedtune.common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
+from fedtune.common.data.encoding import IGNORE_INDEX, EncodedSet, encode_examples  # noqa: E402
+from fedtune.common.data.federation_data import load_examples, load_label_set  # noqa: E402
+from fedtune.common.losses import per_sample_causal_lm_loss  # noqa: E402
+from fedtune.common.models.loading import model_spec  # noqa: E402
+from fedtune.common.models.lora import build_adapted_model  # noqa: E402
 from results_report import command, machine, write_report  # noqa: E402
 
 NOISE_MULTIPLIER = 1.0

@@ -156,15 +156,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def preset_raw() -> dict:
-    from common.config import preset_path
+    from fedtune.common.config import preset_path
 
     return tomllib.loads(preset_path(PRESET).read_text(encoding="utf-8"))
 
 
 def build_site_files(work: Path, groups: dict[int, int], seed: int) -> dict:
     """The preset's three Dirichlet shares as files; bank 0 keeps half (members) plus the canaries."""
-    from common.config import PRESETS_DIR, config_from_dict
-    from common.data.federation_data import load_label_set, load_pool_and_test, partition_pool
+    from fedtune.common.config import PRESETS_DIR, config_from_dict
+    from fedtune.common.data.federation_data import load_label_set, load_pool_and_test, partition_pool
 
     cfg = config_from_dict(preset_raw(), PRESET, PRESETS_DIR)
     pool, _ = load_pool_and_test(cfg)
@@ -191,7 +191,7 @@ def build_site_files(work: Path, groups: dict[int, int], seed: int) -> dict:
 
 def variant_config(site_paths: list[Path], work: Path, variant: str, rounds: int | None, steps: int | None):
     """The preset with each bank reading its own file; only privacy differs between variants."""
-    from common.config import PRESETS_DIR, config_from_dict
+    from fedtune.common.config import PRESETS_DIR, config_from_dict
 
     raw = preset_raw()
     raw["run"] |= {"name": f"privacy-{variant}", "output_dir": str(work / "runs")}
@@ -217,9 +217,9 @@ def final_logits(run_dir: Path, texts_labels: list[tuple[str, str]], labels: lis
     import torch
     from transformers import AutoTokenizer
 
-    from common.data.encoding import encode_examples
-    from common.data.shapes import Example
-    from common.models.loading import load_exported_classifier
+    from fedtune.common.data.encoding import encode_examples
+    from fedtune.common.data.shapes import Example
+    from fedtune.common.models.loading import load_exported_classifier
 
     model = load_exported_classifier(run_dir / "merged")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
@@ -278,7 +278,7 @@ def score(run_dir: Path, setup: dict, max_length: int) -> dict:
 
 def run_variant(setup: dict, work: Path, variant: str, rounds: int | None, steps: int | None) -> dict:
     """Train one federation through the product's simulation, then read its ledger and score its final model."""
-    from server.simulation import simulate
+    from fedtune.simulation import simulate
 
     cfg = variant_config(setup["paths"], work, variant, rounds, steps)
     started = time.time()

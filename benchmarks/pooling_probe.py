@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.privacy.accounting import calibrate_noise, epsilon_spent  # noqa: E402
+from fedtune.common.privacy.accounting import calibrate_noise, epsilon_spent  # noqa: E402
 from results_report import command, machine, write_report  # noqa: E402
 
 DATA = Path(os.environ.get("FEDTUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "banking77"
@@ -118,10 +118,10 @@ def head_features(pooling: str, sites: int, per_site: int, eval_examples: int):
     """Per-site (features, labels), the test set's, and the head's initial weights, under ``pooling``."""
     import torch
 
-    from common.config import load_config, preset_path
-    from common.data.encoding import encode_examples
-    from common.data.federation_data import build_site_splits
-    from common.models.loading import load_base_model, load_tokenizer, model_spec
+    from fedtune.common.config import load_config, preset_path
+    from fedtune.common.data.encoding import encode_examples
+    from fedtune.common.data.federation_data import build_site_splits
+    from fedtune.common.models.loading import load_base_model, load_tokenizer, model_spec
 
     cfg = load_config(preset_path("banking77-minilm"), [
         f"data.path='{DATA / 'train.csv'}'", f"data.test_path='{DATA / 'test.csv'}'",

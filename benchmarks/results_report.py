@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.atomic_files import atomic_write_json
+from fedtune.common.atomic_files import atomic_write_json
 
 
 def machine() -> str:

@@ -1,6 +1,6 @@
 """Wall time per round and peak memory of a simulated federation as it grows from 10 to 100 sites.
 
-Each federation size is one real ``fedtune simulate`` run (``server.simulation.simulate``:
+Each federation size is one real ``fedtune simulate`` run (``fedtune.simulation.simulate``:
 Flower's simulation engine, one Ray actor per ``federation.cpus_per_client`` CPUs) of the
 random-initialised ``tiny-bert`` classifier with FFA-LoRA on Banking77 intents, in two
 variants run alternately at each size: ``dp``, the product's defaults (DP-SGD at epsilon 8 per
@@ -81,8 +81,8 @@ def run_one(clients: int, records_per_site: int, rounds: int, out: Path, variant
     """Child process: one simulated federation; its run directory is all the parent reads."""
     import logging
 
-    from common.config import config_from_dict
-    from server.simulation import simulate
+    from fedtune.common.config import config_from_dict
+    from fedtune.simulation import simulate
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     logging.getLogger("fedtune").setLevel(logging.ERROR)
@@ -222,8 +222,8 @@ def accounting_cost(records_per_site: int, rounds: int) -> dict:
     Every round a site calibrates its noise for the whole plan and asks its ledger for epsilon
     twice (the budget check before training, the entry after); see ``client.site.Site.train``.
     """
-    from common.config import DataConfig
-    from common.privacy.accounting import calibrate_noise, epsilon_spent
+    from fedtune.common.config import DataConfig
+    from fedtune.common.privacy.accounting import calibrate_noise, epsilon_spent
 
     cfg = federation_config(1, records_per_site, rounds, Path("."), "dp")
     train, privacy = cfg["train"], cfg["privacy"]

@@ -33,9 +33,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
-from client import secure_aggregation  # noqa: E402
-from client.app import register_secure_aggregation  # noqa: E402
-from common.secure_aggregation.records import (  # noqa: E402
+from fedtune.client import secure_aggregation  # noqa: E402
+from fedtune.client.app import register_secure_aggregation  # noqa: E402
+from fedtune.common.secure_aggregation.records import (  # noqa: E402
     SECAGG_NEXT,
     advertisement_from,
     inbox_from,
@@ -43,10 +43,10 @@ from common.secure_aggregation.records import (  # noqa: E402
     masked_record,
     round_tag,
 )
-from common.wire import MASKED, SECAGG, STATUS, payload_nbytes  # noqa: E402
-from server.aggregation import aggregate_adapters  # noqa: E402
-from server.messaging import send_and_collect, wait_for_nodes  # noqa: E402
-from server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
+from fedtune.common.wire import MASKED, SECAGG, STATUS, payload_nbytes  # noqa: E402
+from fedtune.server.aggregation import aggregate_adapters  # noqa: E402
+from fedtune.server.messaging import send_and_collect, wait_for_nodes  # noqa: E402
+from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
 from results_report import command, machine, write_report  # noqa: E402
 
 UPDATE_SCALE = 1e-3

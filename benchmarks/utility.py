@@ -1,6 +1,6 @@
 """What federated DP fine-tuning keeps of the model quality, against its baselines.
 
-Every variant is a real fedtune simulation (``server.simulation.simulate``, Flower's engine,
+Every variant is a real fedtune simulation (``fedtune.simulation.simulate``, Flower's engine,
 secure aggregation on wherever there are several sites) of the same preset with the same
 held-out test set, so the numbers are what a user of ``fedtune simulate`` gets, and every
 epsilon is the one the sites' own privacy ledgers recorded (Opacus RDP accountant over the
@@ -47,9 +47,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common.atomic_files import atomic_write_json  # noqa: E402
+from fedtune.common.atomic_files import atomic_write_json  # noqa: E402
 from results_report import machine  # noqa: E402
-from common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
+from fedtune.common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
 
 # The full data sets (see /work/shared/data/README.md); FEDTUNE_DATA points elsewhere.
 DATA = Path(os.environ.get("FEDTUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -192,7 +192,7 @@ def config_for(w: Workload, variant: str, runs_dir: Path, extra: list[str] = ())
 
 def site_files(w: Workload, site: int, runs_dir: Path) -> list[str]:
     """One federated site's training records and the federation's held-out set, as files of their own."""
-    from common.data.federation_data import build_site_splits
+    from fedtune.common.data.federation_data import build_site_splits
 
     cfg = config_for(w, "federated", runs_dir)
     sites, test = build_site_splits(cfg)
@@ -211,8 +211,8 @@ def site_files(w: Workload, site: int, runs_dir: Path) -> list[str]:
 def run_variant(w: Workload, variant: str, runs_dir: Path, previous: dict[str, Any] | None,
                 on_start) -> dict[str, Any]:
     """One simulation (resumed if ``previous`` names a run directory it left unfinished)."""
-    from server.run_directory import load_run_config
-    from server.simulation import simulate
+    from fedtune.server.run_directory import load_run_config
+    from fedtune.simulation import simulate
 
     prior_s = 0.0
     start = time.time()
@@ -224,7 +224,7 @@ def run_variant(w: Workload, variant: str, runs_dir: Path, previous: dict[str, A
     else:
         extra = site_files(w, int(variant.rsplit("-", 1)[1]), runs_dir) if variant.startswith("local-site-") else []
         cfg = config_for(w, variant, runs_dir, extra)
-        from server.run_directory import new_run_dir
+        from fedtune.server.run_directory import new_run_dir
 
         run_dir = new_run_dir(cfg)
         on_start({"run_dir": str(run_dir), "wall_s": 0.0, "done": False})

@@ -14,13 +14,13 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import secure_aggregation
-from client.revealed_rounds import RevealedRounds
-from client.site import RoundRequest, Site, SiteRefusal
-from common.secure_aggregation.protocol import ClientRound, ProtocolViolation
-from common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
-from common.secure_aggregation.share_transport import ShareDecryptionError
-from common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
+from fedtune.client import secure_aggregation
+from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.client.site import RoundRequest, Site, SiteRefusal
+from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
+from fedtune.common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
+from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
+from fedtune.common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
 
 log = logging.getLogger("fedtune.client")
 
@@ -176,16 +176,19 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
     return app
 
 
-def simulated_site_factory(cfg, spec, run_dir: Path) -> SiteFactory:
-    """Sites of a simulation: each derives its own share of the data from its partition id."""
+def simulated_site_factory(cfg, spec, run_dir: Path, verbose: bool = False) -> SiteFactory:
+    """Sites of a simulation: each derives its own share of the data from its partition id.
+
+    Their logs go to ``RUN_DIR/logs/sites.log`` (lines name the site).
+    """
     cache: dict[int, Site] = {}
 
     def site_for(context: Context) -> Site:
-        from common.data.federation_data import build_site_splits, load_site_files
-        from common.data.readers import DataError
-        from common.logs import configure_logging
+        from fedtune.common.data.federation_data import build_site_splits, load_site_files
+        from fedtune.common.data.readers import DataError
+        from fedtune.common.logs import configure_logging
 
-        configure_logging()
+        configure_logging(verbose, Path(run_dir) / "logs" / "sites.log")
         pid = int(context.node_config["partition-id"])
         if pid not in cache:
             try:

@@ -15,14 +15,14 @@ from pathlib import Path
 
 from flwr.app import Context
 
-from client.app import DATA_INVALID, SiteNotReady, build_client_app
-from client.policy import PolicyError, SitePolicy, load_policy
-from client.site import Site
-from common.config import config_from_run_config
-from common.data.federation_data import load_examples, split_site
-from common.data.readers import DataError
-from common.logs import configure_logging
-from common.models.loading import model_spec
+from fedtune.client.app import DATA_INVALID, SiteNotReady, build_client_app
+from fedtune.client.policy import PolicyError, SitePolicy, load_policy
+from fedtune.client.site import Site
+from fedtune.common.config import config_from_run_config
+from fedtune.common.data.federation_data import load_examples, split_site
+from fedtune.common.data.readers import DataError
+from fedtune.common.logs import configure_logging
+from fedtune.common.models.loading import model_spec
 
 log = logging.getLogger("fedtune.client")
 

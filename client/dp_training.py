@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from common.data.encoding import EncodedSet
-from common.losses import per_sample_loss
+from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.losses import per_sample_loss
 
 
 @dataclass(frozen=True)

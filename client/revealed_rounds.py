@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.atomic_files import atomic_write_json
-from common.secure_aggregation.protocol import ProtocolViolation
+from fedtune.common.atomic_files import atomic_write_json
+from fedtune.common.secure_aggregation.protocol import ProtocolViolation
 
 
 class AlreadyRevealed(ProtocolViolation):

@@ -16,10 +16,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from client.revealed_rounds import RevealedRounds
-from common.secure_aggregation.key_agreement import KeyPair, public_key_of
-from common.secure_aggregation.protocol import ClientRound, ProtocolViolation
-from common.secure_aggregation.records import (
+from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.common.secure_aggregation.key_agreement import KeyPair, public_key_of
+from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
+from fedtune.common.secure_aggregation.records import (
     SECAGG_NEXT,
     advertisement_record,
     indexed_bytes_record,
@@ -27,7 +27,7 @@ from common.secure_aggregation.records import (
     params_record,
     unmask_reply_record,
 )
-from common.wire import SECAGG, STATUS
+from fedtune.common.wire import SECAGG, STATUS
 
 log = logging.getLogger("fedtune.client.secagg")
 

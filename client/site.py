@@ -19,25 +19,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.dp_training import LocalTrainPlan, train_adapter
-from client.policy import PolicyViolation, SitePolicy
-from client.revealed_rounds import RevealedRounds
-from common.atomic_files import atomic_write_bytes, atomic_write_json
-from common.config import FedtuneConfig
-from common.data.encoding import EncodedSet, encode_examples
-from common.data.federation_data import SiteSplit, load_label_set
-from common.evaluation import evaluate_model
-from common.models.loading import BaseModelSpec
-from common.models.lora import (
+from fedtune.client.dp_training import LocalTrainPlan, train_adapter
+from fedtune.client.policy import PolicyViolation, SitePolicy
+from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.common.atomic_files import atomic_write_bytes, atomic_write_json
+from fedtune.common.config import FedtuneConfig
+from fedtune.common.data.encoding import EncodedSet, encode_examples
+from fedtune.common.data.federation_data import SiteSplit, load_label_set
+from fedtune.common.evaluation import evaluate_model
+from fedtune.common.models.loading import BaseModelSpec
+from fedtune.common.models.lora import (
     adapter_digest,
     adapter_state,
     build_adapted_model,
     frozen_a_fingerprint,
     load_adapter_state,
 )
-from common.privacy.accounting import calibrate_noise
-from common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
-from common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from fedtune.common.privacy.accounting import calibrate_noise
+from fedtune.common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
+from fedtune.common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 
 log = logging.getLogger("fedtune.site")
 

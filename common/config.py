@@ -30,32 +30,47 @@ class _Section(BaseModel):
 
 
 class RunConfig(_Section):
-    name: str = "fedtune"
-    output_dir: Path = Path("runs")
-    seed: int = 0
+    """What the run is called and where it is kept."""
+
+    name: str = Field("fedtune", description="Name of the run: prefix of its directory; in a deployment, the run id "
+                      "sites key their ledgers by (a site's policy.toml lists the run ids it accepts).")
+    description: str = Field("", description="One line saying what this config is for (shown by `fedtune presets`).")
+    output_dir: Path = Field(Path("runs"), description="Folder that receives one directory per run.")
+    seed: int = Field(0, description="Seed of everything public and reproducible: partitioning, splits, the held-out "
+                      "sample, tiny models. Never the DP noise or sampling, which come from the OS CSPRNG.")
 
 
 class ModelConfig(_Section):
     """Which base model to adapt: a built-in name or a local Hugging Face directory."""
 
-    name: str = "minilm-l6"
-    path: Path | None = None
-    task: Literal["causal-lm", "classification"] = "classification"
-    max_length: int = Field(64, gt=0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    # Classification: "mean" pools token states over the mask (how sentence encoders such as
-    # MiniLM were trained); "model" keeps the architecture's own head; "auto" picks "mean" for
-    # BERT-style encoders. See common/models/pooling.py.
-    pooling: Literal["auto", "mean", "model"] = "auto"
+    name: str = Field("minilm-l6", description="Built-in model (minilm-l6, smollm2-135m; tiny-llama, tiny-bert for "
+                      "tests). Ignored when model.path is set.")
+    path: Path | None = Field(None, description="Local Hugging Face model directory (config.json, weights, "
+                              "tokenizer); overrides model.name.")
+    task: Literal["causal-lm", "classification"] = Field(
+        "classification", description="What the model learns: `classification` (a head over the agreed labels) or "
+        "`causal-lm` (generation). Must fit data.task.")
+    max_length: int = Field(64, gt=0, description="Tokens per record after truncation (prompt and response together "
+                            "for causal-lm).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Precision of the frozen base weights.")
+    pooling: Literal["auto", "mean", "model"] = Field(
+        "auto", description="Classification: `mean` pools token states over the mask (how sentence encoders such "
+        "as MiniLM were trained); `model` keeps the architecture's own head; `auto` picks `mean` for BERT-style "
+        "encoders (see common/models/pooling.py).")
 
 
 class LoraSettings(_Section):
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=list)
-    ffa: bool = False
-    init_seed: int = 0
+    """The LoRA adapter (Hu et al., 2021): the only weights that are trained and travel."""
+
+    rank: int = Field(8, gt=0, description="LoRA rank r of each adapted matrix.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(default_factory=list, description="Names of the linear modules to adapt "
+                                      "(empty: the architecture's attention projections).")
+    ffa: bool = Field(False, description="FFA-LoRA (Sun et al., ICLR 2024): A frozen from a shared seed, only B "
+                      "trained and sent; exact averaging, half the traffic, fewer noisy coordinates under DP.")
+    init_seed: int = Field(0, description="Seed of the adapter's initial weights; identical on every site and the "
+                           "server (FFA-LoRA's shared A).")
 
 
 class FieldMap(_Section):
@@ -65,39 +80,50 @@ class FieldMap(_Section):
     own name. ``system`` optionally names a column with a per-record system prompt.
     """
 
-    text: str = "text"
-    label: str = "label"
-    prompt: str = "prompt"
-    completion: str = "completion"
-    question: str = "question"
-    answer: str = "answer"
-    instruction: str = "instruction"
-    input: str = "input"
-    output: str = "output"
-    messages: str = "messages"
-    system: str = ""
+    text: str = Field("text", description="classification: the text to classify.")
+    label: str = Field("label", description="classification: the label (a name or an index into the agreed labels).")
+    prompt: str = Field("prompt", description="prompt-completion: the raw prompt.")
+    completion: str = Field("completion", description="prompt-completion: the continuation to learn.")
+    question: str = Field("question", description="question-answer: the question.")
+    answer: str = Field("answer", description="question-answer: the answer to learn.")
+    instruction: str = Field("instruction", description="instruction: the instruction.")
+    input: str = Field("input", description="instruction: optional extra input, appended to the instruction.")
+    output: str = Field("output", description="instruction: the response to learn.")
+    messages: str = Field("messages", description="chat: a list of {role, content} messages; the last assistant "
+                          "turn is learned.")
+    system: str = Field("", description="Optional column with a per-record system prompt (empty: none).")
 
 
 class DataConfig(_Section):
     """Where the records are, how to read them and which fields hold what."""
 
-    path: Path | None = None
-    site_paths: list[Path] = Field(default_factory=list)
-    test_path: Path | None = None
-    labels_file: Path | None = None
-    labels: list[str] = Field(default_factory=list)
-    task: DataTask | None = None
-    fields: FieldMap = FieldMap()
-    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = "auto"
-    header: Literal["auto", "yes", "no"] = "auto"
-    delimiter: str = Field("", max_length=1)
-    column_names: list[str] = Field(default_factory=list)
-    max_record_bytes: int = Field(1_000_000, gt=0)
-    on_malformed: Literal["fail", "skip"] = "fail"
-    max_records: int = Field(0, ge=0)
-    holdout_fraction: float = Field(0.1, ge=0, lt=1)
-    val_fraction: float = Field(0.1, ge=0, lt=1)
-    max_eval_examples: int = Field(256, gt=0)
+    path: Path | None = Field(None, description="Simulation: the records shared among the simulated sites.")
+    site_paths: list[Path] = Field(default_factory=list, description="partition.scheme = 'files': one file or "
+                                   "folder per site, read on that site only.")
+    test_path: Path | None = Field(None, description="The server's own held-out set (else a share of data.path "
+                                   "is held out).")
+    labels_file: Path | None = Field(None, description="JSON list of the agreed label names (classification).")
+    labels: list[str] = Field(default_factory=list, description="The agreed label names, inline (instead of "
+                              "data.labels_file).")
+    task: DataTask | None = Field(None, description="Record shape: classification, chat, prompt-completion, "
+                                  "question-answer or instruction (default: from model.task).")
+    fields: FieldMap = Field(FieldMap(), description="Which column or key holds each part of a record.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
+        "auto", description="File format; `auto` goes by the extension and content.")
+    header: Literal["auto", "yes", "no"] = Field("auto", description="CSV: whether the first row names the columns.")
+    delimiter: str = Field("", max_length=1, description="CSV: the field separator (empty: detected).")
+    column_names: list[str] = Field(default_factory=list, description="CSV without a header: names of the columns, "
+                                    "in order.")
+    max_record_bytes: int = Field(1_000_000, gt=0, description="Records larger than this are malformed.")
+    on_malformed: Literal["fail", "skip"] = Field("fail", description="`fail`: a malformed record stops the site "
+                                                  "with its line named; `skip`: it is dropped and counted.")
+    max_records: int = Field(0, ge=0, description="Read at most this many records (0: all).")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Simulation without data.test_path: share of "
+                                    "data.path held out for the server's evaluation.")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each site's records kept for its own "
+                                "validation.")
+    max_eval_examples: int = Field(256, gt=0, description="Cap on the server's held-out set and each site's "
+                                   "validation split.")
 
     @field_validator("path", "test_path", "labels_file")
     @classmethod
@@ -118,44 +144,54 @@ class DataConfig(_Section):
 class PartitionConfig(_Section):
     """How a simulation shares ``data.path`` among sites; ``files`` gives each site its own ``data.site_paths`` entry."""
 
-    scheme: Literal["iid", "dirichlet", "column", "files"] = "iid"
-    num_clients: int = Field(3, gt=0)
-    alpha: float = Field(0.5, gt=0)
-    column: str = "source"
-    min_examples: int = Field(20, gt=0)
+    scheme: Literal["iid", "dirichlet", "column", "files"] = Field(
+        "iid", description="`iid`: uniform shares; `dirichlet`: label skew of strength partition.alpha; `column`: "
+        "one site per value of partition.column; `files`: each site its own data.site_paths entry.")
+    num_clients: int = Field(3, gt=0, description="Number of sites.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller is more skewed.")
+    column: str = Field("source", description="scheme = 'column': the field whose values name the sites.")
+    min_examples: int = Field(20, gt=0, description="Fewest training records a simulated site may get.")
 
 
 class FederationConfig(_Section):
-    rounds: int = Field(3, gt=0)
-    min_clients: int = Field(1, gt=0)
-    cpus_per_client: float = Field(1.0, gt=0)
-    round_timeout_s: float = Field(3600.0, gt=0)
+    """Rounds and how the server waits for sites."""
+
+    rounds: int = Field(3, gt=0, description="Training rounds.")
+    min_clients: int = Field(1, gt=0, description="Fewest contributing sites for a round to be aggregated.")
+    strategy: Literal["fedavg"] = Field("fedavg", description="How the server turns the sites' mean update into the "
+                                        "next global adapter (see server/strategies/).")
+    cpus_per_client: float = Field(1.0, gt=0, description="Simulation: CPUs Ray reserves for each site's actor.")
+    round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
 
 
 class TrainConfig(_Section):
-    local_steps: int = Field(10, gt=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(5e-3, gt=0)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    eval_batch_size: int = Field(32, gt=0)
-    torch_threads: int = Field(1, gt=0)
-    # Imbalanced classes are re-weighted in the loss, never oversampled (see common/data/preparation.py).
-    class_weighting: Literal["none", "balanced"] = "none"
+    """Each site's local training in a round."""
+
+    local_steps: int = Field(10, gt=0, description="Optimiser steps per site per round.")
+    batch_size: int = Field(32, gt=0, description="Expected records per step (Poisson sampling under DP).")
+    lr: float = Field(5e-3, gt=0, description="Learning rate of the local optimiser.")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Local optimiser (fresh each round).")
+    eval_batch_size: int = Field(32, gt=0, description="Records per evaluation batch.")
+    torch_threads: int = Field(1, gt=0, description="CPU threads torch uses on a site.")
+    class_weighting: Literal["none", "balanced"] = Field(
+        "none", description="Classification: `balanced` re-weights the loss by inverse class frequency (from a DP "
+        "label histogram under DP); never oversampling.")
 
 
 class PrivacyConfig(_Section):
     """Target (epsilon, delta) for each site over the whole federation."""
 
-    enabled: bool = True
-    epsilon: float = Field(8.0, gt=0)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-    # Sites send their validation loss/accuracy (aggregate scalars over their own validation
-    # split, not DP-protected) only when they opt in.
-    share_site_metrics: bool = False
-    # Noise multiplier of the label histogram behind train.class_weighting = "balanced" under DP.
-    histogram_noise: float = Field(10.0, gt=0)
+    enabled: bool = Field(True, description="DP-SGD on every site (record-level differential privacy).")
+    epsilon: float = Field(8.0, gt=0, description="Each site's target epsilon over the whole run.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Each site's delta; must be below 1/n of its training "
+                         "records.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Per-record gradient clipping norm.")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant behind calibration and the "
+                                              "ledger.")
+    share_site_metrics: bool = Field(False, description="Sites send their validation loss/accuracy (aggregate "
+                                     "scalars, not DP-protected) only when this and their policy allow it.")
+    histogram_noise: float = Field(10.0, gt=0, description="Noise multiplier of the label histogram behind "
+                                   "train.class_weighting = 'balanced' under DP.")
 
 
 class SecureAggregationConfig(_Section):
@@ -165,28 +201,34 @@ class SecureAggregationConfig(_Section):
     (0: derived from the optimiser, see ``auto_clip_range``); clipped values are counted
     and reported. The sum is revealed only over at least ``max(2, federation.min_clients)``
     sites; ``threshold_fraction`` of each site's neighbourhood must stay to rebuild masks.
-    ``record_masked_inputs`` keeps, in the run directory, every masked vector the server
-    received: what the server holds, for an auditor to inspect (d+1 uint32 a site a round).
     """
 
-    enabled: bool = True
-    neighbours: int = Field(0, ge=0)
-    threshold_fraction: float = Field(0.5, ge=0.5, lt=1)
-    clip_range: float = Field(0.0, ge=0)
-    stage_timeout_s: float = Field(300.0, gt=0)
-    record_masked_inputs: bool = False
+    enabled: bool = Field(True, description="Mask every update (SecAgg+, Bell et al. 2020): the server learns only "
+                          "the sum.")
+    neighbours: int = Field(0, ge=0, description="Size of each site's masking neighbourhood (0: derived from the "
+                            "number of sites).")
+    threshold_fraction: float = Field(0.5, ge=0.5, lt=1, description="Share of a neighbourhood that must stay to "
+                                      "rebuild a dropped site's masks.")
+    clip_range: float = Field(0.0, ge=0, description="Each update coordinate is clipped to +-clip_range before "
+                              "quantisation (0: derived from the optimiser).")
+    stage_timeout_s: float = Field(300.0, gt=0, description="Seconds the server waits for each secure-aggregation "
+                                   "exchange.")
+    record_masked_inputs: bool = Field(False, description="Keep every masked vector the server received in the run "
+                                       "directory, for an auditor (d+1 uint32 a site a round).")
 
 
 class FedtuneConfig(_Section):
-    run: RunConfig = RunConfig()
-    model: ModelConfig = ModelConfig()
-    lora: LoraSettings = LoraSettings()
-    data: DataConfig
-    partition: PartitionConfig = PartitionConfig()
-    federation: FederationConfig = FederationConfig()
-    train: TrainConfig = TrainConfig()
-    privacy: PrivacyConfig = PrivacyConfig()
-    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    """A whole federation: one section a concern, as in the TOML file."""
+
+    run: RunConfig = Field(RunConfig(), description="What the run is called and where it is kept.")
+    model: ModelConfig = Field(ModelConfig(), description="The base model.")
+    lora: LoraSettings = Field(LoraSettings(), description="The LoRA adapter.")
+    data: DataConfig = Field(description="The records and how to read them.")
+    partition: PartitionConfig = Field(PartitionConfig(), description="How sites get their data.")
+    federation: FederationConfig = Field(FederationConfig(), description="Rounds and aggregation.")
+    train: TrainConfig = Field(TrainConfig(), description="Local training.")
+    privacy: PrivacyConfig = Field(PrivacyConfig(), description="Record-level differential privacy.")
+    secure_aggregation: SecureAggregationConfig = Field(SecureAggregationConfig(), description="SecAgg+.")
 
     @model_validator(mode="before")
     @classmethod

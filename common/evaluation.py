@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.data.encoding import EncodedSet
-from common.losses import per_sample_causal_lm_loss
+from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.losses import per_sample_causal_lm_loss
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int]) -> float:

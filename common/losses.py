@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.data.encoding import IGNORE_INDEX
+from fedtune.common.data.encoding import IGNORE_INDEX
 
 
 def per_sample_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from common.atomic_files import atomic_write_bytes
+from fedtune.common.atomic_files import atomic_write_bytes
 
 log = logging.getLogger("fedtune.deploy.registry")
 

@@ -17,132 +17,31 @@ starts with ``--trusted-entities``.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import FedtuneConfig, config_to_toml_dict
-from deploy.app_registry import app_identity, publish_app
-from deploy.credentials import (
+from fedtune.common.config import FedtuneConfig, config_to_toml_dict
+from fedtune.deploy.app_registry import publish_app
+from fedtune.deploy.commands import (
+    register_command,
+    registry_command,
+    run_command,
+    sign_command,
+    superlink_command,
+    superlink_env,
+    supernode_command,
+)
+from fedtune.deploy.compose import write_compose_files
+from fedtune.deploy.credentials import (
     make_ca,
     make_server_certificate,
     make_signing_key,
     make_site_auth_key,
     trusted_entities_yaml,
 )
-
-CONNECTION = "fedtune"
-APP_NAME = "fedtune-app"
-SUPERNODE_BASE_PORT = 9094
-
-
-@dataclass(frozen=True)
-class Deployment:
-    root: Path
-    host: str
-    port: int
-    sites: tuple[str, ...]
-    registry_port: int = 8001
-
-    @property
-    def operator(self) -> Path:
-        return self.root / "operator"
-
-    @property
-    def app(self) -> Path:
-        return self.operator / "app"
-
-    def site_dir(self, site: str) -> Path:
-        return self.root / "sites" / site
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    @property
-    def registry(self) -> Path:
-        return self.operator / "registry"
-
-    @property
-    def registry_url(self) -> str:
-        """The app registry runs beside the SuperLink, on loopback: only the SuperLink asks it."""
-        return f"http://127.0.0.1:{self.registry_port}/v1"
-
-    @property
-    def signing_key_id(self) -> str:
-        return (self.operator / "signing.key-id").read_text().strip()
-
-
-def load_deployment(root: Path) -> Deployment:
-    """The deployment that ``init_deployment`` wrote under ``root``."""
-    path = Path(root).resolve() / "deployment.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {root} is not a folder written by `fedtune deploy init`")
-    meta = json.loads(path.read_text())
-    return Deployment(path.parent, meta["host"], int(meta["port"]), tuple(meta["sites"]), int(meta["registry_port"]))
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for a Flower process: this Python's tools first on PATH, its own Flower home."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
-    return env
-
-
-def superlink_env(d: Deployment) -> dict[str, str]:
-    """Where the SuperLink fetches signed app bundles (Flower reads it at import time)."""
-    return {"FLWR_SUPERGRID_API_URL": d.registry_url}
-
-
-def registry_command(d: Deployment) -> list[str]:
-    return ["fedtune", "deploy", "registry", str(d.root)]
-
-
-def sign_command(d: Deployment) -> list[str]:
-    return ["fedtune", "deploy", "sign", str(d.root)]
-
-
-def superlink_command(d: Deployment) -> list[str]:
-    o = d.operator
-    return [
-        "flower-superlink", "--ssl-ca-certfile", str(o / "ca.crt"), "--ssl-certfile", str(o / "superlink.crt"),
-        "--ssl-keyfile", str(o / "superlink.key"), "--enable-supernode-auth",
-        "--database", str(o / "superlink-state.db"), "--host", d.host, "--port", str(d.port),
-        "--disable-runtime-dependency-installation",
-    ]
-
-
-def register_command(d: Deployment, site: str) -> list[str]:
-    return ["flwr", "supernode", "register", str(d.operator / "site-keys" / f"{site}.pub"), CONNECTION]
-
-
-def run_command(d: Deployment, signed: bool = True) -> list[str]:
-    """Run the signed bundle by name; ``signed=False`` sends the local folder, which signed-only sites refuse."""
-    if not signed:
-        return ["flwr", "run", str(d.app), CONNECTION, "--stream"]
-    app_id, version = app_identity(d.app)
-    return ["flwr", "run", f"{app_id}=={version}", CONNECTION, "--stream"]
-
-
-def supernode_command(d: Deployment, site: str, require_signed_apps: bool = True, port: int | None = None,
-                      root_certificates: Path | None = None, auth_key: Path | None = None) -> list[str]:
-    s = d.site_dir(site)
-    index = d.sites.index(site) if site in d.sites else 0
-    node_config = " ".join([
-        f"site-id={json.dumps(site)}", f"partition-id={index}",
-        f"policy={json.dumps(str(s / 'policy.toml'))}", f"state-dir={json.dumps(str(s / 'state'))}",
-    ])
-    cmd = [
-        "flower-supernode", "--superlink", d.address, "--root-certificates", str(root_certificates or s / "ca.crt"),
-        "--auth-supernode-private-key", str(auth_key or s / "auth"), "--node-config", node_config,
-        "--port", str(port or SUPERNODE_BASE_PORT + index), "--max-retries", "3",
-    ]
-    if require_signed_apps:
-        cmd += ["--trusted-entities", str(s / "trusted_entities.yaml")]
-    return cmd
+from fedtune.deploy.layout import APP_NAME, CONNECTION, SUPERLINK_SERVICE, Deployment
+from fedtune.deploy.systemd_units import write_systemd_units
 
 
 def _script(path: Path, lines: list[list[str]], env_home: Path, env: dict[str, str] | None = None) -> None:
@@ -201,9 +100,6 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
     sites = tuple(site_ids or [f"site-{i}" for i in range(cfg.partition.num_clients)])
     d = Deployment(root, host, port, sites, registry_port or port + 1)
     o = d.operator
-    from deploy.compose import SUPERLINK_SERVICE  # deploy.compose builds on this module
-    from deploy.service_files import write_service_files
-
     ca_key, ca_cert = make_ca(o)
     make_server_certificate(o, ca_key, ca_cert, host, aliases=(SUPERLINK_SERVICE,))
     key_id, signer_public = make_signing_key(o)
@@ -231,8 +127,8 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
     (package / "__init__.py").write_text('"""Entry points of the fedtune Flower app."""\n')
     for role in ("server", "client"):
         (package / f"{role}_app.py").write_text(
-            f'"""The {role} side, from the installed fedtune package."""\n\nimport {role}.deployment\n\n'
-            f"app = {role}.deployment.app\n")
+            f'"""The {role} side, from the installed fedtune package."""\n\n'
+            f"from fedtune.{role}.deployment import app\n\n__all__ = [\"app\"]\n")
     (d.app / "pyproject.toml").write_text(_app_pyproject(cfg, Path(output_dir or o / "runs").resolve()))
     publish_app(d.app, o / "signing.key", key_id, d.registry)
     _script(o / "start-registry.sh", [registry_command(d)], home)
@@ -240,5 +136,6 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
     _script(o / "register-sites.sh", [register_command(d, s) for s in sites], home)
     _script(o / "sign-app.sh", [sign_command(d)], home)
     _script(o / "run-federation.sh", [run_command(d)], home)
-    write_service_files(d)
+    write_compose_files(d)
+    write_systemd_units(d)
     return d

@@ -24,9 +24,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
-from deploy.bundle import (
-    CONNECTION,
-    Deployment,
+from fedtune.deploy.commands import (
     register_command,
     registry_command,
     run_command,
@@ -35,9 +33,9 @@ from deploy.bundle import (
     superlink_env,
     supernode_command,
 )
+from fedtune.deploy.layout import CONNECTION, SUPERLINK_SERVICE, Deployment
 
 CONTAINER_ROOT = Path("/fedtune")
-SUPERLINK_SERVICE = "superlink"
 IMAGE = "${FEDTUNE_IMAGE:-fedtune}"
 USER = "${FEDTUNE_UID:-1000}:${FEDTUNE_GID:-1000}"
 CACHE_VOLUME = "fedtune-cache"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from deploy.bundle import Deployment
+from fedtune.deploy.layout import Deployment
 
 SUPERLINK_UNIT = "fedtune-superlink.service"
 REGISTRY_UNIT = "fedtune-app-registry.service"

@@ -7,13 +7,13 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.atomic_files import atomic_write_json
-from common.config import FedtuneConfig
-from common.data.encoding import encode_examples
-from common.data.federation_data import load_label_set, server_test_set
-from common.models.loading import BaseModelSpec
-from server.federation import FederationServer
-from server.global_model import GlobalModel
+from fedtune.common.atomic_files import atomic_write_json
+from fedtune.common.config import FedtuneConfig
+from fedtune.common.data.encoding import encode_examples
+from fedtune.common.data.federation_data import load_label_set, server_test_set
+from fedtune.common.models.loading import BaseModelSpec
+from fedtune.server.federation import FederationServer
+from fedtune.server.global_model import GlobalModel
 
 
 def run_federation(grid: Grid, cfg: FedtuneConfig, spec: BaseModelSpec, run_dir: Path, resume: bool) -> None:

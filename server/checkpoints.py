@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.atomic_files import atomic_write_json, write_dir_atomically
+from fedtune.common.atomic_files import atomic_write_json, write_dir_atomically
 
 _ROUND_DIR = re.compile(r"^round-(\d{4})$")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import config_from_run_config
-from common.logs import configure_logging
-from common.models.loading import model_spec
-from server.app import run_federation
-from server.run_directory import named_run_dir
+from fedtune.common.config import config_from_run_config
+from fedtune.common.logs import configure_logging
+from fedtune.common.models.loading import model_spec
+from fedtune.server.app import run_federation
+from fedtune.server.run_directory import named_run_dir
 
 log = logging.getLogger("fedtune.server")
 

@@ -19,13 +19,13 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
-from common.atomic_files import atomic_write_bytes
-from common.config import FedtuneConfig
-from common.data.encoding import EncodedSet
-from common.secure_aggregation.protocol import Advertisement, SecureAggregationError
-from common.secure_aggregation.quantisation import auto_clip_range
-from common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_from, round_tag
-from common.wire import (
+from fedtune.common.atomic_files import atomic_write_bytes
+from fedtune.common.config import FedtuneConfig
+from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.secure_aggregation.protocol import Advertisement, SecureAggregationError
+from fedtune.common.secure_aggregation.quantisation import auto_clip_range
+from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_from, round_tag
+from fedtune.common.wire import (
     ADAPTER,
     MASKED,
     METRICS,
@@ -37,12 +37,12 @@ from common.wire import (
     to_array_record,
     unflatten_adapter,
 )
-from server.aggregation import aggregate_adapters
-from server.checkpoints import CheckpointStore
-from server.global_model import GlobalModel
-from server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
-from server.report import MetricsLog, plot_curves, summary_table
-from server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round
+from fedtune.server.aggregation import aggregate_adapters
+from fedtune.server.checkpoints import CheckpointStore
+from fedtune.server.global_model import GlobalModel
+from fedtune.server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
+from fedtune.server.report import MetricsLog, plot_curves, summary_table
+from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round
 
 log = logging.getLogger("fedtune.server")
 

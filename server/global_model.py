@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic_files import write_dir_atomically
-from common.config import FedtuneConfig
-from common.data.encoding import EncodedSet
-from common.evaluation import evaluate_model
-from common.models.loading import BaseModelSpec, load_base_model
-from common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
+from fedtune.common.atomic_files import write_dir_atomically
+from fedtune.common.config import FedtuneConfig
+from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.evaluation import evaluate_model
+from fedtune.common.models.loading import BaseModelSpec, load_base_model
+from fedtune.common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
 
 
 class GlobalModel:

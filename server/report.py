@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.atomic_files import atomic_write_bytes
-from common.evaluation import headline_metric
+from fedtune.common.atomic_files import atomic_write_bytes
+from fedtune.common.evaluation import headline_metric
 
 
 class MetricsLog:

@@ -7,8 +7,8 @@ import time
 import uuid
 from pathlib import Path
 
-from common.atomic_files import atomic_write_json
-from common.config import ConfigError, FedtuneConfig, config_to_toml_dict
+from fedtune.common.atomic_files import atomic_write_json
+from fedtune.common.config import ConfigError, FedtuneConfig, config_to_toml_dict
 
 
 def start_run_dir(run_dir: Path, cfg: FedtuneConfig, run_id: str) -> Path:

@@ -26,8 +26,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.secure_aggregation.protocol import Advertisement, SecureAggregationError, SecureSum, ServerRound
-from common.secure_aggregation.records import (
+from fedtune.common.secure_aggregation.protocol import Advertisement, SecureAggregationError, SecureSum, ServerRound
+from fedtune.common.secure_aggregation.records import (
     ADVERTISE,
     SECAGG_NEXT,
     SHARE_KEYS,
@@ -40,8 +40,8 @@ from common.secure_aggregation.records import (
     unmask_reply_from,
     unmask_request_record,
 )
-from common.wire import SECAGG, STATUS, payload_nbytes
-from server.messaging import by_node, send_and_collect
+from fedtune.common.wire import SECAGG, STATUS, payload_nbytes
+from fedtune.server.messaging import by_node, send_and_collect
 
 log = logging.getLogger("fedtune.server.secagg")
 

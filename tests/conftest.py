@@ -17,16 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_llama_spec():
-    from common.config import ModelConfig
-    from common.models.loading import BaseModelSpec, resolve_model_dir
+    from fedtune.common.config import ModelConfig
+    from fedtune.common.models.loading import BaseModelSpec, resolve_model_dir
 
     return BaseModelSpec(resolve_model_dir(ModelConfig(name="tiny-llama", task="causal-lm")), "causal-lm", "float32")
 
 
 @pytest.fixture(scope="session")
 def tiny_bert_spec():
-    from common.config import ModelConfig
-    from common.models.loading import BaseModelSpec, resolve_model_dir
+    from fedtune.common.config import ModelConfig
+    from fedtune.common.models.loading import BaseModelSpec, resolve_model_dir
 
     labels = ("card_arrival", "card_linking", "exchange_rate")
     return BaseModelSpec(resolve_model_dir(ModelConfig(name="tiny-bert")), "classification", "float32", labels)

@@ -11,11 +11,11 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client import secure_aggregation
-from client.app import register_secure_aggregation
-from client.revealed_rounds import RevealedRounds
-from common.secure_aggregation.protocol import SecureSum
-from server.secure_rounds import SecureExchange, SecureSettings, finish_round, set_up_round
+from fedtune.client import secure_aggregation
+from fedtune.client.app import register_secure_aggregation
+from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.common.secure_aggregation.protocol import SecureSum
+from fedtune.server.secure_rounds import SecureExchange, SecureSettings, finish_round, set_up_round
 
 NODES = [11, 12, 13]
 EXAMPLES = {11: 100, 12: 250, 13: 400}

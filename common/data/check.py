@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import FedtuneConfig
-from common.data.encoding import encode_examples
-from common.data.federation_data import load_label_set
-from common.data.preparation import DataReport, prepare
+from fedtune.common.config import FedtuneConfig
+from fedtune.common.data.encoding import encode_examples
+from fedtune.common.data.federation_data import load_label_set
+from fedtune.common.data.preparation import DataReport, prepare
 
 
 @dataclass

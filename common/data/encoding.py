@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from common.data.shapes import Example
+from fedtune.common.data.shapes import Example
 
 IGNORE_INDEX = -100
 FALLBACK_PROMPT = "Question: {question}\nAnswer: "

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig, FedtuneConfig
-from common.data.partition import partition_by_column, partition_dirichlet, partition_iid, split_train_val
-from common.data.preparation import prepare
-from common.data.readers import DataError
-from common.data.shapes import Example
+from fedtune.common.config import DataConfig, FedtuneConfig
+from fedtune.common.data.partition import partition_by_column, partition_dirichlet, partition_iid, split_train_val
+from fedtune.common.data.preparation import prepare
+from fedtune.common.data.readers import DataError
+from fedtune.common.data.shapes import Example
 
 
 @dataclass(frozen=True)

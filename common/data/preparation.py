@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.config import DataConfig
-from common.data.readers import DataError, FileSummary, ReadOptions, RecordProblem, read_raw
-from common.data.shapes import Example, required_roles, to_example
+from fedtune.common.config import DataConfig
+from fedtune.common.data.readers import DataError, FileSummary, ReadOptions, RecordProblem, read_raw
+from fedtune.common.data.shapes import Example, required_roles, to_example
 
 MAX_PROBLEMS_SHOWN = 10
 

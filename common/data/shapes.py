@@ -15,8 +15,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from common.config import DataTask, FieldMap
-from common.data.readers import RawRecord, RecordProblem
+from fedtune.common.config import DataTask, FieldMap
+from fedtune.common.data.readers import RawRecord, RecordProblem
 
 DATA_TASKS: tuple[str, ...] = get_args(DataTask)
 CHAT_ROLES = ("system", "user", "assistant")

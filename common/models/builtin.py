@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.atomic_files import write_dir_atomically
+from fedtune.common.atomic_files import write_dir_atomically
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import FedtuneConfig, ModelConfig
-from common.models.builtin import BUILTIN_WEIGHTS, resolve_builtin
-from common.models.tiny import TINY_MODELS, resolve_tiny
+from fedtune.common.config import FedtuneConfig, ModelConfig
+from fedtune.common.models.builtin import BUILTIN_WEIGHTS, resolve_builtin
+from fedtune.common.models.tiny import TINY_MODELS, resolve_tiny
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
 
 def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
     """The configured base model, fetched or built once, with the federation's agreed labels."""
-    from common.data.federation_data import load_label_set
+    from fedtune.common.data.federation_data import load_label_set
 
     labels = tuple(load_label_set(cfg.data)) if cfg.model.task == "classification" else ()
     return BaseModelSpec(
@@ -63,7 +63,7 @@ def load_base_model(spec: BaseModelSpec, pad_token_id: int | None = None) -> Any
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from common.models.pooling import install_mean_pooling, resolve_pooling
+    from fedtune.common.models.pooling import install_mean_pooling, resolve_pooling
 
     dtype = getattr(torch, spec.dtype)
     if spec.task == "causal-lm":
@@ -94,7 +94,7 @@ def load_exported_classifier(directory: Path) -> Any:
     """
     from transformers import AutoModelForSequenceClassification
 
-    from common.models.pooling import POOLING_KEY, install_mean_pooling
+    from fedtune.common.models.pooling import POOLING_KEY, install_mean_pooling
 
     model = AutoModelForSequenceClassification.from_pretrained(directory)
     if getattr(model.config, POOLING_KEY, None) == "mean":

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from common.config import LoraSettings
-from common.models.loading import BaseModelSpec, load_base_model, load_tokenizer
+from fedtune.common.config import LoraSettings
+from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer
 
 # Attention projections per architecture; peft's own table is the fallback.
 DEFAULT_TARGETS: dict[str, list[str]] = {

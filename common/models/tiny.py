@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.atomic_files import write_dir_atomically
-from common.models.builtin import cache_root
+from fedtune.common.atomic_files import write_dir_atomically
+from fedtune.common.models.builtin import cache_root
 
 TINY_MODELS = ("tiny-llama", "tiny-bert")
 _SPECIALS = ["<pad>", "<s>", "</s>"]

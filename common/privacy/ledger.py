@@ -12,8 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common.atomic_files import atomic_write_json
-from common.privacy.accounting import StepGroup, epsilon_spent
+from fedtune.common.atomic_files import atomic_write_json
+from fedtune.common.privacy.accounting import StepGroup, epsilon_spent
 
 LEDGER_VERSION = 1
 

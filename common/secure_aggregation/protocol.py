@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from common.secure_aggregation.key_agreement import KeyPair, agree, public_key_of
-from common.secure_aggregation.masks import add_mask
-from common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
-from common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
-from common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
-from common.secure_aggregation.share_transport import ShareDecryptionError, associated_data, open_sealed, seal
+from fedtune.common.secure_aggregation.key_agreement import KeyPair, agree, public_key_of
+from fedtune.common.secure_aggregation.masks import add_mask
+from fedtune.common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
+from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
+from fedtune.common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
+from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError, associated_data, open_sealed, seal
 
 SEED_BYTES = 32
 _SHARE_WORDS = 11  # 3-byte chunks of a 32-byte secret

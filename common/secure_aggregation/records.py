@@ -17,7 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from common.secure_aggregation.protocol import Advertisement, RoundParameters
+from fedtune.common.secure_aggregation.protocol import Advertisement, RoundParameters
 
 ADVERTISE = "train.secagg_advertise"
 SHARE_KEYS = "train.secagg_share_keys"

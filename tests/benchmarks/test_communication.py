@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from common.config import load_config, preset_path
+from fedtune.common.config import load_config, preset_path
 from tests.benchmarks.scripts import load_benchmark_script
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -57,7 +57,7 @@ def test_secure_round_measures_every_step_and_unmasks_the_true_mean():
 
 
 def test_full_weights_count_tied_embeddings_once(tiny_llama_spec):
-    from common.models.loading import load_base_model
+    from fedtune.common.models.loading import load_base_model
 
     model = load_base_model(tiny_llama_spec)
     weights = communication.full_weights(model)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.dp_training import LocalTrainPlan, train_adapter
-from common.config import LoraSettings, load_config, preset_path
-from common.data.encoding import EncodedSet
-from common.models.lora import adapter_state, build_adapted_model, load_adapter_state
+from fedtune.client.dp_training import LocalTrainPlan, train_adapter
+from fedtune.common.config import LoraSettings, load_config, preset_path
+from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.models.lora import adapter_state, build_adapted_model, load_adapter_state
 from tests.benchmarks.scripts import load_benchmark_script
 
 dp_overhead = load_benchmark_script("dp_overhead")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.privacy.accounting import epsilon_spent
+from fedtune.common.privacy.accounting import epsilon_spent
 from tests.benchmarks.scripts import load_benchmark_script
 
 probe = load_benchmark_script("pooling_probe")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from common.data.federation_data import build_site_splits, load_site_files, server_test_set
+from fedtune.common.data.federation_data import build_site_splits, load_site_files, server_test_set
 from tests.benchmarks.scripts import load_benchmark_script
 from tests.conftest import SAMPLES
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 
-from client.dp_training import LocalTrainPlan, train_adapter
-from common.config import LoraSettings
-from common.data.encoding import encode_examples
-from common.data.shapes import Example
-from common.models.lora import adapter_state, build_adapted_model
+from fedtune.client.dp_training import LocalTrainPlan, train_adapter
+from fedtune.common.config import LoraSettings
+from fedtune.common.data.encoding import encode_examples
+from fedtune.common.data.shapes import Example
+from fedtune.common.models.lora import adapter_state, build_adapted_model
 
 QA = [
     Example("What is anemia?", "A condition in which the blood lacks healthy red blood cells."),

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from client.policy import PolicyError, SitePolicy, load_policy
-from client.site import Site, SiteRefusal
+from fedtune.client.policy import PolicyError, SitePolicy, load_policy
+from fedtune.client.site import Site, SiteRefusal
 from tests.client.test_site import _request, site  # noqa: F401  (fixture)
 
 
@@ -17,7 +17,7 @@ def _with_policy(site, **limits) -> Site:  # noqa: F811
 
 
 def _adapter(site):  # noqa: F811
-    from common.models.lora import adapter_state
+    from fedtune.common.models.lora import adapter_state
 
     return adapter_state(site.model, ffa=False)
 

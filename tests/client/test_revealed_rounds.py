@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from client import secure_aggregation
-from client.revealed_rounds import RevealedRounds
-from common.secure_aggregation.protocol import ProtocolViolation, SecureAggregationError, SecureSum
-from common.secure_aggregation.records import round_tag
-from common.secure_aggregation.share_transport import ShareDecryptionError
-from server.secure_rounds import set_up_round
+from fedtune.client import secure_aggregation
+from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.common.secure_aggregation.protocol import ProtocolViolation, SecureAggregationError, SecureSum
+from fedtune.common.secure_aggregation.records import round_tag
+from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
+from fedtune.server.secure_rounds import set_up_round
 from tests.secure_sites import EXAMPLES, NODES, SETTINGS, Sites, random_updates, secure_round, weighted_mean
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -110,9 +110,9 @@ class SiteThatMustNotTrain:
 def test_a_train_request_with_unusable_shares_is_refused_before_any_training(tmp_path):
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    from client.app import build_client_app
-    from common.secure_aggregation.records import inbox_record
-    from common.wire import ADAPTER, PLAN, SECAGG, STATUS, to_array_record
+    from fedtune.client.app import build_client_app
+    from fedtune.common.secure_aggregation.records import inbox_record
+    from fedtune.common.wire import ADAPTER, PLAN, SECAGG, STATUS, to_array_record
 
     sites = Sites(tmp_path)
     tag = round_tag("run", 1)

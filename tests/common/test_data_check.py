@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from common.cli import main
+from fedtune.cli import main
 from tests.conftest import SAMPLES, SHARED_DATA
 
 BANKING = SHARED_DATA / "banking77" / "train.csv"

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.config import DataConfig, FieldMap
-from common.data.preparation import prepare
-from common.data.readers import DataError
+from fedtune.common.config import DataConfig, FieldMap
+from fedtune.common.data.preparation import prepare
+from fedtune.common.data.readers import DataError
 
 LABELS = ["card_arrival", "card_linking"]
 

@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.config import DataConfig, FieldMap
-from common.data.encoding import encode_examples
-from common.data.preparation import prepare
-from common.data.readers import ReadOptions, read_raw
-from common.data.shapes import Example, normalise_text
+from fedtune.common.config import DataConfig, FieldMap
+from fedtune.common.data.encoding import encode_examples
+from fedtune.common.data.preparation import prepare
+from fedtune.common.data.readers import ReadOptions, read_raw
+from fedtune.common.data.shapes import Example, normalise_text
 from tests.conftest import SAMPLES, SHARED_DATA
 
 
@@ -149,7 +149,7 @@ def test_multi_turn_chat_learns_the_last_assistant_turn(tmp_path):
 
 
 def test_prompt_completion_is_raw_text_and_instruction_joins_input(tmp_path, medquad, tiny_llama_spec):
-    from common.models.loading import load_tokenizer
+    from fedtune.common.models.loading import load_tokenizer
 
     pc = [{"prompt": r["question"], "completion": r["answer"]} for r in medquad[:5]]
     alpaca = [{"instruction": "Answer the patient's question.", "input": r["question"], "output": r["answer"]}

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config, preset_path
-from common.data.federation_data import build_site_splits
-from common.data.readers import DataError, read_raw
+from fedtune.common.config import load_config, preset_path
+from fedtune.common.data.federation_data import build_site_splits
+from fedtune.common.data.readers import DataError, read_raw
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
@@ -66,8 +66,8 @@ label = "category"
 
 
 def test_files_scheme_gives_each_site_its_own_files_and_the_server_its_own_test_set(tmp_path):
-    from common.config import ConfigError
-    from common.data.federation_data import load_site_files, server_test_set
+    from fedtune.common.config import ConfigError
+    from fedtune.common.data.federation_data import load_site_files, server_test_set
 
     a, b, test = tmp_path / "a.jsonl", tmp_path / "b.csv", tmp_path / "test.jsonl"
     a.write_text("".join(f'{{"question": "qa{i}", "answer": "a"}}\n' for i in range(20)))

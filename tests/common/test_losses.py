@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from common.data.encoding import IGNORE_INDEX
-from common.evaluation import macro_f1
-from common.losses import per_sample_causal_lm_loss
+from fedtune.common.data.encoding import IGNORE_INDEX
+from fedtune.common.evaluation import macro_f1
+from fedtune.common.losses import per_sample_causal_lm_loss
 
 
 def test_per_record_loss_ignores_other_records_and_prompt_tokens():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.data.partition import partition_by_column, partition_dirichlet, partition_iid, split_train_val
+from fedtune.common.data.partition import partition_by_column, partition_dirichlet, partition_iid, split_train_val
 
 
 def _check_cover(parts, n):

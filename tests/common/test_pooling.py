@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from common.config import LoraSettings
-from common.models.loading import load_base_model, load_exported_classifier
-from common.models.lora import build_adapted_model
-from common.models.pooling import POOLING_KEY, MaskedMeanPooler, resolve_pooling
+from fedtune.common.config import LoraSettings
+from fedtune.common.models.loading import load_base_model, load_exported_classifier
+from fedtune.common.models.lora import build_adapted_model
+from fedtune.common.models.pooling import POOLING_KEY, MaskedMeanPooler, resolve_pooling
 
 
 def test_pooler_averages_only_the_kept_positions():

@@ -7,8 +7,8 @@ import json
 import pytest
 from opacus.accountants import RDPAccountant
 
-from common.privacy.accounting import calibrate_noise, epsilon_spent
-from common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from fedtune.common.privacy.accounting import calibrate_noise, epsilon_spent
+from fedtune.common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
 
 
 def test_epsilon_equals_the_accountants_figure_for_the_steps_taken():
@@ -79,7 +79,7 @@ def test_calibration_with_a_prior_release_keeps_the_total_within_target():
 def test_balanced_weights_are_inverse_to_counts_and_average_to_one():
     import numpy as np
 
-    from common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
+    from fedtune.common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
 
     counts = np.array([90.0, 20.0, 10.0])
     w = balanced_class_weights(counts)
@@ -93,7 +93,7 @@ def test_balanced_weights_are_inverse_to_counts_and_average_to_one():
 
 def test_calibration_is_memoised_per_arguments():
     """Sites calibrate every round with the same arguments; the search runs once per process."""
-    from common.privacy import accounting
+    from fedtune.common.privacy import accounting
 
     first = calibrate_noise(6.0, 1e-5, 0.03, 120)
     hits = accounting._calibrate.cache_info().hits

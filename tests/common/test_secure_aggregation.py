@@ -8,18 +8,18 @@ import os
 import numpy as np
 import pytest
 
-from common.secure_aggregation.key_agreement import KeyPair, agree
-from common.secure_aggregation.masks import expand_mask
-from common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
-from common.secure_aggregation.protocol import (
+from fedtune.common.secure_aggregation.key_agreement import KeyPair, agree
+from fedtune.common.secure_aggregation.masks import expand_mask
+from fedtune.common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
+from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
     ProtocolViolation,
     SecureAggregationError,
     ServerRound,
 )
-from common.secure_aggregation.quantisation import QuantisationGrid, auto_clip_range, dequantise, quantise
-from common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
-from common.secure_aggregation.share_transport import ShareDecryptionError, open_sealed, seal
+from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, auto_clip_range, dequantise, quantise
+from fedtune.common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
+from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError, open_sealed, seal
 
 TAG = b"fedtune/run/1"
 

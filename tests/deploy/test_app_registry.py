@@ -15,10 +15,12 @@ from flwr.supercore.utils import request_download_link
 from flwr.supernode.cli.flower_supernode import _try_obtain_trusted_entities
 from flwr.supernode.start_client_internal import _verify_fab
 
-from common.cli import main as fedtune
-from common.config import config_from_dict
-from deploy.app_registry import AppRegistry, find_app, publish_app, sign_fab
-from deploy.bundle import init_deployment, load_deployment, run_command, supernode_command
+from fedtune.cli import main as fedtune
+from fedtune.common.config import config_from_dict
+from fedtune.deploy.app_registry import AppRegistry, find_app, publish_app, sign_fab
+from fedtune.deploy.bundle import init_deployment
+from fedtune.deploy.commands import run_command, supernode_command
+from fedtune.deploy.layout import load_deployment
 from tests.conftest import SAMPLES
 
 

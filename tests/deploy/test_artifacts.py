@@ -36,11 +36,11 @@ import pytest
 import yaml
 from cryptography import x509
 
-from common.config import config_from_dict
-from deploy import compose
-from deploy.bundle import (
+from fedtune.common.config import config_from_dict
+from fedtune.deploy import compose
+from fedtune.deploy.bundle import init_deployment
+from fedtune.deploy.commands import (
     flower_env,
-    init_deployment,
     register_command,
     registry_command,
     run_command,
@@ -48,8 +48,8 @@ from deploy.bundle import (
     superlink_command,
     supernode_command,
 )
-from deploy.healthcheck import main as healthcheck_main
-from deploy.healthcheck import probe
+from fedtune.deploy.healthcheck import main as healthcheck_main
+from fedtune.deploy.healthcheck import probe
 from tests.conftest import REPO, SAMPLES
 
 DOCKERFILE = REPO / "deploy" / "container" / "Dockerfile"
@@ -193,7 +193,7 @@ def dockerfile_problems(text: str, repo: Path) -> list[str]:
     check = dockerfile_exec_form(text, "HEALTHCHECK") if any(i == "HEALTHCHECK" for i, _ in steps) else []
     if check[:2] != ["python", "-m"] or importlib.util.find_spec(check[2]) is None:
         problems.append(f"HEALTHCHECK {check}: not `python -m` of a module of the package")
-    elif not any(i == "COPY" and check[2].split(".")[0] in a for i, a in steps):
+    elif not any(i == "COPY" and check[2].split(".")[1] in a for i, a in steps):
         problems.append(f"HEALTHCHECK module {check[2]} is not copied into the image")
     return problems
 
@@ -201,7 +201,7 @@ def dockerfile_problems(text: str, repo: Path) -> list[str]:
 def test_the_dockerfile_parses_pins_torch_and_copies_only_what_exists():
     text = DOCKERFILE.read_text()
     assert dockerfile_problems(text, REPO) == []
-    assert dockerfile_exec_form(text, "HEALTHCHECK") == ["python", "-m", "deploy.healthcheck"]
+    assert dockerfile_exec_form(text, "HEALTHCHECK") == ["python", "-m", "fedtune.deploy.healthcheck"]
 
 
 def test_what_the_dockerfile_copies_builds_the_package_with_its_entry_points(tmp_path):
@@ -226,11 +226,12 @@ def test_what_the_dockerfile_copies_builds_the_package_with_its_entry_points(tmp
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
-    assert "fedtune = common.cli:main" in entry_points
+    assert "fedtune = fedtune.cli:main" in entry_points
     health = dockerfile_exec_form(DOCKERFILE.read_text(), "HEALTHCHECK")[2]
     assert health.replace(".", "/") + ".py" in names
-    assert {"common/cli.py", "server/deployment.py", "client/deployment.py", "deploy/bundle.py"} <= names
-    assert any(n.startswith("common/presets/") for n in names), "package data travels too"
+    assert {"fedtune/cli/main.py", "fedtune/server/deployment.py", "fedtune/client/deployment.py",
+            "fedtune/deploy/bundle.py"} <= names
+    assert any(n.startswith("fedtune/common/presets/") for n in names), "package data travels too"
 
 
 @pytest.mark.parametrize("broken, complaint", [
@@ -241,7 +242,7 @@ def test_what_the_dockerfile_copies_builds_the_package_with_its_entry_points(tmp
     (("COPY deploy ./deploy", "COPY deploy ./deploy\nCOPY runs ./runs"), "excluded by .dockerignore"),
     (("USER fedtune\n", ""), "non-root USER"),
     (("USER fedtune\n", "USER root\n"), "non-root USER"),
-    (("deploy.healthcheck", "deploy.health_check"), "HEALTHCHECK"),
+    (("fedtune.deploy.healthcheck", "fedtune.deploy.health_check"), "HEALTHCHECK"),
     (("FROM python:3.11-slim", "FROM python:3.12-slim"), "FROM python:3.11-slim"),
     (("WORKDIR /fedtune", "WORKDIRR /fedtune"), "unknown instructions"),
 ])
@@ -250,7 +251,7 @@ def test_a_broken_dockerfile_is_rejected(broken, complaint, tmp_path):
     text = DOCKERFILE.read_text()
     assert old in text
     (tmp_path / "runs").mkdir()  # exists, but .dockerignore keeps it out of the build context
-    for name in ("pyproject.toml", ".dockerignore", "README.md", "common", "server", "client", "deploy"):
+    for name in ("pyproject.toml", ".dockerignore", "README.md", "fedtune", "common", "server", "client", "deploy"):
         (tmp_path / name).symlink_to(REPO / name)
     problems = dockerfile_problems(text.replace(old, new), tmp_path)
     assert any(complaint in p for p in problems), problems
@@ -669,7 +670,7 @@ def test_the_probe_checks_the_certificate_and_the_answer(deployment, tls_health_
     url = f"https://127.0.0.1:{server.server_address[1]}/health"
     assert probe(url, deployment.operator / "ca.crt") is None
     other_ca = tmp_path / "other"
-    from deploy.credentials import make_ca
+    from fedtune.deploy.credentials import make_ca
 
     make_ca(other_ca)
     assert "CERTIFICATE_VERIFY_FAILED" in probe(url, other_ca / "ca.crt")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import FedtuneConfig
+from fedtune.common.config import FedtuneConfig
 
 
 def simulate_recording_messages(cfg: FedtuneConfig, **simulate_args) -> tuple[Path, list[tuple[list, list]]]:
     """The run directory, and ``(requests, replies)`` for each fan-out of the round loop
     (secure-aggregation steps included)."""
     import server.federation as federation
-    from server.simulation import simulate
+    from fedtune.simulation import simulate
 
     seen: list[tuple[list, list]] = []
     real = federation.send_and_collect

@@ -26,14 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from common.config import config_from_dict
+from fedtune.common.config import config_from_dict
 import numpy as np
 
-from common.wire import flatten_adapter
-from deploy.bundle import (
-    Deployment,
+from fedtune.common.wire import flatten_adapter
+from fedtune.deploy.bundle import init_deployment
+from fedtune.deploy.commands import (
     flower_env,
-    init_deployment,
     register_command,
     registry_command,
     run_command,
@@ -41,7 +40,8 @@ from deploy.bundle import (
     superlink_env,
     supernode_command,
 )
-from deploy.credentials import make_ca, make_site_auth_key
+from fedtune.deploy.layout import Deployment
+from fedtune.deploy.credentials import make_ca, make_site_auth_key
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.e2e

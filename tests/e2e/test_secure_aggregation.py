@@ -19,9 +19,9 @@ import shutil
 import numpy as np
 import pytest
 
-from common.config import load_config
-from common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK
-from common.wire import ADAPTER, MASKED, SECAGG, STATUS, flatten_adapter, from_array_record
+from fedtune.common.config import load_config
+from fedtune.common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK
+from fedtune.common.wire import ADAPTER, MASKED, SECAGG, STATUS, flatten_adapter, from_array_record
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
 
@@ -183,7 +183,7 @@ def test_a_round_replayed_after_its_sum_was_revealed_fails_and_the_run_goes_on(r
     to reveal a second sum of them, which over other survivors would give one update away."""
     from safetensors.numpy import load_file
 
-    from server.simulation import simulate
+    from fedtune.simulation import simulate
 
     cfg, run_dir, _, _ = run
     resumed = tmp_path / run_dir.name  # a copy, so the other tests keep their run

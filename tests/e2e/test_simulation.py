@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import TRAIN_REPLY_METRICS
-from common.config import load_config
-from common.privacy.accounting import epsilon_spent
-from common.wire import ADAPTER, METRICS, PLAN, STATUS, array_record_nbytes
+from fedtune.client.app import TRAIN_REPLY_METRICS
+from fedtune.common.config import load_config
+from fedtune.common.privacy.accounting import epsilon_spent
+from fedtune.common.wire import ADAPTER, METRICS, PLAN, STATUS, array_record_nbytes
 from tests.e2e.message_spy import simulate_recording_messages
 
 pytestmark = pytest.mark.e2e
@@ -99,8 +99,8 @@ def test_rounds_aggregate_every_site_and_improve_held_out_loss(finished_run):
 
 def test_only_adapter_tensors_travel(finished_run):
     cfg, _, seen = finished_run
-    from common.models.lora import build_adapted_model
-    from common.models.loading import model_spec
+    from fedtune.common.models.lora import build_adapted_model
+    from fedtune.common.models.loading import model_spec
 
     model, _ = build_adapted_model(model_spec(cfg), cfg.lora)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -155,7 +155,7 @@ def test_checkpoints_and_merged_model_load_with_plain_libraries(finished_run):
 
     cfg, run_dir, _ = finished_run
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["round-0001", "round-0002"]
-    from common.models.loading import model_spec
+    from fedtune.common.models.loading import model_spec
 
     base = AutoModelForCausalLM.from_pretrained(model_spec(cfg).directory)
     peft_model = PeftModel.from_pretrained(base, run_dir / "checkpoints" / "round-0002").eval()
@@ -171,7 +171,7 @@ def test_checkpoints_and_merged_model_load_with_plain_libraries(finished_run):
 def test_resume_redoes_a_lost_round_by_replaying_site_updates(finished_run):
     from safetensors.numpy import load_file
 
-    from server.simulation import simulate
+    from fedtune.simulation import simulate
 
     cfg, run_dir, _ = finished_run
     ckpt = run_dir / "checkpoints" / "round-0002"

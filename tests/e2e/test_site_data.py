@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
-from client.app import DATA_INVALID, NO_METRICS, TRAIN_REPLY_METRICS
-from common.config import load_config
-from common.secure_aggregation.records import SECAGG_NEXT
-from common.wire import ADAPTER, MASKED, METRICS, SECAGG, STATUS
+from fedtune.client.app import DATA_INVALID, NO_METRICS, TRAIN_REPLY_METRICS
+from fedtune.common.config import load_config
+from fedtune.common.secure_aggregation.records import SECAGG_NEXT
+from fedtune.common.wire import ADAPTER, MASKED, METRICS, SECAGG, STATUS
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
 

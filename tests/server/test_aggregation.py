@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.aggregation import aggregate_adapters
+from fedtune.server.aggregation import aggregate_adapters
 
 
 def test_fedavg_is_example_weighted():

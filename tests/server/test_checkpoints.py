@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.config import LoraSettings
-from common.models.lora import adapter_state, build_adapted_model, load_adapter_state
-from server.checkpoints import CheckpointStore
+from fedtune.common.config import LoraSettings
+from fedtune.common.models.lora import adapter_state, build_adapted_model, load_adapter_state
+from fedtune.server.checkpoints import CheckpointStore
 
 
 def test_rounds_round_trip_and_half_written_dirs_are_ignored(tmp_path, tiny_bert_spec):
     from peft import PeftModel
 
-    from common.models.loading import load_base_model
+    from fedtune.common.models.loading import load_base_model
 
     model, _ = build_adapted_model(tiny_bert_spec, LoraSettings(rank=4))
     state = {k: v + 0.5 for k, v in adapter_state(model, ffa=False).items()}

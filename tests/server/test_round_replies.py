@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.federation import RoundReplies
+from fedtune.server.federation import RoundReplies
 
 
 def test_a_site_that_sent_a_masked_vector_counts_as_a_contributor():
@@ -29,7 +29,7 @@ def _msg(message_id: str = "", dst: int = 0, reply_to: str = "", src: int = 0):
 
 
 def test_a_reply_is_attributed_to_the_node_its_request_went_to_not_its_stated_sender():
-    from server.messaging import by_node
+    from fedtune.server.messaging import by_node
 
     requests = [_msg("m1", dst=11), _msg("m2", dst=12)]
     # The SuperLink answers for an offline node itself: such an error reply's sender is the SuperLink (node 1).

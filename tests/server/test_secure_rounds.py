@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message
 
-from client import secure_aggregation
-from common.secure_aggregation import records
-from common.secure_aggregation.records import round_tag
-from common.wire import SECAGG
-from server.secure_rounds import finish_round, set_up_round
+from fedtune.client import secure_aggregation
+from fedtune.common.secure_aggregation import records
+from fedtune.common.secure_aggregation.records import round_tag
+from fedtune.common.wire import SECAGG
+from fedtune.server.secure_rounds import finish_round, set_up_round
 from tests.secure_sites import NODES, SETTINGS, Sites, random_updates, secure_round, weighted_mean
 
 pytestmark = pytest.mark.usefixtures("server_identity")

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from flwr.clientapp.typing import Mod
 
-from common.config import ConfigError, FedtuneConfig
-from common.data.federation_data import SiteSplit, build_site_splits, load_test_set
-from common.models.loading import model_spec
-from server.run_directory import new_run_dir
+from fedtune.common.config import ConfigError, FedtuneConfig
+from fedtune.common.logs import add_log_file
+from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
+from fedtune.common.models.loading import model_spec
+from fedtune.server.messaging import FederationError
+from fedtune.server.run_directory import new_run_dir
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -38,17 +40,22 @@ def partition_summary(sites: list[SiteSplit], test_size: int) -> str:
     return "\n".join(["data partition (records stay on their site):", *rows, f"  server held-out: {test_size} records"])
 
 
+class RunInterrupted(Exception):
+    """The user stopped a simulation (Ctrl-C); the message says how to resume it."""
+
+
 def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = False,
-             client_mods: Sequence[Mod] = ()) -> Path:
+             client_mods: Sequence[Mod] = (), verbose: bool = False) -> Path:
     """Run (or resume) a simulated federation; returns the run directory.
 
     ``client_mods`` are Flower mods wrapped around every site's ClientApp (logging, fault
-    injection for tests).
+    injection for tests). The console shows progress and the summary; the server's and the
+    sites' logs go to ``RUN_DIR/logs`` (and to the console too when ``verbose``).
     """
     from flwr.simulation import run_simulation
 
-    from client.app import build_client_app, simulated_site_factory
-    from server.app import build_server_app
+    from fedtune.client.app import build_client_app, simulated_site_factory
+    from fedtune.server.app import build_server_app
 
     if cfg.partition.scheme == "files":
         # Each site reads and validates its own files; the server never opens them.
@@ -63,21 +70,31 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     print(summary, flush=True)
     print(f"run directory: {run_dir}", flush=True)
+    add_log_file(run_dir / "logs" / "server.log")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every site's round line, not "repeated 2x"
     server_app = build_server_app(cfg, spec, run_dir, resume=resume)
-    client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir), mods=client_mods)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.partition.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0},
-            "init_args": {"include_dashboard": False, "logging_level": logging.WARNING},
-        },
-    )
+    client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir, verbose), mods=client_mods)
+    resume_hint = f"resume with `fedtune simulate --resume {run_dir}`"
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.partition.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0},
+                # Sites log to RUN_DIR/logs; their console output reaches this one only when verbose.
+                "init_args": {"include_dashboard": False, "logging_level": logging.WARNING,
+                              "log_to_driver": verbose},
+            },
+            verbose_logging=verbose,
+        )
+    except KeyboardInterrupt as exc:
+        raise RunInterrupted(f"interrupted; {resume_hint}") from exc
+    except FederationError as exc:
+        raise FederationError(f"{exc} (details in {run_dir / 'logs'}; {resume_hint})") from exc
     if not (run_dir / "result.json").exists():
-        raise RuntimeError(f"the simulation ended without finishing the run; see the log above. Resume with "
-                           f"`fedtune simulate --resume {run_dir}`")
+        raise FederationError(f"the simulation ended without finishing the run; see {run_dir / 'logs'}; "
+                              f"{resume_hint}")
     return run_dir

@@ -1,0 +1,79 @@
+"""``fedtune data check``: can a site train on these files? Answered locally, nothing is sent."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedtune.cli.exit_codes import ExitCode
+from fedtune.common.config import ConfigError, FedtuneConfig, config_from_dict, load_config, preset_path
+from fedtune.common.data.readers import DataError
+from fedtune.common.data.shapes import DATA_TASKS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="site data tools").add_subparsers(dest="data_command", required=True)
+    check = data.add_parser(
+        "check", help="validate a site's data before training: counts, labels, token lengths, malformed records",
+        description="Reads PATH (a file or folder) exactly as a site would at start-up and prints a summary. "
+                    "Exit status: 0 trainable, 1 not trainable, 2 bad usage or config. Nothing is sent anywhere.",
+    )
+    check.add_argument("path", type=Path, help="data file (.jsonl, .json, .csv, .tsv, .parquet) or folder")
+    check.add_argument("--task", choices=DATA_TASKS, help="record shape (default: the config's data.task)")
+    check_cfg = check.add_mutually_exclusive_group()
+    check_cfg.add_argument("--config", type=Path, help="take field mapping, labels, model and privacy from this TOML")
+    check_cfg.add_argument("--preset", help="take them from a built-in config")
+    check.add_argument("--labels", type=Path, help="JSON list of the agreed label names (classification)")
+    check.add_argument("--model", help="tokenizer for token lengths: built-in name or local model directory")
+    check.add_argument("--no-tokens", action="store_true", help="skip tokenisation (no length histogram)")
+    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="e.g. data.fields.label=category, data.delimiter=';'")
+    check.set_defaults(run=run)
+
+
+def _check_config(args: argparse.Namespace) -> FedtuneConfig:
+    """The config a data check validates against: a given one with PATH and --task swapped in, or a minimal one."""
+    path = args.path.expanduser().resolve()
+    overrides = [f"data.path={_toml_str(path)}", *args.set]
+    if args.task:
+        overrides.append(f"data.task={_toml_str(args.task)}")
+    if args.labels:
+        overrides.append(f"data.labels_file={_toml_str(args.labels.expanduser().resolve())}")
+    if args.model:
+        key = "model.path" if Path(args.model).is_dir() else "model.name"
+        value = Path(args.model).resolve() if key == "model.path" else args.model
+        overrides.append(f"{key}={_toml_str(value)}")
+    if args.config or args.preset:
+        return load_config(args.config or preset_path(args.preset), overrides + ["partition.scheme=\"iid\""])
+    if not args.task:
+        raise ConfigError("fedtune data check: give --task (one of " + ", ".join(DATA_TASKS) + ") or --config")
+    classify = args.task == "classification"
+    raw = {"model": {"name": "minilm-l6" if classify else "smollm2-135m",
+                     "task": "classification" if classify else "causal-lm"}}
+    if classify and not args.labels and not any(o.startswith("data.labels") for o in args.set):
+        raise ConfigError("fedtune data check: classification needs the federation's agreed labels: "
+                          "--labels FILE (a JSON list of names) or --set data.labels='[\"a\", \"b\"]'")
+    return config_from_dict(raw, "the command line", Path.cwd(), overrides)
+
+
+def _toml_str(value: object) -> str:
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run(args: argparse.Namespace) -> ExitCode:
+    from fedtune.common.data.check import check_data
+
+    cfg = _check_config(args)
+    tokenizer = None
+    if not args.no_tokens:
+        from fedtune.common.models.loading import load_tokenizer, model_spec
+
+        tokenizer = load_tokenizer(model_spec(cfg))
+    try:
+        result = check_data(cfg, args.path, tokenizer)
+    except DataError as exc:
+        print(f"NOT TRAINABLE: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(result.format())
+    return ExitCode.OK if result.trainable else ExitCode.FAILED
