@@ -26,36 +26,44 @@ is not something fedtune does: it is priced as the same messages carrying every 
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
-import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.task_identity import TaskIdentity
+from harness import benchmark_parser, figure, grouped, header, quiet, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.constant import SUPERLINK_NODE_ID  # noqa: E402
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-
-from fedtune.client import secure_aggregation  # noqa: E402
-from fedtune.client.app import register_secure_aggregation  # noqa: E402
-from fedtune.common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
-from fedtune.common.secure_aggregation.neighbours import neighbour_count  # noqa: E402
-from fedtune.common.secure_aggregation.quantisation import auto_clip_range  # noqa: E402
-from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_record, round_tag  # noqa: E402
-from fedtune.common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, payload_nbytes, to_array_record  # noqa: E402
-from fedtune.server.federation import training_plan  # noqa: E402
-from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
-from results_report import command, machine, write_report  # noqa: E402
+from fedtune.client import secure_aggregation
+from fedtune.client.app import register_secure_aggregation
+from fedtune.common.config import FedtuneConfig, load_config, preset_path
+from fedtune.common.secure_aggregation.neighbours import neighbour_count
+from fedtune.common.secure_aggregation.quantisation import auto_clip_range
+from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_record, round_tag
+from fedtune.common.wire import (
+    ADAPTER,
+    MASKED,
+    METRICS,
+    PLAN,
+    SECAGG,
+    STATUS,
+    EvaluatePlan,
+    EvaluationReport,
+    SiteState,
+    SiteStatus,
+    TrainReport,
+    payload_nbytes,
+    to_array_record,
+)
+from fedtune.server.federation import training_plan
+from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round
 
 RUN_ID = 1
 RUN_NAME = "communication-benchmark"
@@ -85,8 +93,13 @@ def values_in(content: RecordDict) -> int:
 
 
 def exchange(step: str, request: Message, reply: Message) -> Exchange:
-    return Exchange(step, message_wire_bytes(request), message_wire_bytes(reply),
-                    values_in(request.content), values_in(reply.content))
+    sizes = [
+        message_wire_bytes(request),
+        message_wire_bytes(reply),
+        values_in(request.content),
+        values_in(reply.content),
+    ]
+    return Exchange(step, *sizes)
 
 
 def random_like(state: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -105,12 +118,18 @@ def posted(message: Message) -> Message:
     return message
 
 
-def status(site_id: str, state: str) -> ConfigRecord:
-    return ConfigRecord({"site-id": site_id, "state": state, "reason": ""})
+def status(site_id: str, state: SiteState) -> ConfigRecord:
+    return SiteStatus(site_id, state).to_record()
 
 
-def train_request(cfg: FedtuneConfig, node: int, state: dict[str, np.ndarray], fingerprint: str,
-                  prepared: PreparedRound | None = None, round_: int = 1) -> Message:
+def train_request(
+    cfg: FedtuneConfig,
+    node: int,
+    state: dict[str, np.ndarray],
+    fingerprint: str,
+    prepared: PreparedRound | None = None,
+    round_: int = 1,
+) -> Message:
     plan = training_plan(cfg, RUN_NAME, round_, fingerprint)
     content = RecordDict({ADAPTER: to_array_record(state), PLAN: plan})
     if prepared is not None:
@@ -118,23 +137,37 @@ def train_request(cfg: FedtuneConfig, node: int, state: dict[str, np.ndarray], f
     return posted(Message(content, message_type=MessageType.TRAIN, dst_node_id=node))
 
 
-def evaluate_exchange(node: int, state: dict[str, np.ndarray], fingerprint: str,
-                      metrics: dict[str, float]) -> Exchange:
+def evaluate_exchange(node: int, state: dict[str, np.ndarray], fingerprint: str, metrics: dict[str, float]) -> Exchange:
     """As ``FederationServer.evaluate_round`` asks and a site that shares its metrics answers."""
-    request = posted(Message(RecordDict({ADAPTER: to_array_record(state),
-                                         PLAN: ConfigRecord({"round": 1, "a-fingerprint": fingerprint})}),
-                             message_type=MessageType.EVALUATE, dst_node_id=node))
-    reply = Message(RecordDict({METRICS: MetricRecord(metrics), STATUS: status(f"site-{node}", "evaluated")}),
-                    reply_to=request)
-    return exchange("evaluate", request, reply)
+    plan = EvaluatePlan(round=1, a_fingerprint=fingerprint).to_record()
+    content = RecordDict({ADAPTER: to_array_record(state), PLAN: plan})
+    request = posted(Message(content, message_type=MessageType.EVALUATE, dst_node_id=node))
+    answer = RecordDict(
+        {METRICS: EvaluationReport(metrics).to_record(), STATUS: status(f"site-{node}", SiteState.EVALUATED)}
+    )
+    return exchange("evaluate", request, Message(answer, reply_to=request))
 
 
-def plain_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], up: dict[str, np.ndarray], fingerprint: str,
-                train_metrics: dict[str, float], eval_metrics: dict[str, float]) -> list[Exchange]:
+def plain_round(
+    cfg: FedtuneConfig,
+    down: dict[str, np.ndarray],
+    up: dict[str, np.ndarray],
+    fingerprint: str,
+    train_metrics: TrainReport,
+    eval_metrics: dict[str, float],
+) -> list[Exchange]:
     """One site's round without secure aggregation: the update travels as float32 tensors."""
     request = train_request(cfg, FIRST_NODE, down, fingerprint)
-    reply = Message(RecordDict({ADAPTER: to_array_record(up), METRICS: MetricRecord(train_metrics),
-                                STATUS: status(f"site-{FIRST_NODE}", "trained")}), reply_to=request)
+    reply = Message(
+        RecordDict(
+            {
+                ADAPTER: to_array_record(up),
+                METRICS: train_metrics.to_record(),
+                STATUS: status(f"site-{FIRST_NODE}", SiteState.TRAINED),
+            }
+        ),
+        reply_to=request,
+    )
     return [exchange("train", request, reply), evaluate_exchange(FIRST_NODE, down, fingerprint, eval_metrics)]
 
 
@@ -149,14 +182,22 @@ class SecureRound:
     relative_error: float
 
 
-def secure_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], fingerprint: str, num_sites: int,
-                 train_metrics: dict[str, float], eval_metrics: dict[str, float],
-                 rng: np.random.Generator) -> SecureRound:
+def secure_round(
+    cfg: FedtuneConfig,
+    down: dict[str, np.ndarray],
+    fingerprint: str,
+    num_sites: int,
+    train_metrics: TrainReport,
+    eval_metrics: dict[str, float],
+    rng: np.random.Generator,
+) -> SecureRound:
     """Two real SecAgg+ rounds between ``num_sites`` sites' Flower handlers and the server's
     protocol code; the second (steady) one is measured."""
     nodes = list(range(FIRST_NODE, FIRST_NODE + num_sites))
-    contexts = {n: Context(run_id=RUN_ID, node_id=n, node_config={"partition-id": n}, state=RecordDict(),
-                           run_config={}) for n in nodes}
+    contexts = {
+        n: Context(run_id=RUN_ID, node_id=n, node_config={"partition-id": n}, state=RecordDict(), run_config={})
+        for n in nodes
+    }
     examples = {n: 100 + i for i, n in enumerate(nodes)}
     app = ClientApp()
     register_secure_aggregation(app, lambda context: (examples[context.node_id], 2))
@@ -183,13 +224,22 @@ def secure_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], fingerprint: s
         masked, next_keys = {}, {}
         for n in nodes:
             request = train_request(cfg, n, down, fingerprint, prepared, round_)
-            masked[n] = secure_aggregation.mask_update(contexts[n], prepared.tag, prepared.inboxes[n], updates[n],
-                                                       f"site-{n}")
+            masked[n] = secure_aggregation.mask_update(
+                contexts[n], prepared.tag, prepared.inboxes[n], updates[n], f"site-{n}"
+            )
             keys = secure_aggregation.advertise(contexts[n], next_tag, examples[n], 2)
             next_keys[n] = advertisement_from(keys, next_tag)
-            reply = Message(RecordDict({MASKED: masked_record(masked[n]), SECAGG_NEXT: keys,
-                                        METRICS: MetricRecord({**train_metrics, "num-examples": examples[n]}),
-                                        STATUS: status(f"site-{n}", "trained")}), reply_to=request)
+            reply = Message(
+                RecordDict(
+                    {
+                        MASKED: masked_record(masked[n]),
+                        SECAGG_NEXT: keys,
+                        METRICS: replace(train_metrics, num_examples=examples[n]).to_record(),
+                        STATUS: status(f"site-{n}", SiteState.TRAINED),
+                    }
+                ),
+                reply_to=request,
+            )
             record[n].append(exchange("train", request, reply))
         return finish_round(exchange_, prepared, masked, settings, next_tag, next_keys)
 
@@ -201,7 +251,7 @@ def secure_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], fingerprint: s
     result, _ = train_and_finish(2, prepared)
     total = sum(examples.values())
     truth = sum(examples[n] * updates[n].astype(np.float64) for n in nodes) / total
-    error = float(np.sqrt(np.mean((result.mean_update - truth) ** 2)) / np.sqrt(np.mean(truth ** 2)))
+    error = float(np.sqrt(np.mean((result.mean_update - truth) ** 2)) / np.sqrt(np.mean(truth**2)))
     for n in nodes:
         out[n].append(evaluate_exchange(n, down, fingerprint, eval_metrics))
     return SecureRound(out, setup, neighbour_count(num_sites, sa.neighbours), error)
@@ -209,24 +259,28 @@ def secure_round(cfg: FedtuneConfig, down: dict[str, np.ndarray], fingerprint: s
 
 def round_row(model_key: str, scheme: str, exchanges: list[Exchange], **extra: Any) -> dict[str, Any]:
     up_values = sum(e.up_values for e in exchanges)
-    return {"model": model_key, "scheme": scheme, "up_values": up_values, "up_float32_bytes": 4 * up_values,
-            "down_values": sum(e.down_values for e in exchanges),
-            "upload_bytes": sum(e.up_bytes for e in exchanges), "download_bytes": sum(e.down_bytes for e in exchanges),
-            "train_upload_bytes": sum(e.up_bytes for e in exchanges if e.step != "evaluate"),
-            "train_download_bytes": sum(e.down_bytes for e in exchanges if e.step != "evaluate"),
-            "exchanges": [asdict(e) for e in exchanges], **extra}
+    return {
+        "model": model_key,
+        "scheme": scheme,
+        "up_values": up_values,
+        "up_float32_bytes": 4 * up_values,
+        "down_values": sum(e.down_values for e in exchanges),
+        "upload_bytes": sum(e.up_bytes for e in exchanges),
+        "download_bytes": sum(e.down_bytes for e in exchanges),
+        "train_upload_bytes": sum(e.up_bytes for e in exchanges if e.step != "evaluate"),
+        "train_download_bytes": sum(e.down_bytes for e in exchanges if e.step != "evaluate"),
+        "exchanges": [asdict(e) for e in exchanges],
+        **extra,
+    }
 
 
 def evaluation_metrics(cfg: FedtuneConfig, model: Any, tokenizer: Any) -> dict[str, float]:
     """The metric names and types a site really returns, from two records of the preset's data."""
-    from fedtune.common.data.encoding import encode_examples
     from fedtune.common.data.federation_data import load_examples, load_label_set
-    from fedtune.common.evaluation import evaluate_model
 
-    labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
-    data = encode_examples(load_examples(cfg.data.path, cfg)[:2], tokenizer, cfg.model.task, labels,
-                           cfg.model.max_length)
-    return evaluate_model(model, data, cfg.model.task, 2)
+    labels = load_label_set(cfg.data) if cfg.task.classifies else []
+    data = cfg.task.head.encode(load_examples(cfg.data.path, cfg)[:2], tokenizer, labels, cfg.model.max_length)
+    return cfg.task.head.evaluate(model, data, 2)
 
 
 def measure_model(model_key: str, sites: list[int], seed: int) -> list[dict[str, Any]]:
@@ -240,8 +294,9 @@ def measure_model(model_key: str, sites: list[int], seed: int) -> list[dict[str,
     model, tokenizer = build_adapted_model(spec, cfg.lora)
     fingerprint = frozen_a_fingerprint(model)
     rng = np.random.default_rng(seed)
-    train_metrics = {"num-examples": 1000, "steps": cfg.train.local_steps, "epsilon": 2.0,
-                     "noise-multiplier": 1.1, "sample-rate": 0.064}
+    train_metrics = TrainReport(
+        num_examples=1000, steps=cfg.train.local_steps, epsilon_spent=2.0, noise_multiplier=1.1, sample_rate=0.064
+    )
     eval_metrics = evaluation_metrics(cfg, model, tokenizer)
     rows = []
     full = full_weights(load_base_model(spec, pad_token_id=tokenizer.pad_token_id))
@@ -250,9 +305,14 @@ def measure_model(model_key: str, sites: list[int], seed: int) -> list[dict[str,
         ("LoRA", plain_lora, random_like(adapter_state(model, ffa=False), rng), ""),
         ("FFA-LoRA", plain, random_like(adapter_state(model, ffa=True), rng), fingerprint),
     ):
-        rows.append(round_row(model_key, scheme, plain_round(run_cfg, down, random_like(down, rng), fp, train_metrics,
-                                                             eval_metrics),
-                              product_payload_bytes=payload_nbytes(RecordDict({ADAPTER: to_array_record(down)}))))
+        rows.append(
+            round_row(
+                model_key,
+                scheme,
+                plain_round(run_cfg, down, random_like(down, rng), fp, train_metrics, eval_metrics),
+                product_payload_bytes=payload_nbytes(RecordDict({ADAPTER: to_array_record(down)})),
+            )
+        )
         print(f"  {model_key} {scheme}: {rows[-1]['up_values']:,} values up", flush=True)
     del full
     down = random_like(adapter_state(model, ffa=True), rng)
@@ -262,69 +322,67 @@ def measure_model(model_key: str, sites: list[int], seed: int) -> list[dict[str,
         if secure.relative_error > 1e-5:
             raise RuntimeError(f"SecAgg+ round with {n} sites: unmasked mean is off by {secure.relative_error:.2e}")
         per_site = list(secure.exchanges.values())
-        row = round_row(model_key, f"FFA-LoRA + SecAgg+, {n} sites", per_site[0], sites=n,
-                        neighbours=secure.neighbours, relative_error=secure.relative_error,
-                        max_upload_bytes=max(sum(e.up_bytes for e in ex) for ex in per_site),
-                        max_download_bytes=max(sum(e.down_bytes for e in ex) for ex in per_site),
-                        first_round_setup_upload_bytes=sum(e.up_bytes for e in next(iter(secure.setup.values()))),
-                        first_round_setup_download_bytes=sum(e.down_bytes for e in next(iter(secure.setup.values()))))
+        row = round_row(
+            model_key,
+            f"FFA-LoRA + SecAgg+, {n} sites",
+            per_site[0],
+            sites=n,
+            neighbours=secure.neighbours,
+            relative_error=secure.relative_error,
+            max_upload_bytes=max(sum(e.up_bytes for e in ex) for ex in per_site),
+            max_download_bytes=max(sum(e.down_bytes for e in ex) for ex in per_site),
+            first_round_setup_upload_bytes=sum(e.up_bytes for e in next(iter(secure.setup.values()))),
+            first_round_setup_download_bytes=sum(e.down_bytes for e in next(iter(secure.setup.values()))),
+        )
         rows.append(row)
-        print(f"  {model_key} SecAgg+ with {n} sites ({secure.neighbours} neighbours): {time.time() - start:.1f}s, "
-              f"unmasked mean within {secure.relative_error:.1e} (relative RMS)", flush=True)
+        print(
+            f"  {model_key} SecAgg+ with {n} sites ({secure.neighbours} neighbours): {time.time() - start:.1f}s, "
+            f"unmasked mean within {secure.relative_error:.1e} (relative RMS)",
+            flush=True,
+        )
     return rows
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"  {'model':8s} {'scheme':30s} {'values up':>12s} {'4 B/value':>11s} {'upload':>11s} {'download':>11s}"
-          f" {'(train only)':>12s}")
+    print(
+        f"  {'model':8s} {'scheme':30s} {'values up':>12s} {'4 B/value':>11s} {'upload':>11s} {'download':>11s}"
+        f" {'(train only)':>12s}"
+    )
     for r in rows:
-        print(f"  {r['model']:8s} {r['scheme']:30s} {r['up_values']:12,d} {r['up_float32_bytes'] / 1e6:9.3f}MB "
-              f"{r['upload_bytes'] / 1e6:9.3f}MB {r['download_bytes'] / 1e6:9.3f}MB "
-              f"{r['train_download_bytes'] / 1e6:10.3f}MB")
+        print(
+            f"  {r['model']:8s} {r['scheme']:30s} {r['up_values']:12,d} {r['up_float32_bytes'] / 1e6:9.3f}MB "
+            f"{r['upload_bytes'] / 1e6:9.3f}MB {r['download_bytes'] / 1e6:9.3f}MB "
+            f"{r['train_download_bytes'] / 1e6:10.3f}MB"
+        )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.2), squeeze=False)
-    for ax, key in zip(axes[0], models):
-        sel = [r for r in rows if r["model"] == key]
-        x = np.arange(len(sel))
-        for offset, key_bytes, label in ((-0.2, "upload_bytes", "upload"), (0.2, "download_bytes", "download")):
-            heights = [r[key_bytes] for r in sel]
-            ax.bar(x + offset, heights, 0.4, label=label)
-            for xi, h in zip(x + offset, heights):
-                ax.text(xi, h * 1.08, f"{h / 1e6:.4g}", ha="center", va="bottom", fontsize=6)
-        ax.set_yscale("log")
-        ax.set_ylim(top=max(r["download_bytes"] for r in sel) * 4)
-        ax.set_xticks(x, [r["scheme"].replace(" + ", "\n+ ").replace(", ", "\n") for r in sel], fontsize=7)
-        ax.set_ylabel("bytes per site per round (labels: MB)")
-        ax.set_title(MODELS[key], fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    models = grouped(rows, "model")
+    with figure(path, 1, len(models), figsize=(6 * len(models), 4.2), squeeze=False) as (_, axes):
+        for ax, (key, sel) in zip(axes[0], models.items(), strict=True):
+            x = np.arange(len(sel))
+            for offset, key_bytes, label in ((-0.2, "upload_bytes", "upload"), (0.2, "download_bytes", "download")):
+                heights = [r[key_bytes] for r in sel]
+                ax.bar(x + offset, heights, 0.4, label=label)
+                for xi, h in zip(x + offset, heights, strict=True):
+                    ax.text(xi, h * 1.08, f"{h / 1e6:.4g}", ha="center", va="bottom", fontsize=6)
+            ax.set_yscale("log")
+            ax.set_ylim(top=max(r["download_bytes"] for r in sel) * 4)
+            ax.set_xticks(x, [r["scheme"].replace(" + ", "\n+ ").replace(", ", "\n") for r in sel], fontsize=7)
+            ax.set_ylabel("bytes per site per round (labels: MB)")
+            ax.set_title(MODELS[key], fontsize=9)
+            ax.legend(fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, quick="MiniLM only, SecAgg+ with 10 sites")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["minilm", "smollm2"])
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, SecAgg+ with 10 sites")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.sites = ["minilm"], [10]
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import logging
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("fedtune").setLevel(logging.ERROR)
+    quiet({"transformers": logging.ERROR, "fedtune": logging.ERROR}, ignore_warnings=True)
     # Messages are built as the ServerApp builds them, so this process takes the ServerApp's identity.
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SUPERLINK_NODE_ID
     started = time.time()
@@ -333,10 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for key in args.models for row in measure_model(key, args.sites, args.seed)]
     print_rows(rows)
     wall_s = time.time() - started
-    report = {"benchmark": "communication", "machine": machine(),
-              "command": command("communication", argv if argv is not None else sys.argv[1:]),
-              "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "wall_s": wall_s, "rows": rows}
+    report = {
+        **header("communication", argv),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "wall_s": wall_s,
+        "rows": rows,
+    }
     write_report(args.out, "communication", report, lambda path: plot(rows, path), wall_s)
     return 0
 

@@ -24,7 +24,7 @@ varies by about 100 MB between identical runs (``--malloc-mmap-threshold 0`` to 
 No privacy figure comes out of this script: the noise multiplier is fixed (it costs one
 Gaussian draw per trainable value whatever its size) and no epsilon is computed.
 
-    python benchmarks/dp_overhead.py            # MiniLM 64 x 32 and SmolLM2-135M 8 x 96 tokens, 5 variants (12 min of CPU)
+    python benchmarks/dp_overhead.py            # MiniLM 64 x 32, SmolLM2-135M 8 x 96 tokens, 5 variants (12 min CPU)
     python benchmarks/dp_overhead.py --quick    # MiniLM only, 3 variants, 3 timed rounds (~3 min)
     python benchmarks/dp_overhead.py --models smollm2 --rounds 3 --threads 2
 """
@@ -41,24 +41,21 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from ghost_clipping import ghost_clipping_train
+from harness import benchmark_parser, figure, grouped, header, quiet, write_report
+from process_usage import reset_peak_rss, status_kb
 
-import torch  # noqa: E402
-
-from fedtune.client.dp_training import LocalTrainPlan, poisson_batches, train_adapter  # noqa: E402
-from fedtune.common.config import FedtuneConfig, load_config, preset_path  # noqa: E402
-from fedtune.common.data.encoding import IGNORE_INDEX, EncodedSet, encode_examples  # noqa: E402
-from fedtune.common.data.federation_data import load_examples, load_label_set  # noqa: E402
-from fedtune.common.losses import per_sample_causal_lm_loss  # noqa: E402
-from fedtune.common.models.loading import model_spec  # noqa: E402
-from fedtune.common.models.lora import build_adapted_model  # noqa: E402
-from results_report import command, machine, write_report  # noqa: E402
+from fedtune.client.dp_training import LocalTrainPlan, train_adapter
+from fedtune.common.config import FedtuneConfig, load_config, preset_path
+from fedtune.common.data.encoding import IGNORE_INDEX, EncodedSet
+from fedtune.common.data.federation_data import load_examples, load_label_set
+from fedtune.common.models.loading import model_spec
+from fedtune.common.models.lora import build_adapted_model
 
 NOISE_MULTIPLIER = 1.0
 
@@ -110,10 +107,13 @@ def fixed_length_batch(cfg: FedtuneConfig, tokenizer: Any, batch_size: int, seq_
     Records at least ``seq_len`` tokens long are truncated to it by the product's encoder, so
     every batch has the same shape; causal-LM records keep at least one response token.
     """
-    labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
-    encoded = encode_examples(load_examples(cfg.data.path, cfg), tokenizer, cfg.model.task, labels, seq_len)
-    keep = [i for i, ids in enumerate(encoded.input_ids) if len(ids) == seq_len and (
-        cfg.model.task == "classification" or any(t != IGNORE_INDEX for t in encoded.labels[i]))][:batch_size]
+    labels = load_label_set(cfg.data) if cfg.task.classifies else []
+    encoded = cfg.task.head.encode(load_examples(cfg.data.path, cfg), tokenizer, labels, seq_len)
+    keep = [
+        i
+        for i, ids in enumerate(encoded.input_ids)
+        if len(ids) == seq_len and (cfg.task.classifies or any(t != IGNORE_INDEX for t in encoded.labels[i]))
+    ][:batch_size]
     if len(keep) < batch_size:
         raise ValueError(f"{cfg.data.path} has only {len(keep)} records of at least {seq_len} tokens")
     return EncodedSet([encoded.input_ids[i] for i in keep], [encoded.labels[i] for i in keep], encoded.pad_token_id)
@@ -123,55 +123,6 @@ def load_workload(workload: Workload) -> tuple[FedtuneConfig, Any, EncodedSet]:
     cfg = load_config(preset_path(workload.preset))
     model, tokenizer = build_adapted_model(model_spec(cfg), cfg.lora)
     return cfg, model, fixed_length_batch(cfg, tokenizer, workload.batch_size, workload.seq_len)
-
-
-class PerRecordLoss(torch.nn.Module):
-    """The product's per-record loss as the criterion Opacus' ghost clipping wraps."""
-
-    reduction = "mean"
-
-    def __init__(self, task: str) -> None:
-        super().__init__()
-        self.task = task
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.reduction != "none":
-            raise ValueError("ghost clipping asks for per-record losses (reduction='none')")
-        if self.task == "causal-lm":
-            return per_sample_causal_lm_loss(logits, labels)[0]
-        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-
-
-def ghost_clipping_train(model: Any, data: EncodedSet, task: str, plan: LocalTrainPlan) -> None:
-    """``train_adapter``'s DP steps with Opacus ghost clipping instead of per-sample gradients.
-
-    Full batches only (``batch_size == len(data)``): then Opacus' expected batch size and
-    fedtune's are the same, and each step clips and noises exactly as ``train_adapter`` does.
-    """
-    from opacus import PrivacyEngine
-
-    if plan.batch_size != len(data) or plan.noise_multiplier is None:
-        raise ValueError("ghost_clipping_train runs private steps on full batches only")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=plan.lr) if plan.optimizer == "adam" else torch.optim.SGD(params, lr=plan.lr)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(data))), batch_size=len(data))
-    module, optimizer, criterion, _ = PrivacyEngine().make_private(
-        module=model, optimizer=optimizer, data_loader=loader, criterion=PerRecordLoss(task),
-        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm, grad_sample_mode="ghost",
-        poisson_sampling=False,
-    )
-    generator = torch.Generator().manual_seed(plan.seed)
-    model.train()
-    try:
-        for idx in poisson_batches(len(data), 1.0, plan.steps, generator):
-            optimizer.zero_grad(set_to_none=True)
-            batch = data.batch(idx)
-            out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            criterion(out.logits, batch["labels"]).backward()
-            optimizer.step()
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        module.cleanup()
 
 
 def trainable_values(model: Any) -> int:
@@ -184,14 +135,18 @@ def train_variant(cfg: FedtuneConfig, model: Any, data: EncodedSet, variant: Var
         if "lora_A" in name:
             param.requires_grad_(variant.train_a)
     plan = LocalTrainPlan(
-        steps=steps, batch_size=len(data), lr=cfg.train.lr, optimizer=cfg.train.optimizer,
+        steps=steps,
+        batch_size=len(data),
+        lr=cfg.train.lr,
+        optimizer=cfg.train.optimizer,
         noise_multiplier=None if variant.clipping == "none" else NOISE_MULTIPLIER,
-        max_grad_norm=cfg.privacy.max_grad_norm, seed=0,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        seed=0,
     )
     if variant.clipping == "ghost":
-        ghost_clipping_train(model, data, cfg.model.task, plan)
+        ghost_clipping_train(model, data, cfg.task, plan)
     else:
-        train_adapter(model, data, cfg.model.task, plan)
+        train_adapter(model, data, cfg.task, plan)
     return trainable_values(model)
 
 
@@ -202,7 +157,7 @@ def time_variants(workload: Workload, variants: tuple[Variant, ...], rounds: int
     wall: dict[str, list[float]] = {v.name: [] for v in variants}
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(rounds):
-        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
             start, start_cpu = time.perf_counter(), time.process_time()
             train_variant(cfg, model, data, v, 1)
             wall[v.name].append(time.perf_counter() - start)
@@ -215,52 +170,52 @@ def time_variants(workload: Workload, variants: tuple[Variant, ...], rounds: int
             start = time.perf_counter()
             train_variant(cfg, model, data, v, 0)
             setup[v.name].append(time.perf_counter() - start)
-    return {n: {"trainable_values": values[n], "step_s": wall[n], "step_cpu_s": cpu[n],
-                "median_step_s": statistics.median(wall[n]), "median_step_cpu_s": statistics.median(cpu[n]),
-                "setup_s": statistics.median(setup[n])} for n in wall}
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark VmHWM (Linux >= 4.0), so that it then covers training only.
-
-    ``ru_maxrss`` cannot be reset this way: it also keeps the mark of every thread that has
-    exited, and loading (tokenising, reading weights) peaks well above training.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as clear:
-            clear.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") <= _status_kb("VmRSS") + 1024
+    return {
+        n: {
+            "trainable_values": values[n],
+            "step_s": wall[n],
+            "step_cpu_s": cpu[n],
+            "median_step_s": statistics.median(wall[n]),
+            "median_step_cpu_s": statistics.median(cpu[n]),
+            "setup_s": statistics.median(setup[n]),
+        }
+        for n in wall
+    }
 
 
 def measure_memory(workload: Workload, variant: Variant, steps: int) -> dict[str, Any]:
     """Peak RSS of ``steps`` training steps in this (fresh) process, and what training adds to it."""
     cfg, model, data = load_workload(workload)
     gc.collect()
-    loaded_kb = _status_kb("VmRSS")
-    reset = _reset_peak_rss()
+    loaded_kb = status_kb("VmRSS")
+    reset = reset_peak_rss()
     train_variant(cfg, model, data, variant, steps)
-    peak_kb = _status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rss_after_load_mb": loaded_kb / 1024, "peak_training_mb": peak_kb / 1024,
-            "training_overhead_mb": (peak_kb - loaded_kb) / 1024,
-            "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_reset": reset, "memory_steps": steps}
+    peak_kb = status_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "rss_after_load_mb": loaded_kb / 1024,
+        "peak_training_mb": peak_kb / 1024,
+        "training_overhead_mb": (peak_kb - loaded_kb) / 1024,
+        "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_reset": reset,
+        "memory_steps": steps,
+    }
 
 
-def memory_in_subprocess(workload: Workload, variant: Variant, steps: int, threads: int,
-                         mmap_threshold: int) -> dict[str, Any]:
+def memory_in_subprocess(
+    workload: Workload, variant: Variant, steps: int, threads: int, mmap_threshold: int
+) -> dict[str, Any]:
     index = VARIANTS.index(variant)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", workload.key, str(index),
-           "--memory-steps", str(steps), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-child",
+        workload.key,
+        str(index),
+        "--memory-steps",
+        str(steps),
+        "--threads",
+        str(threads),
+    ]
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     if mmap_threshold:
@@ -277,31 +232,45 @@ def paired_ratio_range(times: list[float], baseline: list[float]) -> tuple[float
     return min(ratios), max(ratios)
 
 
-def ratio_rows(workload: Workload, variants: tuple[Variant, ...], timed: dict[str, dict],
-               memory: dict[str, dict]) -> list[dict[str, Any]]:
+def ratio_rows(
+    workload: Workload, variants: tuple[Variant, ...], timed: dict[str, dict], memory: dict[str, dict]
+) -> list[dict[str, Any]]:
     """One row per variant; ratios against the non-private variant of the same adapter."""
     baseline = {v.train_a: v.name for v in variants if v.clipping == "none"}
     rows = []
     for v in variants:
         base = baseline.get(v.train_a)
         t, m = timed[v.name], memory[v.name]
-        row = {"model": workload.key, "variant": v.name, "adapter": v.adapter, "clipping": v.clipping,
-               "batch_size": workload.batch_size, "seq_len": workload.seq_len, **t, **m,
-               "baseline": base,
-               "time_ratio": t["median_step_s"] / timed[base]["median_step_s"] if base else None,
-               "cpu_time_ratio": t["median_step_cpu_s"] / timed[base]["median_step_cpu_s"] if base else None,
-               # Step-by-step ratios within each round: their spread says how much to trust the medians.
-               "time_ratio_range": paired_ratio_range(t["step_s"], timed[base]["step_s"]) if base else None,
-               "cpu_time_ratio_range": paired_ratio_range(t["step_cpu_s"], timed[base]["step_cpu_s"]) if base else None,
-               "overhead_ratio": (m["training_overhead_mb"] / memory[base]["training_overhead_mb"]
-                                  if base and memory[base]["training_overhead_mb"] > 0 else None)}
+        row = {
+            "model": workload.key,
+            "variant": v.name,
+            "adapter": v.adapter,
+            "clipping": v.clipping,
+            "batch_size": workload.batch_size,
+            "seq_len": workload.seq_len,
+            **t,
+            **m,
+            "baseline": base,
+            "time_ratio": t["median_step_s"] / timed[base]["median_step_s"] if base else None,
+            "cpu_time_ratio": t["median_step_cpu_s"] / timed[base]["median_step_cpu_s"] if base else None,
+            # Step-by-step ratios within each round: their spread says how much to trust the medians.
+            "time_ratio_range": paired_ratio_range(t["step_s"], timed[base]["step_s"]) if base else None,
+            "cpu_time_ratio_range": paired_ratio_range(t["step_cpu_s"], timed[base]["step_cpu_s"]) if base else None,
+            "overhead_ratio": (
+                m["training_overhead_mb"] / memory[base]["training_overhead_mb"]
+                if base and memory[base]["training_overhead_mb"] > 0
+                else None
+            ),
+        }
         rows.append(row)
     return rows
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"  {'variant':24s} {'trainable':>10s} {'step':>7s} {'ratio (range)':>18s} {'CPU':>7s} {'ratio (range)':>18s} "
-          f"{'peak RSS':>9s} {'+training':>9s} {'ratio':>6s}")
+    print(
+        f"  {'variant':24s} {'trainable':>10s} {'step':>7s} {'ratio (range)':>18s} {'CPU':>7s} {'ratio (range)':>18s} "
+        f"{'peak RSS':>9s} {'+training':>9s} {'ratio':>6s}"
+    )
 
     def ratio(x: float | None, spread: tuple[float, float] | None = None) -> str:
         if not x:
@@ -309,59 +278,58 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         return f"{x:.2f}x [{spread[0]:.2f}-{spread[1]:.2f}]" if spread else f"{x:.2f}x"
 
     for r in rows:
-        print(f"  {r['variant']:24s} {r['trainable_values']:10,d} {r['median_step_s']:6.2f}s "
-              f"{ratio(r['time_ratio'], r['time_ratio_range']):>18s} {r['median_step_cpu_s']:6.2f}s "
-              f"{ratio(r['cpu_time_ratio'], r['cpu_time_ratio_range']):>18s} {r['peak_training_mb']:7.0f}MB "
-              f"{r['training_overhead_mb']:7.0f}MB {ratio(r['overhead_ratio']):>6s}", flush=True)
+        print(
+            f"  {r['variant']:24s} {r['trainable_values']:10,d} {r['median_step_s']:6.2f}s "
+            f"{ratio(r['time_ratio'], r['time_ratio_range']):>18s} {r['median_step_cpu_s']:6.2f}s "
+            f"{ratio(r['cpu_time_ratio'], r['cpu_time_ratio_range']):>18s} {r['peak_training_mb']:7.0f}MB "
+            f"{r['training_overhead_mb']:7.0f}MB {ratio(r['overhead_ratio']):>6s}",
+            flush=True,
+        )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 6.5), squeeze=False)
-    for col, key in enumerate(models):
-        sel = [r for r in rows if r["model"] == key]
-        names = [r["variant"].replace(", ", "\n").replace(" ghost", "\nghost") for r in sel]
-        x = np.arange(len(sel))
-        ax = axes[0][col]
-        ax.bar(x - 0.2, [r["time_ratio"] or 0 for r in sel], 0.4, label="wall clock", color="tab:red")
-        ax.bar(x + 0.2, [r["cpu_time_ratio"] or 0 for r in sel], 0.4, label="CPU time", color="tab:orange")
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_ylabel("median step time / non-private")
-        w = WORKLOADS[key]
-        ax.set_title(f"{w.label}\nbatch {w.batch_size} x {w.seq_len} tokens", fontsize=9)
-        ax.legend(fontsize=7)
-        ax = axes[1][col]
-        ax.bar(x, [r["training_overhead_mb"] for r in sel], 0.6, color="tab:blue")
-        ax.set_ylabel("peak RSS above loaded model (MB)")
-        for a in axes[:, col]:
-            a.set_xticks(x, names, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    models = grouped(rows, "model")
+    with figure(path, 2, len(models), figsize=(5.5 * len(models), 6.5), squeeze=False) as (_, axes):
+        for col, (key, sel) in enumerate(models.items()):
+            names = [r["variant"].replace(", ", "\n").replace(" ghost", "\nghost") for r in sel]
+            x = np.arange(len(sel))
+            ax = axes[0][col]
+            ax.bar(x - 0.2, [r["time_ratio"] or 0 for r in sel], 0.4, label="wall clock", color="tab:red")
+            ax.bar(x + 0.2, [r["cpu_time_ratio"] or 0 for r in sel], 0.4, label="CPU time", color="tab:orange")
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_ylabel("median step time / non-private")
+            w = WORKLOADS[key]
+            ax.set_title(f"{w.label}\nbatch {w.batch_size} x {w.seq_len} tokens", fontsize=9)
+            ax.legend(fontsize=7)
+            ax = axes[1][col]
+            ax.bar(x, [r["training_overhead_mb"] for r in sel], 0.6, color="tab:blue")
+            ax.set_ylabel("peak RSS above loaded model (MB)")
+            for a in axes[:, col]:
+                a.set_xticks(x, names, fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, quick="MiniLM only, 3 variants, 3 timed rounds")
     parser.add_argument("--models", nargs="+", choices=sorted(WORKLOADS), default=["minilm", "smollm2"])
-    parser.add_argument("--rounds", type=int, help="timed steps of each variant after one warm-up step "
-                        "(default: 12 for MiniLM, 6 for SmolLM2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="timed steps of each variant after one warm-up step (default: 12 for MiniLM, 6 for SmolLM2)",
+    )
     parser.add_argument("--memory-steps", type=int, default=3, help="steps in each memory subprocess")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (a site's train.torch_threads default)")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=128 * 1024,
-                        help="glibc MALLOC_MMAP_THRESHOLD_ of the memory subprocesses (0: glibc's dynamic default)")
-    parser.add_argument("--quick", action="store_true", help="MiniLM only, 3 variants, 3 timed rounds")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=128 * 1024,
+        help="glibc MALLOC_MMAP_THRESHOLD_ of the memory subprocesses (0: glibc's dynamic default)",
+    )
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet({"transformers": logging.ERROR}, ignore_warnings=True)
     if args.memory_child:
         model, index = args.memory_child
         print(json.dumps(measure_memory(WORKLOADS[model], VARIANTS[int(index)], args.memory_steps)))
@@ -373,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     walls: dict[str, float] = {}
-    print(f"DP-SGD vs non-private step time and memory, {os.cpu_count()} CPUs, {args.threads} torch thread(s), "
-          f"load average {load_before[0]:.1f}")
+    print(
+        f"DP-SGD vs non-private step time and memory, {os.cpu_count()} CPUs, {args.threads} torch thread(s), "
+        f"load average {load_before[0]:.1f}"
+    )
     for key in args.models:
         w = WORKLOADS[key]
         t0 = time.time()
@@ -382,21 +352,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w.label}, batch {w.batch_size} x {w.seq_len} tokens: timing, {rounds} rounds", flush=True)
         timed = time_variants(w, variants, rounds)
         print("  memory, one fresh process per variant", flush=True)
-        memory = {v.name: memory_in_subprocess(w, v, args.memory_steps, args.threads, args.malloc_mmap_threshold)
-                  for v in variants}
+        memory = {
+            v.name: memory_in_subprocess(w, v, args.memory_steps, args.threads, args.malloc_mmap_threshold)
+            for v in variants
+        }
         model_rows = ratio_rows(w, variants, timed, memory)
         print_rows(model_rows)
         rows.extend(model_rows)
         walls[key] = time.time() - t0
     report = {
-        "benchmark": "dp_overhead",
-        "machine": f"{machine()}, torch {torch.__version__}",
-        "command": command("dp_overhead", argv if argv is not None else sys.argv[1:]),
-        "torch_threads": args.threads, "noise_multiplier": NOISE_MULTIPLIER,
+        **header("dp_overhead", argv, machine_note=f", torch {torch.__version__}"),
+        "torch_threads": args.threads,
+        "noise_multiplier": NOISE_MULTIPLIER,
         "workloads": {k: asdict(WORKLOADS[k]) | {"rounds": args.rounds or WORKLOADS[k].rounds} for k in args.models},
-        "memory_steps": args.memory_steps, "malloc_mmap_threshold": args.malloc_mmap_threshold,
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "wall_s": time.time() - started, "wall_s_per_model": walls, "rows": rows,
+        "memory_steps": args.memory_steps,
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "wall_s": time.time() - started,
+        "wall_s_per_model": walls,
+        "rows": rows,
     }
     write_report(args.out, "dp_overhead", report, lambda path: plot(rows, path), report["wall_s"])
     print(f"load average now {os.getloadavg()[0]:.1f}")

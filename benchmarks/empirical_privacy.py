@@ -28,23 +28,18 @@ here computes an epsilon. Prints a table, writes JSON and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import os
-import sys
 import time
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from results_report import command, machine, write_report  # noqa: E402
+from harness import benchmark_parser, figure, header, quiet, write_report
+from leakage import cross_entropy, exposure, label_ranks, roc_auc, roc_curve, tpr_at_fpr
 
 PRESET = "banking77-minilm"
 CANARY_SITE = 0
@@ -52,67 +47,8 @@ CANARY_WORDS = 8
 VARIANTS = ("none", "8", "1")  # privacy.epsilon per site; "none" = privacy.enabled = false
 
 
-# --- leakage metrics (pure) ---------------------------------------------------------------
-
-def label_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """1-based rank of each row's ``labels`` entry among its logits (1 = the model's top choice; a tie counts against)."""
-    logits = np.asarray(logits, dtype=np.float64)
-    own = logits[np.arange(len(logits)), np.asarray(labels)]
-    return (logits >= own[:, None]).sum(axis=1)
-
-
-def exposure(ranks: np.ndarray, candidates: int) -> np.ndarray:
-    """log2(candidates) - log2(rank): 0 bits for the last rank, log2(candidates) for the top one."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    if np.any(ranks < 1) or np.any(ranks > candidates):
-        raise ValueError(f"ranks must lie in [1, {candidates}]")
-    return math.log2(candidates) - np.log2(ranks)
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-record loss -log softmax(logits)[label], computed stably."""
-    logits = np.asarray(logits, dtype=np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-    return log_norm - logits[np.arange(len(logits)), np.asarray(labels)]
-
-
-def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counting one half (Mann-Whitney U / (n_pos n_neg))."""
-    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
-    if not len(pos) or not len(neg):
-        raise ValueError("need at least one positive and one negative score")
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):  # average ranks over ties
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
-
-
-def roc_curve(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False- and true-positive rates of every threshold "score >= t", from the strictest down."""
-    thresholds = np.unique(np.concatenate([positive, negative]))[::-1]
-    pos, neg = np.asarray(positive), np.asarray(negative)
-    tpr = np.array([0.0, *[(pos >= t).mean() for t in thresholds]])
-    fpr = np.array([0.0, *[(neg >= t).mean() for t in thresholds]])
-    return fpr, tpr
-
-
-def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, max_fpr: float) -> float:
-    """The attack's hit rate when it may wrongly accuse at most ``max_fpr`` of non-members."""
-    fpr, tpr = roc_curve(positive, negative)
-    return float(tpr[fpr <= max_fpr].max())
-
-
 # --- canaries and site files -------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Canary:
@@ -121,8 +57,9 @@ class Canary:
     copies: int  # 0: a reference canary, never inserted anywhere
 
 
-def make_canaries(vocabulary: list[str], labels: list[str], groups: dict[int, int],
-                  rng: np.random.Generator) -> list[Canary]:
+def make_canaries(
+    vocabulary: list[str], labels: list[str], groups: dict[int, int], rng: np.random.Generator
+) -> list[Canary]:
     """``groups[copies]`` canaries per number of copies (0 = reference), each a random word string and label."""
     out = []
     for copies, count in sorted(groups.items()):
@@ -140,8 +77,9 @@ def copy_texts(canary: Canary) -> list[str]:
     words = canary.text.split(" ")
     if canary.copies > len(words) + 1:
         raise ValueError(f"at most {len(words) + 1} copies of a {len(words)}-word canary")
-    return [canary.text] + [" ".join(w.upper() if j < i else w for j, w in enumerate(words))
-                            for i in range(1, canary.copies)]
+    return [canary.text] + [
+        " ".join(w.upper() if j < i else w for j, w in enumerate(words)) for i in range(1, canary.copies)
+    ]
 
 
 def vocabulary_of(texts: list[str]) -> list[str]:
@@ -185,8 +123,14 @@ def build_site_files(work: Path, groups: dict[int, int], seed: int) -> dict:
         else:
             rows = [{"text": pool[i].text, "category": pool[i].target} for i in share]
         paths.append(write_jsonl(work / "sites" / f"site-{site}.jsonl", rows))
-    return {"paths": paths, "labels": labels, "canaries": canaries, "members": members, "nonmembers": nonmembers,
-            "site_sizes": [len(s) for s in shares]}
+    return {
+        "paths": paths,
+        "labels": labels,
+        "canaries": canaries,
+        "members": members,
+        "nonmembers": nonmembers,
+        "site_sizes": [len(s) for s in shares],
+    }
 
 
 def variant_config(site_paths: list[Path], work: Path, variant: str, rounds: int | None, steps: int | None):
@@ -212,18 +156,20 @@ def variant_config(site_paths: list[Path], work: Path, variant: str, rounds: int
 
 # --- scoring the final global model ------------------------------------------------------
 
+
 def final_logits(run_dir: Path, texts_labels: list[tuple[str, str]], labels: list[str], max_length: int) -> np.ndarray:
     """Logits of the run's merged final model (``run_dir/merged``), with the product's own encoding."""
     import torch
     from transformers import AutoTokenizer
 
-    from fedtune.common.data.encoding import encode_examples
     from fedtune.common.data.shapes import Example
     from fedtune.common.models.loading import load_exported_classifier
+    from fedtune.common.tasks.registry import task_for
 
     model = load_exported_classifier(run_dir / "merged")
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
-    data = encode_examples([Example(t, c) for t, c in texts_labels], tokenizer, "classification", labels, max_length)
+    examples = [Example(t, c) for t, c in texts_labels]
+    data = task_for("classification").head.encode(examples, tokenizer, labels, max_length)
     out = []
     with torch.no_grad():
         for start in range(0, len(data), 128):
@@ -254,14 +200,18 @@ def score(run_dir: Path, setup: dict, max_length: int) -> dict:
     k, m = len(canaries), len(setup["members"])
     copies = np.array([c.copies for c in canaries])
     canary_exposure = exposure(ranks[:k], len(labels))
-    member_loss, nonmember_loss = loss[k:k + m], loss[k + m:]
+    member_loss, nonmember_loss = loss[k : k + m], loss[k + m :]
     groups = {}
     for r in sorted(set(copies.tolist())):
         sel = copies == r
         groups[str(r)] = {
-            "canaries": int(sel.sum()), "mean_exposure_bits": float(canary_exposure[sel].mean()),
-            "sem_exposure_bits": float(canary_exposure[sel].std(ddof=1) / math.sqrt(sel.sum())) if sel.sum() > 1 else 0.0,
-            "top1_rate": float((ranks[:k][sel] == 1).mean()), "mean_loss": float(loss[:k][sel].mean()),
+            "canaries": int(sel.sum()),
+            "mean_exposure_bits": float(canary_exposure[sel].mean()),
+            "sem_exposure_bits": float(canary_exposure[sel].std(ddof=1) / math.sqrt(sel.sum()))
+            if sel.sum() > 1
+            else 0.0,
+            "top1_rate": float((ranks[:k][sel] == 1).mean()),
+            "mean_loss": float(loss[:k][sel].mean()),
             "exposure_bits": canary_exposure[sel].round(4).tolist(),
         }
         if r:  # inserted vs never-inserted canaries, by loss: the attack on the planted secrets themselves
@@ -270,8 +220,10 @@ def score(run_dir: Path, setup: dict, max_length: int) -> dict:
         "canaries": groups,
         "mia_auc": roc_auc(-member_loss, -nonmember_loss),
         "mia_tpr_at_1pct_fpr": tpr_at_fpr(-member_loss, -nonmember_loss, 0.01),
-        "member_mean_loss": float(member_loss.mean()), "nonmember_mean_loss": float(nonmember_loss.mean()),
-        "member_accuracy": float((ranks[k:k + m] == 1).mean()), "nonmember_accuracy": float((ranks[k + m:] == 1).mean()),
+        "member_mean_loss": float(member_loss.mean()),
+        "nonmember_mean_loss": float(nonmember_loss.mean()),
+        "member_accuracy": float((ranks[k : k + m] == 1).mean()),
+        "nonmember_accuracy": float((ranks[k + m :] == 1).mean()),
         "roc": [a.round(4).tolist() for a in roc_curve(-member_loss, -nonmember_loss)],
     }
 
@@ -290,20 +242,27 @@ def run_variant(setup: dict, work: Path, variant: str, rounds: int | None, steps
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
     return {
-        "variant": variant, "target_epsilon": None if variant == "none" else float(variant),
-        "epsilon_spent": ledger["epsilon"] if ledger else None, "delta": ledger["delta"] if ledger else None,
+        "variant": variant,
+        "target_epsilon": None if variant == "none" else float(variant),
+        "epsilon_spent": ledger["epsilon"] if ledger else None,
+        "delta": ledger["delta"] if ledger else None,
         "accountant": ledger["accountant"] if ledger else None,
         "ledger_steps": sum(e["steps"] for e in ledger["entries"]) if ledger else None,
         "noise_multiplier": ledger["entries"][-1]["noise_multiplier"] if ledger else 0.0,
-        "rounds": cfg.federation.rounds, "local_steps": cfg.train.local_steps,
+        "rounds": cfg.federation.rounds,
+        "local_steps": cfg.train.local_steps,
         "statuses": [r.get("status") for r in records[1:]],
-        "heldout_accuracy": last["server"]["accuracy"], "heldout_loss": last["server"]["loss"],
-        "train_s": train_s, "loadavg_before": load_before, "run_dir": str(run_dir),
+        "heldout_accuracy": last["server"]["accuracy"],
+        "heldout_loss": last["server"]["loss"],
+        "train_s": train_s,
+        "loadavg_before": load_before,
+        "run_dir": str(run_dir),
         **score(run_dir, setup, cfg.model.max_length),
     }
 
 
 # --- report ------------------------------------------------------------------------------
+
 
 def variant_name(variant: str) -> str:
     return "non-private" if variant == "none" else f"eps {variant}"
@@ -315,97 +274,105 @@ def fmt_eps(row: dict) -> str:
 
 def print_table(rows: list[dict], copies: list[int]) -> None:
     ref = rows[0]["canaries"]["0"]["canaries"]
-    head = f"{'model':>11} {'eps (ledger)':>12} {'acc':>6} " + " ".join(
-        f"{'exp r=' + str(r):>10} {'top1 r=' + str(r):>9}" for r in copies) + f" {'exp ref':>8} {'MIA AUC':>8} " \
+    head = (
+        f"{'model':>11} {'eps (ledger)':>12} {'acc':>6} "
+        + " ".join(f"{'exp r=' + str(r):>10} {'top1 r=' + str(r):>9}" for r in copies)
+        + f" {'exp ref':>8} {'MIA AUC':>8} "
         f"{'TPR@1%':>7}"
+    )
     print(head)
     print("-" * len(head))
     for row in rows:
         c = row["canaries"]
-        print(f"{variant_name(row['variant']):>11} {fmt_eps(row):>12} {row['heldout_accuracy']:6.3f} " + " ".join(
-            f"{c[str(r)]['mean_exposure_bits']:10.2f} {c[str(r)]['top1_rate']:9.2f}" for r in copies)
-              + f" {c['0']['mean_exposure_bits']:8.2f} {row['mia_auc']:8.3f} {row['mia_tpr_at_1pct_fpr']:7.3f}")
+        print(
+            f"{variant_name(row['variant']):>11} {fmt_eps(row):>12} {row['heldout_accuracy']:6.3f} "
+            + " ".join(f"{c[str(r)]['mean_exposure_bits']:10.2f} {c[str(r)]['top1_rate']:9.2f}" for r in copies)
+            + f" {c['0']['mean_exposure_bits']:8.2f} {row['mia_auc']:8.3f} {row['mia_tpr_at_1pct_fpr']:7.3f}"
+        )
     print(f"exposure in bits (max log2(77) = {math.log2(77):.2f}); ref = {ref} canaries never inserted (chance)")
 
 
 def plot(rows: list[dict], copies: list[int], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    groups = [0, *copies]
-    width = 0.8 / len(groups)
-    x = np.arange(len(rows))
-    for g, r in enumerate(groups):
-        means = [row["canaries"][str(r)]["mean_exposure_bits"] for row in rows]
-        sems = [row["canaries"][str(r)]["sem_exposure_bits"] for row in rows]
-        label = "reference (never inserted)" if r == 0 else f"inserted {r}x"
-        left.bar(x + (g - (len(groups) - 1) / 2) * width, means, width, yerr=sems, capsize=3, label=label)
-    left.set_xticks(x, [f"{variant_name(row['variant'])}\n(ledger: {fmt_eps(row)})" for row in rows])
-    left.axhline(math.log2(77), color="grey", ls=":", lw=0.8)
-    left.set(ylabel="mean exposure (bits)", title="canary exposure (+- s.e.m.)")
-    left.legend(fontsize=8)
-    for row in rows:
-        fpr, tpr = row["roc"]
-        right.plot(fpr, tpr, label=f"{variant_name(row['variant'])}: AUC {row['mia_auc']:.3f}")
-    right.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
-    right.set(xlabel="false-positive rate", ylabel="true-positive rate",
-              title="loss-threshold membership inference (bank 0)")
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, 1, 2, figsize=(11, 4)) as (_, (left, right)):
+        groups = [0, *copies]
+        width = 0.8 / len(groups)
+        x = np.arange(len(rows))
+        for g, r in enumerate(groups):
+            means = [row["canaries"][str(r)]["mean_exposure_bits"] for row in rows]
+            sems = [row["canaries"][str(r)]["sem_exposure_bits"] for row in rows]
+            label = "reference (never inserted)" if r == 0 else f"inserted {r}x"
+            left.bar(x + (g - (len(groups) - 1) / 2) * width, means, width, yerr=sems, capsize=3, label=label)
+        left.set_xticks(x, [f"{variant_name(row['variant'])}\n(ledger: {fmt_eps(row)})" for row in rows])
+        left.axhline(math.log2(77), color="grey", ls=":", lw=0.8)
+        left.set(ylabel="mean exposure (bits)", title="canary exposure (+- s.e.m.)")
+        left.legend(fontsize=8)
+        for row in rows:
+            fpr, tpr = row["roc"]
+            right.plot(fpr, tpr, label=f"{variant_name(row['variant'])}: AUC {row['mia_auc']:.3f}")
+        right.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
+        title = "loss-threshold membership inference (bank 0)"
+        right.set(xlabel="false-positive rate", ylabel="true-positive rate", title=title)
+        right.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, quick="2 rounds x 5 steps, 8 canaries per group")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--canaries", type=int, default=20, help="canaries per group (each copy count, and reference)")
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 4], help="copies of an inserted canary, per group")
     parser.add_argument("--rounds", type=int, default=0, help="override the preset's federation.rounds")
     parser.add_argument("--local-steps", type=int, default=0, help="override the preset's train.local_steps")
     parser.add_argument("--seed", type=int, default=0, help="canaries and the member/non-member split")
-    parser.add_argument("--quick", action="store_true", help="2 rounds x 5 steps, 8 canaries per group")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None, help="run directories and site files (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.local_steps, args.canaries = 2, 5, 8
     if any(r < 1 for r in args.copies):
         parser.error("--copies must be at least 1")
-    import logging
     import tempfile
 
     import torch
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    logging.getLogger("fedtune").setLevel(logging.WARNING)
+    quiet({"fedtune": logging.WARNING})
     torch.set_num_threads(2)
     work = args.work or Path(tempfile.mkdtemp(prefix="fedtune-privacy-"))
     started = time.time()
     groups = {0: args.canaries, **{r: args.canaries for r in args.copies}}
     setup = build_site_files(work, groups, args.seed)
-    print(f"empirical privacy: {PRESET}, bank {CANARY_SITE}: {len(setup['members'])} member records + "
-          f"{sum(c.copies for c in setup['canaries'])} canary records ({args.canaries} canaries x copies "
-          f"{args.copies}), {len(setup['nonmembers'])} held back as non-members; {args.canaries} reference canaries; "
-          f"site files in {work / 'sites'}", flush=True)
+    print(
+        f"empirical privacy: {PRESET}, bank {CANARY_SITE}: {len(setup['members'])} member records + "
+        f"{sum(c.copies for c in setup['canaries'])} canary records ({args.canaries} canaries x copies "
+        f"{args.copies}), {len(setup['nonmembers'])} held back as non-members; {args.canaries} reference canaries; "
+        f"site files in {work / 'sites'}",
+        flush=True,
+    )
     rows = []
     for variant in args.variants:
         row = run_variant(setup, work, variant, args.rounds or None, args.local_steps or None)
         rows.append(row)
-        print(f"  {variant_name(variant)}: eps {fmt_eps(row)}, held-out accuracy {row['heldout_accuracy']:.3f}, MIA AUC "
-              f"{row['mia_auc']:.3f} ({row['train_s']:.0f} s, load {row['loadavg_before'][0]:.1f})", flush=True)
+        print(
+            f"  {variant_name(variant)}: eps {fmt_eps(row)}, held-out accuracy {row['heldout_accuracy']:.3f}, MIA AUC "
+            f"{row['mia_auc']:.3f} ({row['train_s']:.0f} s, load {row['loadavg_before'][0]:.1f})",
+            flush=True,
+        )
     print()
     print_table(rows, args.copies)
     report = {
-        "benchmark": "empirical_privacy", "machine": machine(),
-        "command": command("empirical_privacy", argv if argv is not None else sys.argv[1:]),
-        "setup": {"preset": PRESET, "canary_site": CANARY_SITE, "site_sizes_before": setup["site_sizes"],
-                  "members": len(setup["members"]), "nonmembers": len(setup["nonmembers"]),
-                  "canary_words": CANARY_WORDS, "labels": len(setup["labels"]),
-                  "canaries": [asdict(c) for c in setup["canaries"]], "secure_aggregation": "on (preset default)"},
-        "wall_s": time.time() - started, "loadavg_end": os.getloadavg(), "rows": rows,
+        **header("empirical_privacy", argv),
+        "setup": {
+            "preset": PRESET,
+            "canary_site": CANARY_SITE,
+            "site_sizes_before": setup["site_sizes"],
+            "members": len(setup["members"]),
+            "nonmembers": len(setup["nonmembers"]),
+            "canary_words": CANARY_WORDS,
+            "labels": len(setup["labels"]),
+            "canaries": [asdict(c) for c in setup["canaries"]],
+            "secure_aggregation": "on (preset default)",
+        },
+        "wall_s": time.time() - started,
+        "loadavg_end": os.getloadavg(),
+        "rows": rows,
     }
     write_report(args.out, "empirical_privacy", report, lambda path: plot(rows, args.copies, path), report["wall_s"])
     return 0

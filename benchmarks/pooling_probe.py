@@ -19,23 +19,17 @@ on 2 cores); every schedule after that takes seconds.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from harness import DATA, benchmark_parser, figure, header, report_name, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fedtune.common.privacy.accounting import calibrate_noise, epsilon_spent
 
-from fedtune.common.privacy.accounting import calibrate_noise, epsilon_spent  # noqa: E402
-from results_report import command, machine, write_report  # noqa: E402
-
-DATA = Path(os.environ.get("FEDTUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "banking77"
+BANKING77 = DATA / "banking77"
 POOLINGS = ("model", "mean")
 DELTA = 1e-4
 
@@ -61,12 +55,14 @@ SCHEDULES = (
 
 # --- the mechanism (pure) -----------------------------------------------------------------
 
+
 def with_bias(x: np.ndarray) -> np.ndarray:
     return np.hstack([x, np.ones((len(x), 1), dtype=x.dtype)])
 
 
 def clipped_gradient_sum(weights: np.ndarray, x: np.ndarray, y: np.ndarray, clip: float) -> np.ndarray:
-    """Sum over records of each record's cross-entropy gradient w.r.t. ``weights`` (labels x features), clipped to ``clip``.
+    """Sum over records of each record's cross-entropy gradient w.r.t. ``weights`` (labels x features),
+    each clipped to norm ``clip``.
 
     For a linear softmax head the per-record gradient is ``(p - onehot(y)) x^T``, whose norm is
     ``|p - onehot(y)| |x|``: per-record clipping needs no per-record backward pass.
@@ -82,14 +78,20 @@ def clipped_gradient_sum(weights: np.ndarray, x: np.ndarray, y: np.ndarray, clip
 
 
 def federated_head_training(
-    sites: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray], init: np.ndarray,
-    schedule: HeadSchedule, seed: int = 0,
+    sites: list[tuple[np.ndarray, np.ndarray]],
+    test: tuple[np.ndarray, np.ndarray],
+    init: np.ndarray,
+    schedule: HeadSchedule,
+    seed: int = 0,
 ) -> tuple[list[float], float | None, float]:
     """Accuracy on ``test`` after each round, the accountant's epsilon per site, and the noise multiplier."""
     rng = np.random.default_rng(seed)
     total_steps = schedule.rounds * schedule.steps
-    sigma = (calibrate_noise(schedule.epsilon, DELTA, schedule.sample_rate, total_steps)
-             if schedule.epsilon is not None else 0.0)
+    sigma = (
+        calibrate_noise(schedule.epsilon, DELTA, schedule.sample_rate, total_steps)
+        if schedule.epsilon is not None
+        else 0.0
+    )
     weights = init.copy()
     counts = np.array([len(y) for _, y in sites], dtype=np.float64)
     curve = []
@@ -107,28 +109,36 @@ def federated_head_training(
             updates.append(local - weights)
         weights = weights + np.tensordot(counts / counts.sum(), np.stack(updates), axes=1)
         curve.append(float((np.argmax(test[0] @ weights.T, axis=1) == test[1]).mean()))
-    epsilon = (epsilon_spent([(sigma, schedule.sample_rate, total_steps)], DELTA)
-               if schedule.epsilon is not None else None)
+    epsilon = (
+        epsilon_spent([(sigma, schedule.sample_rate, total_steps)], DELTA) if schedule.epsilon is not None else None
+    )
     return curve, epsilon, sigma
 
 
 # --- features from the real model ----------------------------------------------------------
+
 
 def head_features(pooling: str, sites: int, per_site: int, eval_examples: int):
     """Per-site (features, labels), the test set's, and the head's initial weights, under ``pooling``."""
     import torch
 
     from fedtune.common.config import load_config, preset_path
-    from fedtune.common.data.encoding import encode_examples
     from fedtune.common.data.federation_data import build_site_splits
     from fedtune.common.models.loading import load_base_model, load_tokenizer, model_spec
 
-    cfg = load_config(preset_path("banking77-minilm"), [
-        f"data.path='{DATA / 'train.csv'}'", f"data.test_path='{DATA / 'test.csv'}'",
-        f"data.labels_file='{DATA / 'categories.json'}'", "partition.scheme='dirichlet'",
-        f"partition.num_clients={sites}", "partition.alpha=0.5", f"data.max_eval_examples={eval_examples}",
-        f"model.pooling='{pooling}'",
-    ])
+    cfg = load_config(
+        preset_path("banking77-minilm"),
+        [
+            f"data.path='{BANKING77 / 'train.csv'}'",
+            f"data.test_path='{BANKING77 / 'test.csv'}'",
+            f"data.labels_file='{BANKING77 / 'categories.json'}'",
+            "partition.scheme='dirichlet'",
+            f"partition.num_clients={sites}",
+            "partition.alpha=0.5",
+            f"data.max_eval_examples={eval_examples}",
+            f"model.pooling='{pooling}'",
+        ],
+    )
     spec = model_spec(cfg)
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(cfg.lora.init_seed)  # the head's initialisation, as build_adapted_model draws it
@@ -139,7 +149,7 @@ def head_features(pooling: str, sites: int, per_site: int, eval_examples: int):
     init = np.hstack([head.weight.detach().numpy(), head.bias.detach().numpy()[:, None]]).astype(np.float64)
 
     def features(examples):
-        data = encode_examples(examples, tokenizer, "classification", list(spec.labels), cfg.model.max_length)
+        data = cfg.task.head.encode(examples, tokenizer, list(spec.labels), cfg.model.max_length)
         seen.clear()
         labels = []
         with torch.no_grad():
@@ -154,32 +164,23 @@ def head_features(pooling: str, sites: int, per_site: int, eval_examples: int):
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    styles = {"model": "--", "mean": "-"}
-    for row in rows:
-        eps = "non-private" if row["epsilon_target"] is None else f"DP eps={row['epsilon_target']:g}"
-        ax.plot(range(1, len(row["curve"]) + 1), row["curve"], styles[row["pooling"]], marker="o", ms=3,
-                label=f"{row['pooling']} pooling, {eps}")
-    ax.set(xlabel="round", ylabel="held-out accuracy", title="Banking77, head only, 10 banks: pooling under DP-SGD")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, figsize=(6.5, 4)) as (_, ax):
+        styles = {"model": "--", "mean": "-"}
+        for row in rows:
+            eps = "non-private" if row["epsilon_target"] is None else f"DP eps={row['epsilon_target']:g}"
+            label = f"{row['pooling']} pooling, {eps}"
+            ax.plot(
+                range(1, len(row["curve"]) + 1), row["curve"], styles[row["pooling"]], marker="o", ms=3, label=label
+            )
+        ax.set(xlabel="round", ylabel="held-out accuracy", title="Banking77, head only, 10 banks: pooling under DP-SGD")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 banks, 150 records each, 100 test records")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
-    if not (DATA / "train.csv").exists():
-        raise SystemExit(f"{DATA / 'train.csv'} not found: set FEDTUNE_DATA to the folder holding banking77/")
+    args = benchmark_parser(__doc__, quick="3 banks, 150 records each, 100 test records").parse_args(argv)
+    if not (BANKING77 / "train.csv").exists():
+        raise SystemExit(f"{BANKING77 / 'train.csv'} not found: set FEDTUNE_DATA to the folder holding banking77/")
     sites, per_site, eval_examples = (3, 150, 100) if args.quick else (10, 100_000, 600)
     started = time.time()
     rows = []
@@ -188,17 +189,29 @@ def main(argv: list[str] | None = None) -> int:
         site_data, test, init = head_features(pooling, sites, per_site, eval_examples)
         for schedule in SCHEDULES:
             curve, epsilon, sigma = federated_head_training(site_data, test, init, schedule)
-            rows.append({"pooling": pooling, "schedule": dataclasses.asdict(schedule), "epsilon_target": schedule.epsilon,
-                         "epsilon": epsilon, "noise_multiplier": sigma, "curve": curve, "final_accuracy": curve[-1]})
+            rows.append(
+                {
+                    "pooling": pooling,
+                    "schedule": dataclasses.asdict(schedule),
+                    "epsilon_target": schedule.epsilon,
+                    "epsilon": epsilon,
+                    "noise_multiplier": sigma,
+                    "curve": curve,
+                    "final_accuracy": curve[-1],
+                }
+            )
             label = f"{schedule.rounds}x{schedule.steps} q={schedule.sample_rate:g} lr={schedule.lr:g}"
             eps = "-" if epsilon is None else f"{epsilon:.3f}"
             print(f"{pooling:8} {label:34} {sigma:6.2f} {eps:>16} {' '.join(f'{a:.3f}' for a in curve)}", flush=True)
     wall_s = time.time() - started
-    report = {"benchmark": "pooling_probe", "machine": machine(),
-              "command": command("pooling_probe", argv if argv is not None else sys.argv[1:]),
-              "sites": sites, "delta": DELTA, "wall_s": wall_s, "rows": rows}
-    write_report(args.out, "pooling_probe-quick" if args.quick else "pooling_probe", report,
-                 lambda path: plot(rows, path), wall_s)
+    report = {
+        **header("pooling_probe", argv),
+        "sites": sites,
+        "delta": DELTA,
+        "wall_s": wall_s,
+        "rows": rows,
+    }
+    write_report(args.out, report_name("pooling_probe", args.quick), report, lambda path: plot(rows, path), wall_s)
     return 0
 
 

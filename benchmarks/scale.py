@@ -6,12 +6,13 @@ random-initialised ``tiny-bert`` classifier with FFA-LoRA on Banking77 intents, 
 variants run alternately at each size: ``dp``, the product's defaults (DP-SGD at epsilon 8 per
 site, SecAgg+ secure aggregation), and ``no-dp`` (SecAgg+ only), which shows what the
 per-site privacy accounting costs. Every site holds the same number of records (IID), so the
-work per site is fixed and only the number of sites grows. Each run is its own child process, so memory is measured from a clean
-start: a background thread samples the resident memory (RSS, and PSS, which shares pages
-fairly between processes) of the child's whole process tree (driver, Ray's GCS and raylet,
-the actors). A round's wall time is the gap between the checkpoints of consecutive rounds
-(local training on every site, the SecAgg+ exchanges, held-out evaluation on the
-server, the checkpoint); round 1 also loads every site's data and is left out of the median.
+work per site is fixed and only the number of sites grows. Each run is its own child process,
+so memory is measured from a clean start: a background thread samples the resident memory
+(RSS, and PSS, which shares pages fairly between processes) of the child's whole process tree
+(driver, Ray's GCS and raylet, the actors). A round's wall time is the gap between the
+checkpoints of consecutive rounds (local training on every site, the SecAgg+ exchanges,
+held-out evaluation on the server, the checkpoint); round 1 also loads every site's data and
+is left out of the median.
 Next to it, the CPU seconds the whole process tree spent in the same interval: Ray runs its
 actors at nice 15, so on a shared machine other people's work stretches wall time, not CPU.
 Prints a table, writes JSON and a PNG.
@@ -32,22 +33,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from engine_polling import engine_polling_cost
+from harness import DATA, benchmark_parser, command, figure, machine, read_report, write_report
+from process_usage import TreeSampler
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from results_report import command, machine, write_report  # noqa: E402
-
-SHARED_BANKING77 = Path("/work/shared/data/banking77")
+SHARED_BANKING77 = DATA / "banking77"
 SAMPLE_BANKING77 = REPO / "common" / "data" / "samples" / "banking77"
-SAMPLE_INTERVAL_S = 0.5
-PSS_EVERY = 4  # PSS reads /proc/PID/smaps_rollup: every 4th tick (2 s), RSS every tick (0.5 s)
 
 
 def data_dir() -> Path:
@@ -63,12 +59,17 @@ def federation_config(clients: int, records_per_site: int, rounds: int, out: Pat
     data = data_dir()
     return {
         "run": {"name": f"scale-{clients}-{variant}", "output_dir": str(out), "seed": 0},
-        "model": {"name": "tiny-bert", "task": "classification", "max_length": 32},
+        "model": {"name": "tiny-bert", "max_length": 32},
         "lora": {"rank": 4, "alpha": 16, "ffa": True},
-        "data": {"path": str(data / "train.csv"), "test_path": str(data / "test.csv"),
-                 "labels_file": str(data / "categories.json"), "task": "classification",
-                 "fields": {"text": "text", "label": "category"},
-                 "max_records": records_per_site * clients, "max_eval_examples": 256},
+        "data": {
+            "path": str(data / "train.csv"),
+            "test_path": str(data / "test.csv"),
+            "labels_file": str(data / "categories.json"),
+            "task": "classification",
+            "fields": {"text": "text", "label": "category"},
+            "max_records": records_per_site * clients,
+            "max_eval_examples": 256,
+        },
         "partition": {"scheme": "iid", "num_clients": clients, "min_examples": 20},
         "federation": {"rounds": rounds, "min_clients": 2, "cpus_per_client": 1.0},
         "train": {"local_steps": 5, "batch_size": 16, "lr": 2e-2, "optimizer": "adam", "torch_threads": 1},
@@ -91,79 +92,12 @@ def run_one(clients: int, records_per_site: int, rounds: int, out: Path, variant
     simulate(cfg)
 
 
-class TreeSampler:
-    """Peak summed RSS (and PSS) of a process and all its descendants, and their CPU time so far, in a thread.
-
-    CPU time is the contention-proof companion of wall time: on a shared machine the niced
-    Ray actors wait for other people's processes, which lengthens rounds but not CPU seconds.
-    """
-
-    def __init__(self, pid: int) -> None:
-        import psutil
-
-        self.root = psutil.Process(pid)
-        self.peak_rss = self.peak_pss = self.peak_root_rss = 0
-        self.peak_processes = 0
-        self.cpu_seen: dict[int, float] = {}  # per pid, its last CPU seconds: exited processes keep counting
-        self.cpu_series: list[tuple[float, float]] = []  # (time, CPU seconds of the tree so far)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _tree(self) -> list:
-        import psutil
-
-        try:
-            return [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def _sample(self, with_pss: bool) -> None:
-        import psutil
-
-        rss = pss = 0
-        procs = self._tree()
-        for proc in procs:
-            try:
-                cpu = proc.cpu_times()
-                self.cpu_seen[proc.pid] = cpu.user + cpu.system + cpu.children_user + cpu.children_system
-                if with_pss:
-                    info = proc.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
-                else:
-                    rss += proc.memory_info().rss
-                if proc is self.root:
-                    self.peak_root_rss = max(self.peak_root_rss, proc.memory_info().rss)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
-        self.peak_processes = max(self.peak_processes, len(procs))
-        self.cpu_series.append((time.time(), sum(self.cpu_seen.values())))
-
-    def _loop(self) -> None:
-        tick = 0
-        while not self._stop.is_set():
-            self._sample(with_pss=tick % PSS_EVERY == 0)
-            tick += 1
-            self._stop.wait(SAMPLE_INTERVAL_S)
-
-    def cpu_at(self, when: float) -> float:
-        times, cpus = zip(*self.cpu_series)
-        return float(np.interp(when, times, cpus))
-
-    def __enter__(self) -> TreeSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def round_ends(run_dir: Path) -> dict[int, float]:
     """When each round's checkpoint was written (its last step)."""
-    return {int(p.parent.name.split("-")[1]): p.stat().st_mtime
-            for p in (run_dir / "checkpoints").glob("round-*/round.json")}
+    return {
+        int(p.parent.name.split("-")[1]): p.stat().st_mtime
+        for p in (run_dir / "checkpoints").glob("round-*/round.json")
+    }
 
 
 def per_round(ends: dict[int, float], clock) -> dict[int, float]:
@@ -181,8 +115,20 @@ def measure(clients: int, variant: str, records_per_site: int, rounds: int, work
     """Run one federation in a child process and read its run directory and memory peaks."""
     out = work / f"clients-{clients}-{variant}"
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, __file__, "--one", str(clients), "--variant", variant,
-           "--records-per-site", str(records_per_site), "--rounds", str(rounds), "--work", str(out)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        str(clients),
+        "--variant",
+        variant,
+        "--records-per-site",
+        str(records_per_site),
+        "--rounds",
+        str(rounds),
+        "--work",
+        str(out),
+    ]
     load_before = os.getloadavg()
     started = time.time()
     log_path = work / f"clients-{clients}-{variant}.log"
@@ -191,7 +137,9 @@ def measure(clients: int, variant: str, records_per_site: int, rounds: int, work
             child.wait()
     wall = time.time() - started
     if child.returncode != 0:
-        raise RuntimeError(f"{clients} sites, {variant}: the simulation failed (exit {child.returncode}); see {log_path}")
+        raise RuntimeError(
+            f"{clients} sites, {variant}: the simulation failed (exit {child.returncode}); see {log_path}"
+        )
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     ends = round_ends(run_dir)
     wall_rounds, cpu_rounds = per_round(ends, lambda t: t), per_round(ends, memory.cpu_at)
@@ -199,20 +147,28 @@ def measure(clients: int, variant: str, records_per_site: int, rounds: int, work
     last = records[-1]
     eps = [t["epsilon"] for t in last.get("train", {}).values()]
     return {
-        "clients": clients, "variant": variant, "records_per_site": records_per_site, "rounds": rounds,
-        "round_s": wall_rounds, "median_round_s": statistics.median(wall_rounds.values()),
+        "clients": clients,
+        "variant": variant,
+        "records_per_site": records_per_site,
+        "rounds": rounds,
+        "round_s": wall_rounds,
+        "median_round_s": statistics.median(wall_rounds.values()),
         "median_round_s_per_site": statistics.median(wall_rounds.values()) / clients,
-        "round_cpu_s": cpu_rounds, "median_round_cpu_s": statistics.median(cpu_rounds.values()),
+        "round_cpu_s": cpu_rounds,
+        "median_round_cpu_s": statistics.median(cpu_rounds.values()),
         "process_cpu_s": memory.cpu_series[-1][1] if memory.cpu_series else None,
-        "process_wall_s": wall, "peak_tree_rss_mb": memory.peak_rss / 2**20,
-        "peak_tree_pss_mb": memory.peak_pss / 2**20, "peak_driver_rss_mb": memory.peak_root_rss / 2**20,
+        "process_wall_s": wall,
+        "peak_tree_rss_mb": memory.peak_rss / 2**20,
+        "peak_tree_pss_mb": memory.peak_pss / 2**20,
+        "peak_driver_rss_mb": memory.peak_root_rss / 2**20,
         "peak_processes": memory.peak_processes,
         "statuses": [r.get("status") for r in records[1:]],
         "complete": is_complete(clients, [r.get("status") for r in records[1:]]),
         "contributors_last_round": len(last.get("train", {})),
         "max_epsilon_last_round": max(eps) if eps else None,
         "final_accuracy": last["server"].get("accuracy"),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
     }
 
 
@@ -235,53 +191,24 @@ def accounting_cost(records_per_site: int, rounds: int) -> dict:
     start = time.perf_counter()
     epsilon_spent([(sigma, q, train["local_steps"])] * rounds, privacy["delta"])
     ledger_s = (time.perf_counter() - start) / rounds
-    return {"sample_rate": q, "noise_multiplier": sigma, "calibrate_noise_s": calibrate_s,
-            "epsilon_per_ledger_entry_s": ledger_s}
-
-
-def engine_polling_cost(sizes: list[int], sweeps: int = 20) -> list[dict]:
-    """CPU seconds Flower's simulation engine spends finding each node's messages, per second of a round.
-
-    Every 0.1 s ``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue`` asks
-    ``InMemoryLinkState.get_message_ins`` for each node's next message, and each call checks
-    every message in the store: with one request in flight per site, O(sites^2) work ten
-    times a second, in the driver, however long the sites take to train. Timed here on
-    Flower's own ``get_message_ins`` over a store of one delivered request per site (the state
-    while sites train), with the federation check stubbed to a set copy.
-    """
-    import threading
-    from types import SimpleNamespace
-
-    from flwr.common import now
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-
-    out = []
-    for n in sizes:
-        state = InMemoryLinkState.__new__(InMemoryLinkState)  # only the fields get_message_ins reads
-        state.lock = threading.RLock()
-        state._federation_manager = SimpleNamespace(filter_nodes=lambda nodes, _federation: set(nodes))
-        state.run_ids = {1: SimpleNamespace(run=SimpleNamespace(federation_id="fedtune"))}
-        state.delete_messages = lambda _ids: None
-        created = now().timestamp()
-        state.message_ins_store = {
-            f"m{i}": SimpleNamespace(metadata=SimpleNamespace(created_at=created, ttl=1e9, src_node_id=0,
-                                                              dst_node_id=i + 1, run_id=1, delivered_at="yes"))
-            for i in range(n)}
-        start = time.process_time()
-        for _ in range(sweeps):
-            for node in range(1, n + 1):
-                state.get_message_ins(node_id=node, limit=1)
-        sweep_s = (time.process_time() - start) / sweeps
-        out.append({"clients": n, "sweep_cpu_s": sweep_s, "cpu_s_per_round_second": 10 * sweep_s})
-    return out
+    return {
+        "sample_rate": q,
+        "noise_multiplier": sigma,
+        "calibrate_noise_s": calibrate_s,
+        "epsilon_per_ledger_entry_s": ledger_s,
+    }
 
 
 def growth(rows: list[dict]) -> dict:
     """Largest over smallest federation of one variant: the factor each figure grows by."""
     small, large = rows[0], rows[-1]
     keys = ("median_round_s", "median_round_cpu_s", "peak_tree_rss_mb", "peak_tree_pss_mb", "peak_driver_rss_mb")
-    return {"from_clients": small["clients"], "to_clients": large["clients"],
-            "sites_factor": large["clients"] / small["clients"], **{k: large[k] / small[k] for k in keys}}
+    return {
+        "from_clients": small["clients"],
+        "to_clients": large["clients"],
+        "sites_factor": large["clients"] / small["clients"],
+        **{k: large[k] / small[k] for k in keys},
+    }
 
 
 def linear_fit(rows: list[dict], key: str) -> dict:
@@ -294,48 +221,54 @@ def linear_fit(rows: list[dict], key: str) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for variant, marker, color in zip(VARIANTS, ("o", "s"), ("C0", "C1")):
-        sel = [r for r in rows if r["variant"] == variant and is_complete(r["clients"], r["statuses"])]
-        if not sel:
-            continue
-        n = [r["clients"] for r in sel]
-        left.plot(n, [r["median_round_s"] for r in sel], marker=marker, color=color, label=f"{variant}: wall")
-        left.plot(n, [r["median_round_cpu_s"] for r in sel], marker=marker, color=color, ls=":", label=f"{variant}: CPU (all processes)")
-        right.plot(n, [r["peak_tree_pss_mb"] for r in sel], marker=marker, color=color, label=f"{variant}: PSS, whole tree")
-        right.plot(n, [r["peak_tree_rss_mb"] for r in sel], marker=marker, color=color, ls=":", label=f"{variant}: RSS, whole tree")
-        right.plot(n, [r["peak_driver_rss_mb"] for r in sel], marker=marker, color=color, ls="-.", label=f"{variant}: driver RSS")
-    left.set(xlabel="sites", ylabel="seconds", title="time per round (median)")
-    left.set_ylim(bottom=0)
-    left.legend(fontsize=8)
-    right.set(xlabel="sites", ylabel="MiB", title="peak memory (driver + Ray)")
-    right.set_ylim(bottom=0)
-    right.legend(fontsize=7, loc="lower center", ncol=2)
-    fig.suptitle("tiny-bert + FFA-LoRA, SecAgg+ on, 2 CPUs (1 per Ray actor)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    lines = (  # panel, figure, line style, label
+        (0, "median_round_s", "-", "wall"),
+        (0, "median_round_cpu_s", ":", "CPU (all processes)"),
+        (1, "peak_tree_pss_mb", "-", "PSS, whole tree"),
+        (1, "peak_tree_rss_mb", ":", "RSS, whole tree"),
+        (1, "peak_driver_rss_mb", "-.", "driver RSS"),
+    )
+    with figure(path, 1, 2, figsize=(10, 3.8)) as (fig, axes):
+        for variant, marker, color in zip(VARIANTS, ("o", "s"), ("C0", "C1"), strict=True):
+            sel = [r for r in rows if r["variant"] == variant and is_complete(r["clients"], r["statuses"])]
+            if not sel:
+                continue
+            n = [r["clients"] for r in sel]
+            for panel, key, style, label in lines:
+                axes[panel].plot(
+                    n, [r[key] for r in sel], marker=marker, color=color, ls=style, label=f"{variant}: {label}"
+                )
+        left, right = axes
+        left.set(xlabel="sites", ylabel="seconds", title="time per round (median)")
+        left.set_ylim(bottom=0)
+        left.legend(fontsize=8)
+        right.set(xlabel="sites", ylabel="MiB", title="peak memory (driver + Ray)")
+        right.set_ylim(bottom=0)
+        right.legend(fontsize=7, loc="lower center", ncol=2)
+        fig.suptitle("tiny-bert + FFA-LoRA, SecAgg+ on, 2 CPUs (1 per Ray actor)", fontsize=9)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, quick="10 and 25 sites")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--rounds", type=int, default=3, help="rounds per federation (round 1 is warm-up)")
     parser.add_argument("--records-per-site", type=int, default=100)
-    parser.add_argument("--quick", action="store_true", help="10 and 25 sites")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the run directories and logs")
-    parser.add_argument("--attempts", type=int, default=2, help="runs of a size until every round aggregates every site")
-    parser.add_argument("--update", action="store_true",
-                        help="merge into the existing scale.json, replacing the sizes and variants measured now")
-    parser.add_argument("--probe-only", action="store_true",
-                        help="only time the simulation engine's message polling, into the existing scale.json")
+    parser.add_argument(
+        "--attempts", type=int, default=2, help="runs of a size until every round aggregates every site"
+    )
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="merge into the existing scale.json, replacing the sizes and variants measured now",
+    )
+    parser.add_argument(
+        "--probe-only",
+        action="store_true",
+        help="only time the simulation engine's message polling, into the existing scale.json",
+    )
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process: one federation
     parser.add_argument("--variant", choices=VARIANTS, default="dp", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -348,16 +281,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 3: round 1 is warm-up and the median needs two rounds")
     args.clients = sorted(args.clients)
     started = time.time()
-    print(f"scale: {args.clients} sites x {args.records_per_site} records, {args.rounds} rounds, tiny-bert, "
-          f"SecAgg+ on, variants {args.variants}, {os.cpu_count()} CPUs, data {data_dir()}")
+    print(
+        f"scale: {args.clients} sites x {args.records_per_site} records, {args.rounds} rounds, tiny-bert, "
+        f"SecAgg+ on, variants {args.variants}, {os.cpu_count()} CPUs, data {data_dir()}"
+    )
     polling = engine_polling_cost(args.clients)
     for p in polling:
-        print(f"Flower's simulation engine, {p['clients']:4d} sites: {p['cpu_s_per_round_second']:.3f} CPU s per "
-              "second of a round polling for messages (O(sites^2))", flush=True)
+        print(
+            f"Flower's simulation engine, {p['clients']:4d} sites: {p['cpu_s_per_round_second']:.3f} CPU s per "
+            "second of a round polling for messages (O(sites^2))",
+            flush=True,
+        )
     if args.probe_only:
-        report = json.loads((args.out / "scale.json").read_text())
+        report = read_report(args.out, "scale")
+        if not report:
+            parser.error(f"--probe-only adds to a report: there is no {args.out / 'scale.json'}")
         report["engine_polling"] = polling
-        report["commands"] = report.get("commands", []) + [command("scale", argv if argv is not None else sys.argv[1:])]
+        report["commands"] = report.get("commands", []) + [command("scale", argv)]
         rows = report["rows"]
         write_report(args.out, "scale", report, lambda path: plot(rows, path), report["wall_s"])
         return 0
@@ -365,28 +305,38 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     accounting = accounting_cost(args.records_per_site, args.rounds) if "dp" in args.variants else {}
     if accounting:
-        print(f"privacy maths of one dp site (this process, load {os.getloadavg()[0]:.1f}): calibrate_noise "
-              f"{accounting['calibrate_noise_s']:.2f} s, epsilon of the ledger {accounting['epsilon_per_ledger_entry_s']:.2f} "
-              f"s per entry", flush=True)
+        print(
+            f"privacy maths of one dp site (this process, load {os.getloadavg()[0]:.1f}): calibrate_noise "
+            f"{accounting['calibrate_noise_s']:.2f} s, epsilon of the ledger "
+            f"{accounting['epsilon_per_ledger_entry_s']:.2f} s per entry",
+            flush=True,
+        )
     rows = []
     for i, n in enumerate(args.clients):
         for variant in args.variants if i % 2 == 0 else args.variants[::-1]:
             for attempt in range(1, args.attempts + 1):
                 row = measure(n, variant, args.records_per_site, args.rounds, work / f"attempt-{attempt}") | {
-                    "attempt": attempt}
-                print(f"  {n:4d} sites {variant:>5}: {row['median_round_s']:6.1f} s/round wall, "
-                      f"{row['median_round_cpu_s']:6.1f} s CPU  peak PSS {row['peak_tree_pss_mb']:6.0f} "
-                      f"MiB, RSS {row['peak_tree_rss_mb']:6.0f} MiB, driver {row['peak_driver_rss_mb']:5.0f} MiB  "
-                      f"({row['peak_processes']} processes, {row['process_wall_s']:.0f} s in all, "
-                      f"load {row['loadavg_before'][0]:.1f})", flush=True)
+                    "attempt": attempt
+                }
+                print(
+                    f"  {n:4d} sites {variant:>5}: {row['median_round_s']:6.1f} s/round wall, "
+                    f"{row['median_round_cpu_s']:6.1f} s CPU  peak PSS {row['peak_tree_pss_mb']:6.0f} "
+                    f"MiB, RSS {row['peak_tree_rss_mb']:6.0f} MiB, driver {row['peak_driver_rss_mb']:5.0f} MiB  "
+                    f"({row['peak_processes']} processes, {row['process_wall_s']:.0f} s in all, "
+                    f"load {row['loadavg_before'][0]:.1f})",
+                    flush=True,
+                )
                 if row["complete"]:
                     break
-                print(f"  INCOMPLETE: not every round aggregated all {n} sites ({row['statuses']}); see the log in "
-                      f"{work / f'attempt-{attempt}'}", flush=True)
+                print(
+                    f"  INCOMPLETE: not every round aggregated all {n} sites ({row['statuses']}); see the log in "
+                    f"{work / f'attempt-{attempt}'}",
+                    flush=True,
+                )
             rows.append(row)
-    commands = [command("scale", argv if argv is not None else sys.argv[1:])]
-    if args.update and (args.out / "scale.json").exists():
-        previous = json.loads((args.out / "scale.json").read_text())
+    commands = [command("scale", argv)]
+    previous = read_report(args.out, "scale") if args.update else {}
+    if previous:
         measured = {(r["clients"], r["variant"]) for r in rows}
         rows += [r for r in previous["rows"] if (r["clients"], r["variant"]) not in measured]
         commands = previous.get("commands", [previous.get("command")]) + commands
@@ -397,21 +347,38 @@ def main(argv: list[str] | None = None) -> int:
         sel = [r for r in rows if r["variant"] == variant and is_complete(r["clients"], r["statuses"])]
         if len(sel) < 2:
             continue
-        summary[variant] = {"growth": growth(sel), "wall_fit": linear_fit(sel, "median_round_s"),
-                            "cpu_fit": linear_fit(sel, "median_round_cpu_s")}
+        summary[variant] = {
+            "growth": growth(sel),
+            "wall_fit": linear_fit(sel, "median_round_s"),
+            "cpu_fit": linear_fit(sel, "median_round_cpu_s"),
+        }
         g, fit = summary[variant]["growth"], summary[variant]["cpu_fit"]
-        print(f"{variant:>5}: {g['from_clients']} -> {g['to_clients']} sites (x{g['sites_factor']:g}): round wall "
-              f"x{g['median_round_s']:.2f}, round CPU x{g['median_round_cpu_s']:.2f}, peak PSS "
-              f"x{g['peak_tree_pss_mb']:.2f}, RSS x{g['peak_tree_rss_mb']:.2f}"
-              + (f"; CPU per round ~ {fit['fixed_s']:.1f} s + {fit['per_site_s']:.2f} s/site" if fit else ""))
-    report = {"benchmark": "scale", "machine": machine(),
-              "commands": commands,
-              "setup": {"model": "tiny-bert (random init), FFA-LoRA rank 4", "data": str(data_dir()),
-                        "partition": "iid", "secure_aggregation": "SecAgg+ on in both variants",
-                        "dp": "variant dp: DP-SGD, epsilon 8, delta 1e-4 per site; variant no-dp: off",
-                        "cpus_per_client": 1.0, "local_steps": 5, "batch_size": 16},
-              "wall_s": time.time() - started, "accounting": accounting, "engine_polling": polling, "rows": rows,
-              "summary": summary}
+        print(
+            f"{variant:>5}: {g['from_clients']} -> {g['to_clients']} sites (x{g['sites_factor']:g}): round wall "
+            f"x{g['median_round_s']:.2f}, round CPU x{g['median_round_cpu_s']:.2f}, peak PSS "
+            f"x{g['peak_tree_pss_mb']:.2f}, RSS x{g['peak_tree_rss_mb']:.2f}"
+            + (f"; CPU per round ~ {fit['fixed_s']:.1f} s + {fit['per_site_s']:.2f} s/site" if fit else "")
+        )
+    report = {
+        "benchmark": "scale",
+        "machine": machine(),
+        "commands": commands,
+        "setup": {
+            "model": "tiny-bert (random init), FFA-LoRA rank 4",
+            "data": str(data_dir()),
+            "partition": "iid",
+            "secure_aggregation": "SecAgg+ on in both variants",
+            "dp": "variant dp: DP-SGD, epsilon 8, delta 1e-4 per site; variant no-dp: off",
+            "cpus_per_client": 1.0,
+            "local_steps": 5,
+            "batch_size": 16,
+        },
+        "wall_s": time.time() - started,
+        "accounting": accounting,
+        "engine_polling": polling,
+        "rows": rows,
+        "summary": summary,
+    }
     write_report(args.out, "scale", report, lambda path: plot(rows, path), report["wall_s"])
     if not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -16,26 +16,30 @@ is set up with two exchanges of its own. Prints a table, writes JSON and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from harness import benchmark_parser, figure, grouped, header, quiet, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.serverapp import Grid, ServerApp  # noqa: E402
-
-from fedtune.client import secure_aggregation  # noqa: E402
-from fedtune.client.app import register_secure_aggregation  # noqa: E402
-from fedtune.common.secure_aggregation.records import (  # noqa: E402
+from fedtune.client import secure_aggregation
+from fedtune.client.app import register_secure_aggregation
+from fedtune.common.secure_aggregation.records import (
     SECAGG_NEXT,
     advertisement_from,
     inbox_from,
@@ -43,11 +47,17 @@ from fedtune.common.secure_aggregation.records import (  # noqa: E402
     masked_record,
     round_tag,
 )
-from fedtune.common.wire import MASKED, SECAGG, STATUS, payload_nbytes  # noqa: E402
-from fedtune.server.aggregation import aggregate_adapters  # noqa: E402
-from fedtune.server.messaging import send_and_collect, wait_for_nodes  # noqa: E402
-from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round  # noqa: E402
-from results_report import command, machine, write_report  # noqa: E402
+from fedtune.common.wire import MASKED, SECAGG, STATUS, SiteState, SiteStatus, payload_nbytes
+from fedtune.server.messaging import send_and_collect, wait_for_nodes
+from fedtune.server.secure_rounds import (
+    PreparedRound,
+    SecureExchange,
+    SecureSettings,
+    finish_round,
+    set_up_round,
+)
+from fedtune.server.strategies.fedavg import FedAvg
+from fedtune.server.strategies.mean_delta import mean_delta
 
 UPDATE_SCALE = 1e-3
 CLIP = 0.02
@@ -61,14 +71,16 @@ def client_app() -> ClientApp:
         plan = msg.content["plan"]
         d = int(plan["params"])
         update = np.random.default_rng().normal(0, UPDATE_SCALE, d).astype(np.float32)
-        status = ConfigRecord({"site-id": f"site-{context.node_id}", "state": "trained", "reason": ""})
+        status = SiteStatus(f"site-{context.node_id}", SiteState.TRAINED).to_record()
         metrics = MetricRecord({"num-examples": 100})
         if plan["secure"]:
             tag, inbox = inbox_from(msg.content[SECAGG])
             vector = secure_aggregation.mask_update(context, tag, inbox, update, f"site-{context.node_id}")
             keys = secure_aggregation.advertise(context, bytes(plan["next-tag"]), 100, 2)
-            return Message(RecordDict({MASKED: masked_record(vector), SECAGG_NEXT: keys, "metrics": metrics,
-                                       STATUS: status}), reply_to=msg)
+            return Message(
+                RecordDict({MASKED: masked_record(vector), SECAGG_NEXT: keys, "metrics": metrics, STATUS: status}),
+                reply_to=msg,
+            )
         weights = msg.content["adapter"]["w"].numpy()
         adapter = ArrayRecord(array_dict={"w": Array(weights + update)})
         return Message(RecordDict({"adapter": adapter, "metrics": metrics, STATUS: status}), reply_to=msg)
@@ -77,25 +89,32 @@ def client_app() -> ClientApp:
     return app
 
 
-def train_requests(nodes: list[int], weights: np.ndarray, prepared: PreparedRound | None = None,
-                   next_tag: bytes = b"") -> list[Message]:
+def train_requests(
+    nodes: list[int], weights: np.ndarray, prepared: PreparedRound | None = None, next_tag: bytes = b""
+) -> list[Message]:
     plan = ConfigRecord({"params": weights.size, "secure": prepared is not None, "next-tag": next_tag})
     record = ArrayRecord(array_dict={"w": Array(weights)})
-    return [Message(RecordDict({"adapter": record, "plan": plan,
-                                **({SECAGG: prepared.train_record(n)} if prepared else {})}),
-                    message_type=MessageType.TRAIN, dst_node_id=n)
-            for n in nodes]
+    return [
+        Message(
+            RecordDict({"adapter": record, "plan": plan, **({SECAGG: prepared.train_record(n)} if prepared else {})}),
+            message_type=MessageType.TRAIN,
+            dst_node_id=n,
+        )
+        for n in nodes
+    ]
 
 
-def plain_round(grid: Grid, nodes: list[int], weights: np.ndarray) -> tuple[np.ndarray, int]:
+def plain_round(grid: Grid, nodes: list[int], weights: np.ndarray, index: int) -> tuple[np.ndarray, int]:
+    """One round in the clear, aggregated as the server does it: the sites' mean delta, applied by FedAvg."""
     replies = send_and_collect(grid, train_requests(nodes, weights), "plain", 600)
-    updates = [({"w": r.content["adapter"]["w"].numpy()}, float(r.content["metrics"]["num-examples"]))
-               for r in replies]
-    return aggregate_adapters(updates)["w"], payload_nbytes(replies[0].content)
+    updates = [({"w": r.content["adapter"]["w"].numpy()}, float(r.content["metrics"]["num-examples"])) for r in replies]
+    current = {"w": weights}
+    return FedAvg().apply(current, mean_delta(updates, current), index)["w"], payload_nbytes(replies[0].content)
 
 
-def secure_round(grid: Grid, nodes: list[int], weights: np.ndarray, index: int,
-                 prepared: PreparedRound | None) -> tuple[np.ndarray, int, PreparedRound | None]:
+def secure_round(
+    grid: Grid, nodes: list[int], weights: np.ndarray, index: int, prepared: PreparedRound | None
+) -> tuple[np.ndarray, int, PreparedRound | None]:
     """One steady-state secure round (set up first if the previous one did not set it up)."""
     settings = SecureSettings(CLIP, 2, weights.size)
     exchange = SecureExchange(grid, {n: f"site-{n}" for n in nodes}, 600)
@@ -126,70 +145,77 @@ def server_app(sizes: list[int], rounds: int, n: int, results: list[dict]) -> Se
                 for kind in order:
                     start = time.perf_counter()
                     if kind == "plain":
-                        weights, upload[kind] = plain_round(grid, nodes, weights)
+                        weights, upload[kind] = plain_round(grid, nodes, weights, r)
                     else:
                         weights, upload[kind], prepared = secure_round(grid, nodes, weights, r, prepared)
                     times[kind].append(time.perf_counter() - start)
             plain, secure = statistics.median(times["plain"][1:]), statistics.median(times["secure"][1:])
-            row = {"clients": n, "params": d, "plain_s": plain, "secure_s": secure, "ratio": secure / plain,
-                   "plain_upload_bytes": upload["plain"], "secure_upload_bytes": upload["secure"],
-                   "secure_bits_per_value": 8 * upload["secure"] / d, "rounds_timed": rounds - 1,
-                   "plain_rounds_s": times["plain"][1:], "secure_rounds_s": times["secure"][1:]}
+            row = {
+                "clients": n,
+                "params": d,
+                "plain_s": plain,
+                "secure_s": secure,
+                "ratio": secure / plain,
+                "plain_upload_bytes": upload["plain"],
+                "secure_upload_bytes": upload["secure"],
+                "secure_bits_per_value": 8 * upload["secure"] / d,
+                "rounds_timed": rounds - 1,
+                "plain_rounds_s": times["plain"][1:],
+                "secure_rounds_s": times["secure"][1:],
+            }
             results.append(row)
-            print(f"  {n:3d} sites x {d / 1e6:4.1f}M: plain {plain:6.3f}s  secure {secure:6.3f}s  "
-                  f"ratio {secure / plain:4.2f}x  upload {upload['plain'] / 1e6:5.2f} MB -> "
-                  f"{upload['secure'] / 1e6:5.2f} MB", flush=True)
+            print(
+                f"  {n:3d} sites x {d / 1e6:4.1f}M: plain {plain:6.3f}s  secure {secure:6.3f}s  "
+                f"ratio {secure / plain:4.2f}x  upload {upload['plain'] / 1e6:5.2f} MB -> "
+                f"{upload['secure'] / 1e6:5.2f} MB",
+                flush=True,
+            )
 
     return app
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for d in sorted({r["params"] for r in rows}):
-        sel = [r for r in rows if r["params"] == d]
-        ax.plot([r["clients"] for r in sel], [r["ratio"] for r in sel], marker="o", label=f"{d / 1e6:g}M values")
-    ax.axhline(1.5, color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("sites")
-    ax.set_ylabel("secure / plain round time")
-    ax.set_title("SecAgg+ overhead (median of timed rounds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with figure(path, figsize=(6, 3.5)) as (_, ax):
+        for d, sel in sorted(grouped(rows, "params").items()):
+            ax.plot([r["clients"] for r in sel], [r["ratio"] for r in sel], marker="o", label=f"{d / 1e6:g}M values")
+        ax.axhline(1.5, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("sites")
+        ax.set_ylabel("secure / plain round time")
+        ax.set_title("SecAgg+ overhead (median of timed rounds)")
+        ax.legend()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, quick="5 and 10 sites, 0.1M values, 3 rounds")
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=12, help="rounds of each kind per size (the first is warm-up)")
-    parser.add_argument("--quick", action="store_true", help="5 and 10 sites, 0.1M values, 3 rounds")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.params, args.rounds = [5, 10], [100_000], 3
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    logging.getLogger("fedtune").setLevel(logging.ERROR)
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    quiet({"fedtune": logging.ERROR})
     rows: list[dict] = []
     started = time.time()
     print(f"secure vs plain round time, {os.cpu_count()} CPUs, {args.rounds - 1} timed rounds of each kind")
     for n in args.clients:
         run_simulation(
-            server_app=server_app(args.params, args.rounds, n, rows), client_app=client_app(), num_supernodes=n,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"include_dashboard": False, "logging_level": logging.ERROR}},
+            server_app=server_app(args.params, args.rounds, n, rows),
+            client_app=client_app(),
+            num_supernodes=n,
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"include_dashboard": False, "logging_level": logging.ERROR},
+            },
         )
     wall_s = time.time() - started
-    report = {"benchmark": "secure_aggregation", "machine": machine(),
-              "command": command("secure_aggregation", argv if argv is not None else sys.argv[1:]),
-              "wall_s": wall_s, "rows": rows}
+    report = {
+        **header("secure_aggregation", argv),
+        "wall_s": wall_s,
+        "rows": rows,
+    }
     write_report(args.out, "secure_aggregation", report, lambda path: plot(rows, path), wall_s)
     return 0
 

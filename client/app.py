@@ -1,7 +1,8 @@
 """Thin Flower glue for a site: decode a request, call :class:`client.site.Site`, encode the reply.
 
-A refusal (privacy budget spent, delta too large, mismatched adapter) is a normal reply
-with ``status.state = "refused"`` and a reason; it carries no tensors.
+A refusal (privacy budget spent, delta too large, mismatched adapter, a server speaking another
+wire protocol) is a normal reply whose status is ``SiteState.REFUSED`` with a reason; it carries no
+tensors. What travels, and how it is checked, is ``common.wire``'s contract.
 """
 
 from __future__ import annotations
@@ -9,18 +10,36 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedtune.client import secure_aggregation
 from fedtune.client.revealed_rounds import RevealedRounds
-from fedtune.client.site import RoundRequest, Site, SiteRefusal
+from fedtune.client.site import Site, SiteRefusal
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
-from fedtune.common.wire import ADAPTER, MASKED, METRICS, PLAN, SECAGG, STATUS, flatten_adapter, from_array_record, to_array_record
+from fedtune.common.wire import (
+    ADAPTER,
+    MASKED,
+    METRICS,
+    PLAN,
+    SECAGG,
+    STATUS,
+    EvaluatePlan,
+    EvaluationReport,
+    SiteState,
+    SiteStatus,
+    TrainPlan,
+    TrainReport,
+    WireError,
+    flatten_adapter,
+    from_array_record,
+    to_array_record,
+)
 
 log = logging.getLogger("fedtune.client")
 
@@ -32,28 +51,29 @@ DATA_INVALID = "site not ready: data invalid"
 NO_METRICS = "site does not share validation metrics (privacy.share_site_metrics)"
 
 
+P = TypeVar("P", TrainPlan, EvaluatePlan)
+
+
 class SiteNotReady(RuntimeError):
     """The site cannot serve requests (its data failed validation); ``str()`` is what the server is told."""
 
-# Everything a trained reply's metrics may hold: public plan values and DP accounting.
-TRAIN_REPLY_METRICS = ("num-examples", "steps", "epsilon", "noise-multiplier", "sample-rate")
 
-
-def decode_request(content: RecordDict) -> RoundRequest:
-    """The round plan, or a refusal naming what is missing (a server of another version, say)."""
-    if PLAN not in content or ADAPTER not in content:
+def decode_request(content: RecordDict, plan_type: type[P] = TrainPlan) -> P:  # type: ignore[assignment]
+    """The request's plan, or a refusal saying what is wrong with it (a server of another version, say)."""
+    if PLAN not in content.config_records or ADAPTER not in content.array_records:
         raise SiteRefusal(f"malformed request: expected records {ADAPTER!r} and {PLAN!r}, got {list(content)}")
-    plan = content[PLAN]
-    values = {name: plan[name.replace("_", "-")] for name in RoundRequest.__dataclass_fields__
-              if name.replace("_", "-") in plan}
     try:
-        return RoundRequest(**values)
-    except TypeError as exc:
-        raise SiteRefusal(f"malformed request plan: {exc}") from exc
+        return plan_type.from_content(content)
+    except WireError as exc:
+        raise SiteRefusal(str(exc)) from exc
 
 
-def _status(site_id: str, state: str, reason: str = "") -> ConfigRecord:
-    return ConfigRecord({"site-id": site_id, "state": state, "reason": reason})
+def _reply(msg: Message, site_id: str, state: SiteState, reason: str = "",
+           content: RecordDict | None = None) -> Message:
+    """A reply whose status says what the site did; ``content`` holds what goes with it."""
+    content = RecordDict() if content is None else content
+    content[STATUS] = SiteStatus(site_id, state, reason).to_record()
+    return Message(content, reply_to=msg)
 
 
 def site_id_of(context: Context) -> str:
@@ -64,7 +84,7 @@ def site_id_of(context: Context) -> str:
 
 
 def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
-    return Message(RecordDict({STATUS: _status(site_id_of(context), "refused", str(exc))}), reply_to=msg)
+    return _reply(msg, site_id_of(context), SiteState.REFUSED, str(exc))
 
 
 def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Declaration,
@@ -90,13 +110,13 @@ def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Decl
         return secure_aggregation.unmask(msg, context, site_id_of(context), revealed)
 
 
-def _secure_round(msg: Message, request: RoundRequest, context: Context) -> ClientRound:
+def _secure_round(msg: Message, request: TrainPlan, context: Context) -> ClientRound:
     """The round set up with this site, its neighbours' shares opened: checked before any
     training (and budget) is spent."""
     if SECAGG not in msg.content.config_records:
         raise SiteRefusal("secure aggregation requested but the train request carries no shares")
     try:
-        tag, inbox = inbox_from(msg.content[SECAGG])
+        tag, inbox = inbox_from(msg.content.config_records[SECAGG])
     except (KeyError, ValueError) as exc:
         raise SiteRefusal(f"secure aggregation: malformed shares in the train request: {exc}") from exc
     if tag != round_tag(request.run_id, request.round):
@@ -121,7 +141,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             request = decode_request(msg.content)
             if request.secure_aggregation:
                 secure_round = _secure_round(msg, request, context)
-            global_adapter = from_array_record(msg.content[ADAPTER])
+            global_adapter = from_array_record(msg.content.array_records[ADAPTER])
             outcome = site.train(request, global_adapter)
             if request.secure_aggregation:
                 # The update leaves the site only masked; its keys for the next round ride along.
@@ -132,14 +152,13 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
                     raise SiteRefusal(f"secure aggregation: {exc}") from exc
         except SiteRefusal as exc:
             log.warning("%s refused round: %s", site.site_id, exc)
-            return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
+            return _reply(msg, site.site_id, SiteState.REFUSED, str(exc))
         # The training loss is computed on raw training records without noise, so it is not
         # covered by the DP guarantee: it stays in the site's log and is never sent.
-        metrics = MetricRecord({
-            "num-examples": outcome.num_examples, "steps": outcome.steps, "epsilon": outcome.epsilon,
-            "noise-multiplier": outcome.noise_multiplier, "sample-rate": outcome.sample_rate,
-        })
-        content = RecordDict({METRICS: metrics, STATUS: _status(site.site_id, "trained")})
+        report = TrainReport(num_examples=outcome.num_examples, steps=outcome.steps,
+                             epsilon_spent=outcome.epsilon_spent, noise_multiplier=outcome.noise_multiplier,
+                             sample_rate=outcome.sample_rate)
+        content = RecordDict({METRICS: report.to_record()})
         if request.secure_aggregation:
             content[MASKED] = masked_record(vector)
             if request.round < request.total_rounds:
@@ -148,7 +167,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
                     site.policy.min_aggregation_sites)
         else:
             content[ADAPTER] = to_array_record(outcome.adapter)
-        return Message(content, reply_to=msg)
+        return _reply(msg, site.site_id, SiteState.TRAINED, content=content)
 
     def declare(context: Context) -> tuple[int, int]:
         site = site_for(context)
@@ -162,16 +181,16 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             site = site_for(context)
         except SiteNotReady as exc:
             return _not_ready(msg, context, exc)
-        if not (site.cfg.privacy.share_site_metrics and site.policy.allow_site_metrics):
-            return Message(RecordDict({STATUS: _status(site.site_id, "declined", NO_METRICS)}), reply_to=msg)
-        fingerprint = str(msg.content[PLAN].get("a-fingerprint", "")) if PLAN in msg.content else ""
         try:
-            metrics = site.evaluate(from_array_record(msg.content[ADAPTER]), fingerprint)
+            # The plan first: a server of another protocol version hears so even from a site that declines.
+            plan = decode_request(msg.content, EvaluatePlan)
+            if not (site.cfg.privacy.share_site_metrics and site.policy.allow_site_metrics):
+                return _reply(msg, site.site_id, SiteState.DECLINED, NO_METRICS)
+            report = EvaluationReport(site.evaluate(from_array_record(msg.content.array_records[ADAPTER]), plan.a_fingerprint))
         except SiteRefusal as exc:
-            return Message(RecordDict({STATUS: _status(site.site_id, "refused", str(exc))}), reply_to=msg)
-        return Message(
-            RecordDict({METRICS: MetricRecord(metrics), STATUS: _status(site.site_id, "evaluated")}), reply_to=msg
-        )
+            log.warning("%s refused to evaluate: %s", site.site_id, exc)
+            return _reply(msg, site.site_id, SiteState.REFUSED, str(exc))
+        return _reply(msg, site.site_id, SiteState.EVALUATED, content=RecordDict({METRICS: report.to_record()}))
 
     return app
 

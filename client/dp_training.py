@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedtune.common.data.encoding import EncodedSet
-from fedtune.common.losses import per_sample_loss
+from fedtune.common.tasks.base import TaskShape
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def poisson_batches(num_records: int, sample_rate: float, steps: int, generator:
 def train_adapter(
     model: Any,
     data: EncodedSet,
-    task: str,
+    task: TaskShape,
     plan: LocalTrainPlan,
     on_step: Callable[[int, float], None] | None = None,
 ) -> LocalTrainResult:
@@ -93,7 +93,7 @@ def train_adapter(
     else:
         module, optimizer = model, _make_optimizer(params, plan)
     weights = torch.tensor(plan.class_weights, dtype=torch.float32) if plan.class_weights else None
-    if weights is not None and task != "classification":
+    if weights is not None and not task.classifies:
         raise ValueError("class weights apply to classification only")
     losses, seen = [], 0
     try:
@@ -107,7 +107,7 @@ def train_adapter(
                     optimizer.step()
                 continue
             batch = data.batch(idx)
-            losses_each = per_sample_loss(module, batch, task)
+            losses_each = task.head.per_sample_loss(module, batch)
             if weights is not None:
                 # Weighted before clipping: each record's gradient is still clipped to max_grad_norm.
                 losses_each = losses_each * weights[batch["labels"]]

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune.client.revealed_rounds import RevealedRounds
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, public_key_of
@@ -22,12 +22,17 @@ from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViol
 from fedtune.common.secure_aggregation.records import (
     SECAGG_NEXT,
     advertisement_record,
+    bool_field,
+    bytes_field,
+    bytes_list_field,
     indexed_bytes_record,
+    int_field,
+    int_list_field,
     params_from,
     params_record,
     unmask_reply_record,
 )
-from fedtune.common.wire import SECAGG, STATUS
+from fedtune.common.wire import SECAGG, STATUS, SiteState, SiteStatus
 
 log = logging.getLogger("fedtune.client.secagg")
 
@@ -60,18 +65,21 @@ def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
         raise ProtocolViolation(f"no secure-aggregation round {what} on this site for {tag!r} "
                                 "(the site restarted, or dropped out of the set-up)")
     r = context.state.config_records[slot]
-    if bytes(r["round-tag"]) != tag:
-        raise ProtocolViolation(f"step for {tag!r} but this site holds {bytes(r['round-tag'])!r}")
-    c_priv, s_priv = bytes(r["c-private"]), bytes(r["s-private"])
+    name = f"site state {slot!r}"
+    held_tag = bytes_field(r, "round-tag", name)
+    if held_tag != tag:
+        raise ProtocolViolation(f"step for {tag!r} but this site holds {held_tag!r}")
+    c_priv, s_priv = bytes_field(r, "c-private", name), bytes_field(r, "s-private", name)
+    owners, held_b, held_s = (int_list_field(r, "held-owners", name), bytes_list_field(r, "held-b", name),
+                              bytes_list_field(r, "held-s", name))
+    params = params_from(context.state.config_records[slot + "-params"]) if bool_field(r, "has-params", name) else None
     return ClientRound(
-        num_examples=int(r["num-examples"]), min_survivors_floor=int(r["floor"]),
+        num_examples=int_field(r, "num-examples", name), min_survivors_floor=int_field(r, "floor", name),
         c_keys=KeyPair(c_priv, public_key_of(c_priv)), s_keys=KeyPair(s_priv, public_key_of(s_priv)),
-        self_seed=bytes(r["self-seed"]),
-        params=params_from(context.state.config_records[slot + "-params"]) if r["has-params"] else None,
-        held_shares={int(j): (bytes(b), bytes(s)) for j, b, s in zip(r["held-owners"], r["held-b"], r["held-s"],
-                                                                        strict=True)},
-        alive=tuple(int(j) for j in r["alive"]), unmasked=bool(r["unmasked"]), clipped=int(r["clipped"]),
-        sent_masked=bool(r["sent-masked"]),
+        self_seed=bytes_field(r, "self-seed", name), params=params,
+        held_shares={j: (b, s) for j, b, s in zip(owners, held_b, held_s, strict=True)},
+        alive=tuple(int_list_field(r, "alive", name)), unmasked=bool_field(r, "unmasked", name),
+        clipped=int_field(r, "clipped", name), sent_masked=bool_field(r, "sent-masked", name),
     )
 
 
@@ -118,14 +126,16 @@ def open_inbox(context: Context, tag: bytes, inbox: Mapping[int, bytes]) -> Clie
 
 def mask_opened(context: Context, state: ClientRound, update: np.ndarray, site_id: str) -> np.ndarray:
     """The masked vector of an opened round (:func:`open_inbox`); the round moves to ``current``."""
-    tag = state.params.round_tag
+    params = state.params
+    if params is None:  # not a round open_inbox returned
+        raise ProtocolViolation("masked input requested for a round whose keys were never shared")
     vector = state.masked_input(None, update)
     if state.clipped:
         log.warning("%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
-                    site_id, state.clipped, state.params.clip_range)
+                    site_id, state.clipped, params.clip_range)
     _forget(context, NEXT)
     _forget(context, CURRENT)
-    _save(context, CURRENT, state, tag)
+    _save(context, CURRENT, state, params.round_tag)
     return vector
 
 
@@ -137,17 +147,16 @@ def mask_update(context: Context, tag: bytes, inbox: Mapping[int, bytes], update
 
 def _refuse(msg: Message, site_id: str, reason: str) -> Message:
     log.warning("%s: secure aggregation step refused: %s", site_id, reason)
-    status = ConfigRecord({"site-id": site_id, "state": "refused", "reason": reason})
-    return Message(RecordDict({STATUS: status}), reply_to=msg)
+    return Message(RecordDict({STATUS: SiteStatus(site_id, SiteState.REFUSED, reason).to_record()}), reply_to=msg)
 
 
-def _ok(site_id: str) -> ConfigRecord:
-    return ConfigRecord({"site-id": site_id, "state": "ok", "reason": ""})
+def _ok(site_id: str) -> ConfigRecord | MetricRecord:
+    return SiteStatus(site_id, SiteState.OK).to_record()
 
 
 def advertise_step(msg: Message, context: Context, site_id: str, declare: Declaration) -> Message:
     try:
-        tag = bytes(msg.content[SECAGG]["round-tag"])
+        tag = bytes_field(msg.content.config_records[SECAGG], "round-tag", "advertise request")
         num_examples, floor = declare(context)
     except (KeyError, ValueError, RuntimeError) as exc:
         return _refuse(msg, site_id, str(exc))
@@ -160,7 +169,7 @@ def advertise_step(msg: Message, context: Context, site_id: str, declare: Declar
 
 def share_keys(msg: Message, context: Context, site_id: str) -> Message:
     try:
-        ciphertexts = _share_keys(context, msg.content[SECAGG])
+        ciphertexts = _share_keys(context, msg.content.config_records[SECAGG])
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
@@ -174,11 +183,11 @@ def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRound
     there before its shares leave, and a second request for it (after a restart) is refused.
     """
     try:
-        request = msg.content[SECAGG]
-        tag = bytes(request["round-tag"])
+        request = msg.content.config_records[SECAGG]
+        tag = bytes_field(request, "round-tag", "unmask request")
         state = _load(context, CURRENT, tag)
-        b_shares, s_shares = state.unmask([int(i) for i in request["survivors"]],
-                                          [int(i) for i in request["dropped"]])
+        b_shares, s_shares = state.unmask(int_list_field(request, "survivors", "unmask request"),
+                                          int_list_field(request, "dropped", "unmask request"))
         if revealed is not None:
             revealed.claim(tag)
     except (ProtocolViolation, KeyError, ValueError) as exc:
@@ -187,7 +196,7 @@ def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRound
     content = RecordDict({SECAGG: unmask_reply_record(b_shares, s_shares), STATUS: _ok(site_id)})
     if SECAGG_NEXT in msg.content.config_records:
         try:
-            content[SECAGG_NEXT] = indexed_bytes_record(_share_keys(context, msg.content[SECAGG_NEXT]))
+            content[SECAGG_NEXT] = indexed_bytes_record(_share_keys(context, msg.content.config_records[SECAGG_NEXT]))
         except (ProtocolViolation, KeyError, ValueError) as exc:
             log.warning("%s: next round's secure-aggregation set-up refused: %s", site_id, exc)
             _forget(context, NEXT)

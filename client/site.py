@@ -24,9 +24,8 @@ from fedtune.client.policy import PolicyViolation, SitePolicy
 from fedtune.client.revealed_rounds import RevealedRounds
 from fedtune.common.atomic_files import atomic_write_bytes, atomic_write_json
 from fedtune.common.config import FedtuneConfig
-from fedtune.common.data.encoding import EncodedSet, encode_examples
-from fedtune.common.data.federation_data import SiteSplit, load_label_set
-from fedtune.common.evaluation import evaluate_model
+from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.data.federation_data import SiteSplit, agreed_labels
 from fedtune.common.models.loading import BaseModelSpec
 from fedtune.common.models.lora import (
     adapter_digest,
@@ -38,6 +37,7 @@ from fedtune.common.models.lora import (
 from fedtune.common.privacy.accounting import calibrate_noise
 from fedtune.common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
 from fedtune.common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
+from fedtune.common.wire import TrainPlan
 
 log = logging.getLogger("fedtune.site")
 
@@ -47,30 +47,11 @@ class SiteRefusal(RuntimeError):
 
 
 @dataclass(frozen=True)
-class RoundRequest:
-    """What the server asks of a site for one round (decoded from the ``plan`` record)."""
-
-    run_id: str
-    round: int
-    total_rounds: int
-    local_steps: int
-    batch_size: int
-    lr: float
-    optimizer: str
-    dp: bool
-    epsilon: float
-    delta: float
-    max_grad_norm: float
-    a_fingerprint: str = ""
-    secure_aggregation: bool = False
-
-
-@dataclass(frozen=True)
 class TrainOutcome:
     adapter: dict[str, np.ndarray]
     num_examples: int
     steps: int
-    epsilon: float
+    epsilon_spent: float
     noise_multiplier: float
     sample_rate: float
 
@@ -93,9 +74,9 @@ class Site:
         self.site_id, self.cfg, self.spec, self.state_dir = site_id, cfg, spec, Path(state_dir)
         self.policy = policy or SitePolicy()
         self.model, self.tokenizer = _cached_model(spec, cfg)
-        labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
-        self.train_set: EncodedSet = encode_examples(split.train, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
-        self.val_set: EncodedSet = encode_examples(split.val, self.tokenizer, cfg.model.task, labels, cfg.model.max_length)
+        labels, head = agreed_labels(cfg), cfg.task.head
+        self.train_set: EncodedSet = head.encode(split.train, self.tokenizer, labels, cfg.model.max_length)
+        self.val_set: EncodedSet = head.encode(split.val, self.tokenizer, labels, cfg.model.max_length)
         self.ledger_path = self.state_dir / "privacy_ledger.json"
         self.revealed_rounds = RevealedRounds(self.state_dir / "secagg_revealed.json")
 
@@ -112,7 +93,7 @@ class Site:
     def _replay_path(self) -> Path:
         return self.state_dir / "last_update.npz"
 
-    def _replay(self, request: RoundRequest, input_digest: str) -> TrainOutcome | None:
+    def _replay(self, request: TrainPlan, input_digest: str) -> TrainOutcome | None:
         """The update already released for this very request, if any.
 
         A server that crashed and resumes asks again for a round the site already trained.
@@ -127,25 +108,28 @@ class Site:
             if (meta["run_id"], meta["round"], meta["input"]) != (request.run_id, request.round, input_digest):
                 return None
             adapter = {k: saved[k] for k in saved.files if k != "__meta__"}
+        fields = meta["outcome"]
+        if "epsilon" in fields:  # saved by a release before the wire contract named it
+            fields["epsilon_spent"] = fields.pop("epsilon")
         log.info("%s round %d: replaying the update already sent for this request (no new privacy cost)",
                  self.site_id, request.round)
-        return TrainOutcome(adapter=adapter, **meta["outcome"])
+        return TrainOutcome(adapter=adapter, **fields)
 
-    def _remember(self, request: RoundRequest, input_digest: str, outcome: TrainOutcome) -> None:
+    def _remember(self, request: TrainPlan, input_digest: str, outcome: TrainOutcome) -> None:
         fields = {k: v for k, v in outcome.__dict__.items() if k != "adapter"}
         meta = {"run_id": request.run_id, "round": request.round, "input": input_digest, "outcome": fields}
         buffer = io.BytesIO()
-        np.savez(buffer, __meta__=np.array(json.dumps(meta)), **outcome.adapter)
+        np.savez(buffer, allow_pickle=False, __meta__=np.array(json.dumps(meta)), **outcome.adapter)
         atomic_write_bytes(self._replay_path(), buffer.getvalue())
 
     def _weighting_planned(self) -> bool:
-        return self.cfg.model.task == "classification" and self.cfg.train.class_weighting == "balanced"
+        return self.cfg.task.classifies and self.cfg.train.class_weighting == "balanced"
 
-    def _with_class_weights(self, plan: LocalTrainPlan, request: RoundRequest, ledger: PrivacyLedger | None):
+    def _with_class_weights(self, plan: LocalTrainPlan, request: TrainPlan, ledger: PrivacyLedger | None):
         weights = self._class_weights(request, ledger)
         return LocalTrainPlan(**{**plan.__dict__, "class_weights": tuple(float(w) for w in weights)})
 
-    def _class_weights(self, request: RoundRequest, ledger: PrivacyLedger | None) -> np.ndarray:
+    def _class_weights(self, request: TrainPlan, ledger: PrivacyLedger | None) -> np.ndarray:
         """Balanced class weights, fixed for the run: from a DP label histogram (charged once) under DP."""
         path = self.state_dir / "class_weights.json"
         if path.exists():
@@ -166,9 +150,9 @@ class Site:
         atomic_write_json(path, {"run_id": request.run_id, "weights": weights.tolist()})
         return weights
 
-    def train(self, request: RoundRequest, adapter: dict[str, np.ndarray]) -> TrainOutcome:
+    def train(self, request: TrainPlan, adapter: dict[str, np.ndarray]) -> TrainOutcome:
         try:
-            self.policy.check_plan(request.run_id, request.dp, request.epsilon, request.delta,
+            self.policy.check_plan(request.run_id, request.dp, request.target_epsilon, request.delta,
                                    request.secure_aggregation)
         except PolicyViolation as exc:
             raise SiteRefusal(str(exc)) from exc
@@ -198,7 +182,7 @@ class Site:
                 raise SiteRefusal(str(exc)) from exc
             weighting = self._weighting_planned()
             sigma = calibrate_noise(
-                request.epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant,
+                request.target_epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant,
                 prior=[(self.cfg.privacy.histogram_noise, 1.0, 1)] if weighting else (),
             )
             try:
@@ -208,14 +192,14 @@ class Site:
             if weighting:  # charged to the ledger before the budget check below, which then covers it
                 plan = self._with_class_weights(plan, request, ledger)
             try:
-                eps_after = ledger.check_budget(sigma, q, plan.steps, request.epsilon)
+                eps_after = ledger.check_budget(sigma, q, plan.steps, request.target_epsilon)
             except PrivacyBudgetExceeded as exc:
                 raise SiteRefusal(str(exc)) from exc
             plan = LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": sigma})
         elif self._weighting_planned():
             plan = self._with_class_weights(plan, request, None)
         torch.set_num_threads(self.cfg.train.torch_threads)
-        result = train_adapter(self.model, self.train_set, self.cfg.model.task, plan)
+        result = train_adapter(self.model, self.train_set, self.cfg.task, plan)
         if ledger is not None:
             eps_after = ledger.record(request.run_id, request.round, sigma, q, result.steps).epsilon
         log.info(
@@ -224,7 +208,7 @@ class Site:
         )
         outcome = TrainOutcome(
             adapter=adapter_state(self.model, self.cfg.lora.ffa), num_examples=n, steps=result.steps,
-            epsilon=eps_after, noise_multiplier=sigma, sample_rate=q,
+            epsilon_spent=eps_after, noise_multiplier=sigma, sample_rate=q,
         )
         self._remember(request, input_digest, outcome)
         return outcome
@@ -232,4 +216,4 @@ class Site:
     def evaluate(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> dict[str, float]:
         self._set_global(adapter, fingerprint)
         torch.set_num_threads(self.cfg.train.torch_threads)
-        return evaluate_model(self.model, self.val_set, self.cfg.model.task, self.cfg.train.eval_batch_size)
+        return self.cfg.task.head.evaluate(self.model, self.val_set, self.cfg.train.eval_batch_size)

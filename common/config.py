@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,9 +17,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DataTask = Literal["classification", "chat", "prompt-completion", "question-answer", "instruction"]
+from fedtune.common.tasks.base import TaskShape
+from fedtune.common.tasks.registry import TASK_NAMES, task_for
+
+log = logging.getLogger("fedtune.config")
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "banking77-minilm"
+
+
+#: The deprecated ``model.task`` values, and the data.task each implied when data.task was not given.
+LEGACY_MODEL_TASKS = {"classification": "classification", "causal-lm": "question-answer"}
 
 
 class ConfigError(ValueError):
@@ -47,11 +55,8 @@ class ModelConfig(_Section):
                       "tests). Ignored when model.path is set.")
     path: Path | None = Field(None, description="Local Hugging Face model directory (config.json, weights, "
                               "tokenizer); overrides model.name.")
-    task: Literal["causal-lm", "classification"] = Field(
-        "classification", description="What the model learns: `classification` (a head over the agreed labels) or "
-        "`causal-lm` (generation). Must fit data.task.")
     max_length: int = Field(64, gt=0, description="Tokens per record after truncation (prompt and response together "
-                            "for causal-lm).")
+                            "for the generative tasks).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Precision of the frozen base weights.")
     pooling: Literal["auto", "mean", "model"] = Field(
         "auto", description="Classification: `mean` pools token states over the mask (how sentence encoders such "
@@ -105,8 +110,9 @@ class DataConfig(_Section):
     labels_file: Path | None = Field(None, description="JSON list of the agreed label names (classification).")
     labels: list[str] = Field(default_factory=list, description="The agreed label names, inline (instead of "
                               "data.labels_file).")
-    task: DataTask | None = Field(None, description="Record shape: classification, chat, prompt-completion, "
-                                  "question-answer or instruction (default: from model.task).")
+    task: str = Field("classification", description="The task, named by the records' shape: "
+                      f"{', '.join(TASK_NAMES)}. `classification` trains a head over the agreed labels; the others "
+                      "tune generation (see common/tasks).")
     fields: FieldMap = Field(FieldMap(), description="Which column or key holds each part of a record.")
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
         "auto", description="File format; `auto` goes by the extension and content.")
@@ -124,6 +130,11 @@ class DataConfig(_Section):
                                 "validation.")
     max_eval_examples: int = Field(256, gt=0, description="Cap on the server's held-out set and each site's "
                                    "validation split.")
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        return task_for(value).name
 
     @field_validator("path", "test_path", "labels_file")
     @classmethod
@@ -158,7 +169,7 @@ class FederationConfig(_Section):
 
     rounds: int = Field(3, gt=0, description="Training rounds.")
     min_clients: int = Field(1, gt=0, description="Fewest contributing sites for a round to be aggregated.")
-    strategy: Literal["fedavg"] = Field("fedavg", description="How the server turns the sites' mean update into the "
+    strategy: str = Field("fedavg", description="How the server turns the sites' mean update into the "
                                         "next global adapter (see server/strategies/).")
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation: CPUs Ray reserves for each site's actor.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
@@ -230,15 +241,38 @@ class FedtuneConfig(_Section):
     privacy: PrivacyConfig = Field(PrivacyConfig(), description="Record-level differential privacy.")
     secure_aggregation: SecureAggregationConfig = Field(SecureAggregationConfig(), description="SecAgg+.")
 
+    @property
+    def task(self) -> TaskShape:
+        """The registry's entry for data.task: the record shape and what the model learns from it."""
+        return task_for(self.data.task)
+
     @model_validator(mode="before")
     @classmethod
-    def _default_data_task(cls, raw: Any) -> Any:
-        """A generative model defaults to question/answer records, a classifier to text/label."""
-        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and raw["data"].get("task") is None:
-            model_task = (raw.get("model") or {}).get("task", ModelConfig().task)
-            raw = {**raw, "data": {**raw["data"], "task": "classification" if model_task == "classification"
-                                   else "question-answer"}}
-        return raw
+    def _legacy_model_task(cls, raw: Any) -> Any:
+        """``model.task`` (classification | causal-lm) is deprecated: read so older files load, never kept.
+
+        It must agree with data.task; without data.task it picks the shape it used to imply.
+        """
+        if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "task" not in raw["model"]:
+            return raw
+        model = dict(raw["model"])
+        legacy = model.pop("task")
+        if not isinstance(legacy, str) or legacy not in LEGACY_MODEL_TASKS:
+            raise ValueError(f"model.task = {legacy!r} is not 'classification' or 'causal-lm'; model.task is "
+                             f"deprecated: remove it and name the task in data.task ({', '.join(TASK_NAMES)})")
+        out = {**raw, "model": model}
+        data = raw.get("data")
+        if isinstance(data, dict) and data.get("task") is None:
+            out["data"] = {**data, "task": LEGACY_MODEL_TASKS[legacy]}
+        elif isinstance(data, dict) and data["task"] in TASK_NAMES:
+            if task_for(data["task"]).classifies != task_for(LEGACY_MODEL_TASKS[legacy]).classifies:
+                raise ValueError(
+                    f"data.task = {data['task']!r} does not fit model.task = {legacy!r}: classification data "
+                    "needs model.task = 'classification'; chat, prompt-completion, question-answer and instruction "
+                    "data need 'causal-lm'. model.task is deprecated: remove it, data.task alone names the task"
+                )
+        log.warning("model.task is deprecated: data.task alone names the task; remove model.task from the config")
+        return out
 
     @model_validator(mode="after")
     def _cross_checks(self) -> FedtuneConfig:
@@ -250,12 +284,6 @@ class FedtuneConfig(_Section):
         if self.secure_aggregation.enabled and self.partition.num_clients < 2:
             raise ValueError("secure_aggregation.enabled needs at least 2 sites (a sum over one site is its update): "
                              "raise partition.num_clients or set secure_aggregation.enabled = false")
-        if (self.data.task == "classification") != (self.model.task == "classification"):
-            raise ValueError(
-                f"data.task = {self.data.task!r} does not fit model.task = {self.model.task!r}: classification "
-                "data needs a classification model; chat, prompt-completion, question-answer and instruction "
-                "data need causal-lm"
-            )
         if self.partition.scheme == "files":
             if len(self.data.site_paths) != self.partition.num_clients:
                 raise ValueError(f"partition.scheme = 'files' needs one data.site_paths entry per site: got "
@@ -266,7 +294,7 @@ class FedtuneConfig(_Section):
         elif self.data.path is None:
             raise ValueError(f"partition.scheme = {self.partition.scheme!r} shares data.path among sites; set it, "
                              "or use partition.scheme = 'files' with data.site_paths")
-        if self.model.task == "classification" and not (self.data.labels or self.data.labels_file):
+        if self.task.classifies and not (self.data.labels or self.data.labels_file):
             raise ValueError("classification needs the agreed label set: set data.labels or data.labels_file")
         return self
 

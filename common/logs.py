@@ -57,6 +57,8 @@ def _configure_flower(verbose: bool) -> None:
     from flwr.common.logger import update_console_handler
 
     update_console_handler(level=logging.DEBUG if verbose else logging.CRITICAL + 1)
+    # Ray installs a handler on the root logger; Flower's DEBUG records must not reach it.
+    logging.getLogger("flwr").propagate = False
 
 
 def add_log_file(path: Path) -> Path:

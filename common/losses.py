@@ -28,9 +28,11 @@ def per_sample_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tup
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts
 
 
-def per_sample_loss(model: Any, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    """One loss per record of the batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if task == "causal-lm":
-        return per_sample_causal_lm_loss(out.logits, batch["labels"])[0]
-    return F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+def forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits without Hugging Face's own loss (labels are not passed): that loss would average across records."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def per_sample_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Classification: each record's cross-entropy against its class id."""
+    return F.cross_entropy(logits.float(), labels, reduction="none")

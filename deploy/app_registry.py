@@ -146,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(404, {"detail": f"{request['app_id']} {request.get('app_version') or ''} is not "
                                               "published; run `fedtune deploy sign`"})
         log.info("SuperLink fetched %s (%d signature(s))", app.spec, len(app.verifications))
-        body = {"fab_url": f"{self.base_url}/fabs/{app.fab.name}"}
+        body: dict[str, object] = {"fab_url": f"{self.base_url}/fabs/{app.fab.name}"}
         if app.verifications:
             body["verifications"] = list(app.verifications)
         return self._json(200, body)
@@ -171,15 +171,23 @@ class AppRegistry:
     """A Hub-compatible endpoint for the SuperLink, on ``host:port`` (loopback by default)."""
 
     def __init__(self, registry: Path, host: str = "127.0.0.1", port: int = 0):
-        handler = type("RegistryHandler", (_Handler,), {"registry": Path(registry)})
-        self.server = ThreadingHTTPServer((host, port), handler)
-        handler.base_url = f"http://{host}:{self.server.server_address[1]}"
+        root = Path(registry)
+
+        class RegistryHandler(_Handler):
+            """This registry's handler: http.server makes one per request, from the class alone."""
+
+            registry = root
+
+        self.server = ThreadingHTTPServer((host, port), RegistryHandler)
+        RegistryHandler.base_url = f"http://{host}:{self.server.server_address[1]}"
         self._thread: threading.Thread | None = None
 
     @property
     def api_url(self) -> str:
         """The value of ``FLWR_SUPERGRID_API_URL`` for the SuperLink."""
         host, port = self.server.server_address[:2]
+        if not isinstance(host, str):  # typeshed allows bytes; an AF_INET socket names its host in a str
+            host = host.decode()
         return f"http://{host}:{port}{API_PREFIX}"
 
     def start(self) -> AppRegistry:

@@ -96,7 +96,8 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
     """Write credentials, the signed app bundle, site folders and scripts under ``root`` (which must not exist)."""
     root = Path(root).resolve()
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} already exists and is not empty; choose a new folder (keys are never overwritten)")
+        raise FileExistsError(f"{root} already exists and is not empty; choose a new folder "
+                              "(keys are never overwritten)")
     sites = tuple(site_ids or [f"site-{i}" for i in range(cfg.partition.num_clients)])
     d = Deployment(root, host, port, sites, registry_port or port + 1)
     o = d.operator

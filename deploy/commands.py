@@ -15,7 +15,6 @@ from fedtune.deploy.app_registry import app_identity
 from fedtune.deploy.layout import CONNECTION, SUPERNODE_BASE_PORT, Deployment
 
 
-
 def flower_env(home: Path) -> dict[str, str]:
     """Environment for a Flower process: this Python's tools first on PATH, its own Flower home."""
     env = dict(os.environ)

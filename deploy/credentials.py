@@ -49,10 +49,11 @@ def _openssh_public(key, comment: str) -> bytes:
     return line + f" {comment}\n".encode()
 
 
-def make_ca(directory: Path, name: str = "fedtune federation CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def make_ca(directory: Path,
+            name: str = "fedtune federation CA") -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -83,7 +84,7 @@ def make_server_certificate(directory: Path, ca_key, ca_cert: x509.Certificate, 
         if host != "localhost":
             names.append(x509.DNSName(host))
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
         .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())

@@ -6,6 +6,7 @@ Each simulated site is a Flower SuperNode whose ClientApp runs in a Ray actor wi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -14,11 +15,12 @@ from pathlib import Path
 from flwr.clientapp.typing import Mod
 
 from fedtune.common.config import ConfigError, FedtuneConfig
-from fedtune.common.logs import add_log_file
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
+from fedtune.common.logs import add_log_file
 from fedtune.common.models.loading import model_spec
 from fedtune.server.messaging import FederationError
 from fedtune.server.run_directory import new_run_dir
+from fedtune.server.strategies import build_strategy
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -66,6 +68,7 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
         sites, test = build_site_splits(cfg)
         check_privacy_feasible(cfg, sites)
         summary = partition_summary(sites, len(test))
+    build_strategy(cfg.federation)  # an unknown strategy fails here, before Ray starts
     spec = model_spec(cfg)  # fetched once here, so actors only read the cache
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     print(summary, flush=True)
@@ -97,4 +100,7 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
     if not (run_dir / "result.json").exists():
         raise FederationError(f"the simulation ended without finishing the run; see {run_dir / 'logs'}; "
                               f"{resume_hint}")
+    stopped = json.loads((run_dir / "result.json").read_text()).get("stopped")
+    if stopped:
+        raise FederationError(f"{stopped}; the run stopped early, its summary and logs are in {run_dir}")
     return run_dir

@@ -9,10 +9,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common.atomic_files import atomic_write_json
 from fedtune.common.config import FedtuneConfig
-from fedtune.common.data.encoding import encode_examples
-from fedtune.common.data.federation_data import load_label_set, server_test_set
+from fedtune.common.data.federation_data import agreed_labels, server_test_set
 from fedtune.common.models.loading import BaseModelSpec
-from fedtune.server.federation import FederationServer
+from fedtune.server.federation import EVERY_SITE_REFUSED, FederationServer
 from fedtune.server.global_model import GlobalModel
 
 
@@ -20,11 +19,14 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, spec: BaseModelSpec, run_dir:
     """Every round of one federation, then the merged model, summary table and plot in ``run_dir``."""
     model = GlobalModel(cfg, spec)
     test = server_test_set(cfg)
-    labels = load_label_set(cfg.data) if cfg.model.task == "classification" else []
-    test_set = encode_examples(test, model.tokenizer, cfg.model.task, labels, cfg.model.max_length)
+    test_set = cfg.task.head.encode(test, model.tokenizer, agreed_labels(cfg), cfg.model.max_length)
     server = FederationServer(cfg, model, test_set, run_dir)
     records = server.run(grid, resume)
     outcome = server.finish(records)
+    last = records[-1] if records else {}
+    if last.get("status") == EVERY_SITE_REFUSED:
+        reasons = "; ".join(f"{site}: {reason}" for site, reason in sorted(last.get("refused", {}).items()))
+        outcome["stopped"] = f"every site refused round {last['round']} ({reasons or 'no reason given'})"
     atomic_write_json(Path(run_dir) / "result.json", {"records": len(records), **outcome})
     print("\n" + outcome["table"], flush=True)
 

@@ -28,23 +28,32 @@ from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement
 from fedtune.common.wire import (
     ADAPTER,
     MASKED,
-    METRICS,
     PLAN,
     SECAGG,
-    STATUS,
+    EvaluatePlan,
+    EvaluationReport,
+    SiteState,
+    SiteStatus,
+    TrainPlan,
+    TrainReport,
+    WireError,
     from_array_record,
     payload_nbytes,
     to_array_record,
     unflatten_adapter,
 )
-from fedtune.server.aggregation import aggregate_adapters
 from fedtune.server.checkpoints import CheckpointStore
 from fedtune.server.global_model import GlobalModel
 from fedtune.server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
-from fedtune.server.report import MetricsLog, plot_curves, summary_table
+from fedtune.server.report import MetricsLog, plot_curves, summary_table, train_entry
 from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round
+from fedtune.server.strategies import build_strategy
+from fedtune.server.strategies.mean_delta import mean_delta
 
 log = logging.getLogger("fedtune.server")
+
+#: The round status that ends a federation early: no site was willing to train.
+EVERY_SITE_REFUSED = "stopped: every site refused"
 
 
 @dataclass
@@ -70,13 +79,14 @@ class RoundReplies:
 
 
 def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: str) -> ConfigRecord:
+    """Round ``round_``'s :class:`TrainPlan`, as the record that travels."""
     t, p = cfg.train, cfg.privacy
-    return ConfigRecord({
-        "run-id": run_id, "round": round_, "total-rounds": cfg.federation.rounds, "local-steps": t.local_steps,
-        "batch-size": t.batch_size, "lr": t.lr, "optimizer": t.optimizer, "dp": p.enabled, "epsilon": p.epsilon,
-        "delta": p.delta, "max-grad-norm": p.max_grad_norm, "a-fingerprint": a_fingerprint,
-        "secure-aggregation": cfg.secure_aggregation.enabled,
-    })
+    return TrainPlan(
+        run_id=run_id, round=round_, total_rounds=cfg.federation.rounds, local_steps=t.local_steps,
+        batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, dp=p.enabled, target_epsilon=p.epsilon,
+        delta=p.delta, max_grad_norm=p.max_grad_norm, a_fingerprint=a_fingerprint,
+        secure_aggregation=cfg.secure_aggregation.enabled,
+    ).to_record()
 
 
 def collect_train_replies(requests: list[Message], replies: list[Message], next_tag: bytes | None = None) -> RoundReplies:
@@ -88,30 +98,40 @@ def collect_train_replies(requests: list[Message], replies: list[Message], next_
         out.failed[f"node-{node_id}"] = "no reply before the round timeout"
     for node, reply in by_node(requests, replies):
         if reply.has_error():
-            out.failed[f"node-{node}"] = reply.error.reason.splitlines()[-1][:300]
+            out.failed[f"node-{node}"] = (reply.error.reason or "unknown error").splitlines()[-1][:300]
             continue
-        status = reply.content[STATUS]
-        site = out.names[node] = str(status["site-id"])
-        if status["state"] != "trained":
-            out.refused[site] = str(status["reason"])
+        try:
+            status = SiteStatus.from_content(reply.content)
+        except WireError as exc:
+            out.failed[f"node-{node}"] = f"malformed reply: {exc}"
             continue
-        metrics = dict(reply.content[METRICS])
-        metrics["bytes-sent"] = sent[reply.metadata.reply_to_message_id]
-        metrics["bytes-received"] = payload_nbytes(reply.content)
+        site = out.names[node] = status.site_id
+        if status.state is not SiteState.TRAINED:
+            out.refused[site] = status.reason
+            continue
+        try:
+            report = TrainReport.from_content(reply.content)
+        except WireError as exc:
+            out.failed[site] = f"malformed reply: {exc}"
+            continue
+        entry = train_entry(report, sent[reply.metadata.reply_to_message_id], payload_nbytes(reply.content))
         if MASKED in reply.content.array_records:
             try:
-                out.masked[node] = (site, masked_from(reply.content[MASKED]))
+                out.masked[node] = (site, masked_from(reply.content.array_records[MASKED]))
             except (KeyError, ValueError) as exc:
                 out.failed[site] = f"malformed masked vector: {exc}"
                 continue
             if next_tag is not None and SECAGG_NEXT in reply.content.config_records:
                 try:
-                    out.next_keys[node] = advertisement_from(reply.content[SECAGG_NEXT], next_tag)
+                    out.next_keys[node] = advertisement_from(reply.content.config_records[SECAGG_NEXT], next_tag)
                 except (KeyError, ValueError) as exc:
                     log.warning("%s advertised malformed keys for the next round: %s", site, exc)
+        elif ADAPTER in reply.content.array_records:
+            out.updates[site] = (from_array_record(reply.content.array_records[ADAPTER]), float(report.num_examples))
         else:
-            out.updates[site] = (from_array_record(reply.content[ADAPTER]), float(metrics["num-examples"]))
-        out.train[site] = metrics
+            out.failed[site] = "malformed reply: trained, but carries neither an adapter nor a masked vector"
+            continue
+        out.train[site] = entry
     return out
 
 
@@ -123,6 +143,7 @@ class FederationServer:
         self.run_id = json.loads((self.run_dir / "run.json").read_text())["run-id"]
         # The next round's secure-aggregation set-up, done during this round (server.secure_rounds).
         self.prepared: PreparedRound | None = None
+        self.strategy = build_strategy(cfg.federation)
         self.site_names: dict[int, str] = {}
 
     def _messages(self, nodes: list[int], message_type: str, plan: ConfigRecord) -> list[Message]:
@@ -133,19 +154,26 @@ class FederationServer:
         ]
 
     def evaluate_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
-        plan = ConfigRecord({"round": round_, "a-fingerprint": self.model.a_fingerprint})
+        plan = EvaluatePlan(round=round_, a_fingerprint=self.model.a_fingerprint).to_record()
         requests = self._messages(nodes, MessageType.EVALUATE, plan)
         replies = send_and_collect(grid, requests, f"round {round_} site eval", self.cfg.federation.round_timeout_s)
         clients = {}
         for node, reply in by_node(requests, replies):
-            if not reply.has_error() and METRICS in reply.content:
-                clients[str(reply.content[STATUS]["site-id"])] = dict(reply.content[METRICS])
-            elif not reply.has_error() and reply.content[STATUS]["state"] == "declined":
-                log.debug("round %d: %s", round_, reply.content[STATUS]["reason"])
+            if reply.has_error():
+                reason = reply.error.reason
             else:
-                reason = reply.error.reason if reply.has_error() else reply.content[STATUS]["reason"]
-                log.warning("round %d: node %d did not evaluate: %s", round_, node,
-                            str(reason).splitlines()[-1][:300])
+                try:
+                    status = SiteStatus.from_content(reply.content)
+                    if status.state is SiteState.EVALUATED:
+                        clients[status.site_id] = dict(EvaluationReport.from_content(reply.content).metrics)
+                        continue
+                    if status.state is SiteState.DECLINED:
+                        log.debug("round %d: %s: %s", round_, status.site_id, status.reason)
+                        continue
+                    reason = status.reason
+                except WireError as exc:
+                    reason = f"malformed reply: {exc}"
+            log.warning("round %d: node %d did not evaluate: %s", round_, node, str(reason).splitlines()[-1][:300])
         return {"round": round_, "server": self.model.evaluate(self.test_set), "clients": clients}
 
     def run(self, grid: Grid, resume: bool) -> list[dict[str, Any]]:
@@ -154,6 +182,7 @@ class FederationServer:
         latest = self.store.latest() if resume else None
         if latest is not None:
             self.model.restore(latest.directory)
+            self.strategy.load_state_dict(latest.strategy_state())
             self.metrics.keep_through(latest.round)
             start = latest.round + 1
             log.info("resuming after round %d from %s", latest.round, latest.directory)
@@ -164,9 +193,11 @@ class FederationServer:
         for round_ in tqdm(range(start, fed.rounds + 1), desc="rounds", unit="round", initial=start - 1,
                            total=fed.rounds, dynamic_ncols=True):
             record = self.train_round(grid, nodes, round_)
-            self.store.save(round_, self.model.model, {"status": record["status"], "run-id": self.run_id})
+            self.store.save(round_, self.model.model,
+                            {"status": record["status"], "run-id": self.run_id, "strategy": self.strategy.name},
+                            self.strategy.state_dict())
             self.metrics.append(record)
-            if record["status"] == "stopped: every site refused":
+            if record["status"] == EVERY_SITE_REFUSED:
                 log.error("every site refused round %d; stopping the federation", round_)
                 break
         return self.metrics.read()
@@ -206,10 +237,11 @@ class FederationServer:
             status, summary = self._aggregate_securely(exchange, prepared, got, round_, settings, next_tag)
         elif len(got.updates) >= self.cfg.federation.min_clients:
             # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
-            self.model.update(aggregate_adapters([got.updates[site] for site in sorted(got.updates)]))
+            current = self.model.state()
+            self._step(current, mean_delta([got.updates[site] for site in sorted(got.updates)], current), round_)
             status = f"aggregated {len(got.updates)} sites"
         elif got.every_site_refused:
-            status = "stopped: every site refused"
+            status = EVERY_SITE_REFUSED
         else:
             status = f"skipped: {contributed} updates < min_clients {self.cfg.federation.min_clients}"
             log.error("round %d %s; the global adapter is unchanged", round_, status)
@@ -225,13 +257,17 @@ class FederationServer:
                                   f"{next(iter(exchange.dropped.values()))}") from exc
         failed = {site: reason for site, reason in exchange.dropped.items() if site in exchange.failed}
         if len(exchange.refusals) == len(nodes):
-            status = "stopped: every site refused"
+            status = EVERY_SITE_REFUSED
         else:
             status = f"failed: secure aggregation: {exc}"
             log.error("round %d: secure aggregation could not be set up: %s; nobody trains this round", round_, exc)
         record = self.evaluate_round(grid, nodes, round_)
         return record | {"train": {}, "refused": dict(exchange.refusals), "failed": failed, "status": status,
                          "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)}}
+
+    def _step(self, current: dict[str, np.ndarray], delta: dict[str, np.ndarray], round_: int) -> None:
+        """Both aggregation paths end here: the strategy turns the mean delta into the next adapter."""
+        self.model.update(self.strategy.apply(current, delta, round_))
 
     def _secure_settings(self) -> SecureSettings:
         sa, t, p = self.cfg.secure_aggregation, self.cfg.train, self.cfg.privacy
@@ -268,7 +304,7 @@ class FederationServer:
             return f"failed: secure aggregation: {exc}", {"dropped": exchange.dropped, "error": str(exc)}
         current = self.model.state()
         mean = unflatten_adapter(result.mean_update, current)
-        self.model.update({k: current[k] + mean[k] for k in current})
+        self._step(current, mean, round_)
         if result.clipped_values:
             log.warning("round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
                         round_, result.clipped_values, settings.clip_range)
@@ -282,7 +318,7 @@ class FederationServer:
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Merged model from the newest checkpoint, plus the summary table and plot."""
-        task = self.cfg.model.task
+        task = self.cfg.task
         latest = self.store.latest()
         merged = None
         if latest is not None:

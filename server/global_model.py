@@ -10,7 +10,6 @@ import numpy as np
 from fedtune.common.atomic_files import write_dir_atomically
 from fedtune.common.config import FedtuneConfig
 from fedtune.common.data.encoding import EncodedSet
-from fedtune.common.evaluation import evaluate_model
 from fedtune.common.models.loading import BaseModelSpec, load_base_model
 from fedtune.common.models.lora import adapter_state, build_adapted_model, frozen_a_fingerprint, load_adapter_state
 
@@ -39,7 +38,7 @@ class GlobalModel:
             raise ValueError(f"{checkpoint_dir}: its LoRA A matrices are not the ones of lora.init_seed; cannot resume")
 
     def evaluate(self, data: EncodedSet) -> dict[str, float]:
-        return evaluate_model(self.model, data, self.cfg.model.task, self.cfg.train.eval_batch_size)
+        return self.cfg.task.head.evaluate(self.model, data, self.cfg.train.eval_batch_size)
 
     def export_merged(self, checkpoint_dir: Path, out_dir: Path) -> Path:
         """Base + adapter merged into plain weights that ``AutoModelFor...from_pretrained`` loads."""

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.atomic_files import atomic_write_bytes
-from fedtune.common.evaluation import headline_metric
+from fedtune.common.tasks.base import TaskShape
+from fedtune.common.wire import TrainReport
 
 
 class MetricsLog:
@@ -35,6 +36,17 @@ class MetricsLog:
             os.fsync(fh.fileno())
 
 
+def train_entry(report: TrainReport, bytes_sent: int, bytes_received: int) -> dict[str, float]:
+    """A site's entry in a round's ``train`` in metrics.jsonl.
+
+    Its keys predate the wire contract and stay as they were, so runs old and new read alike
+    (here and in the benchmarks): ``epsilon`` is the site's ``epsilon_spent``.
+    """
+    return {"num-examples": report.num_examples, "steps": report.steps, "epsilon": report.epsilon_spent,
+            "noise-multiplier": report.noise_multiplier, "sample-rate": report.sample_rate,
+            "bytes-sent": bytes_sent, "bytes-received": bytes_received}
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -43,9 +55,9 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def summary_table(records: list[dict[str, Any]], task: str) -> str:
+def summary_table(records: list[dict[str, Any]], task: TaskShape) -> str:
     """A plain-text table: one row per round, the held-out metric, site metrics, epsilon and traffic."""
-    metric, _ = headline_metric(task)
+    metric = task.head.headline_metric
     second = "loss" if metric != "loss" else "perplexity"
     head = f"{'round':>5}  {'held-out ' + metric:>18}  {'held-out ' + second:>18}  {'site val ' + metric:>18}  " \
            f"{'max eps':>8}  {'sent/site':>10}  {'recv/site':>10}  status"
@@ -66,13 +78,13 @@ def summary_table(records: list[dict[str, Any]], task: str) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(records: list[dict[str, Any]], task: str, path: Path) -> Path:
+def plot_curves(records: list[dict[str, Any]], task: TaskShape, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric, _ = headline_metric(task)
+    metric = task.head.headline_metric
     rounds = [r["round"] for r in records]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(rounds, [r.get("server", {}).get(metric) for r in records], "o-", label="server held-out")
@@ -87,7 +99,7 @@ def plot_curves(records: list[dict[str, Any]], task: str, path: Path) -> Path:
     for site in sites:
         pts = [(r["round"], r["train"][site]["epsilon"]) for r in records if site in r.get("train", {})]
         if pts:
-            axes[2].plot(*zip(*pts), "o-", label=site)
+            axes[2].plot(*zip(*pts, strict=False), "o-", label=site)
     axes[2].set(title="epsilon spent per site (accountant)", xlabel="round", ylabel="epsilon")
     if sites:
         axes[2].legend(fontsize=7)

@@ -40,7 +40,7 @@ from fedtune.common.secure_aggregation.records import (
     unmask_reply_from,
     unmask_request_record,
 )
-from fedtune.common.wire import SECAGG, STATUS, payload_nbytes
+from fedtune.common.wire import SECAGG, SiteState, SiteStatus, WireError, payload_nbytes
 from fedtune.server.messaging import by_node, send_and_collect
 
 log = logging.getLogger("fedtune.server.secagg")
@@ -85,15 +85,18 @@ class SecureExchange:
         replies = by_node(requests, self.send(self.grid, requests, step, self.timeout_s))
         good: dict[int, RecordDict] = {}
         for node, reply in replies:
-            if not reply.has_error() and STATUS in reply.content:
-                self.sites.setdefault(node, str(reply.content[STATUS]["site-id"]))
             if reply.has_error():
                 self.fail(node, step, reply.error.reason.splitlines()[-1][:300] if reply.error.reason else "error")
-            elif STATUS not in reply.content.config_records:
-                self.fail(node, step, "malformed reply: no status record")
-            elif reply.content[STATUS]["state"] != "ok":
-                self.drop(node, step, str(reply.content[STATUS]["reason"]))
-                self.refusals[self.site(node)] = str(reply.content[STATUS]["reason"])
+                continue
+            try:
+                status = SiteStatus.from_content(reply.content)
+            except WireError as exc:
+                self.fail(node, step, f"malformed reply: {exc}")
+                continue
+            self.sites.setdefault(node, status.site_id)
+            if status.state is not SiteState.OK:
+                self.drop(node, step, status.reason)
+                self.refusals[self.site(node)] = status.reason
             else:
                 good[node] = reply.content
                 self.received(node, payload_nbytes(reply.content))
@@ -146,12 +149,14 @@ class PreparedRound:
 def set_up_round(exchange: SecureExchange, tag: bytes, nodes: list[int], settings: SecureSettings) -> PreparedRound:
     """Steps 1-2 as two exchanges before training; raises SecureAggregationError if too few sites answer."""
     replies = exchange("secagg advertise", ADVERTISE, {n: tag_record(tag) for n in nodes})
-    advertised = exchange.parsed("secagg advertise", replies, lambda c: advertisement_from(c[SECAGG], tag))
+    advertised = exchange.parsed("secagg advertise", replies,
+                                 lambda c: advertisement_from(c.config_records[SECAGG], tag))
     server = settings.server_round(tag, advertised)
     shared = exchange("secagg share keys", SHARE_KEYS,
                       {n: params_record(p) for n, p in server.share_keys_requests().items()})
     return PreparedRound(tag, server, server.route_shares(
-        exchange.parsed("secagg share keys", shared, lambda c: indexed_bytes_from(c[SECAGG]))))
+        exchange.parsed("secagg share keys", shared,
+                        lambda c: indexed_bytes_from(c.config_records[SECAGG], what="share keys reply"))))
 
 
 def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapping[int, np.ndarray],
@@ -176,12 +181,13 @@ def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapp
             content[SECAGG_NEXT] = params_record(next_params[node])
         records[node] = content
     answers = exchange("secagg unmask", UNMASK, records)
-    result = prepared.server.unmask(exchange.parsed("secagg unmask", answers, lambda c: unmask_reply_from(c[SECAGG])))
-    if upcoming is None:
+    result = prepared.server.unmask(exchange.parsed("secagg unmask", answers,
+                                                    lambda c: unmask_reply_from(c.config_records[SECAGG])))
+    if upcoming is None or next_tag is None:  # next_tag is set whenever upcoming is; this says so to mypy
         return result, None
     shared = exchange.parsed("secagg share keys (next round)",
                              {n: c for n, c in answers.items() if n in next_params and SECAGG_NEXT in c.config_records},
-                             lambda c: indexed_bytes_from(c[SECAGG_NEXT]))
+                             lambda c: indexed_bytes_from(c.config_records[SECAGG_NEXT], what="share keys reply"))
     try:
         return result, PreparedRound(next_tag, upcoming, upcoming.route_shares(shared))
     except SecureAggregationError as exc:

@@ -20,7 +20,7 @@ def tiny_llama_spec():
     from fedtune.common.config import ModelConfig
     from fedtune.common.models.loading import BaseModelSpec, resolve_model_dir
 
-    return BaseModelSpec(resolve_model_dir(ModelConfig(name="tiny-llama", task="causal-lm")), "causal-lm", "float32")
+    return BaseModelSpec(resolve_model_dir(ModelConfig(name="tiny-llama")), "question-answer", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.common.config import FedtuneConfig
-from fedtune.common.data.encoding import encode_examples
-from fedtune.common.data.federation_data import load_label_set
+from fedtune.common.data.federation_data import agreed_labels
 from fedtune.common.data.preparation import DataReport, prepare
 
 
@@ -43,7 +42,7 @@ def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> 
     File-level problems (missing, not UTF-8, binary, unparseable) raise DataError.
     """
     data = cfg.data
-    labels = load_label_set(data) if data.task == "classification" else []
+    labels = agreed_labels(cfg)
     prepared = prepare(path, data, labels)
     report, result = prepared.report, CheckResult(prepared.report)
     if report.problems:
@@ -56,13 +55,13 @@ def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> 
         result.blockers.append(f"no usable {report.task} records")
         return result
     if tokenizer is not None:
-        encoded = encode_examples(prepared.examples, tokenizer, cfg.model.task, labels, cfg.model.max_length)
+        encoded = cfg.task.head.encode(prepared.examples, tokenizer, labels, cfg.model.max_length)
         report.token_lengths, report.truncated, report.max_length = encoded.lengths or [], encoded.truncated, cfg.model.max_length
     n_train = len(prepared.examples) - int(round(len(prepared.examples) * data.val_fraction))
     if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / max(n_train, 1):
         result.blockers.append(f"privacy.delta = {cfg.privacy.delta} is not below 1/n for n = {n_train} training "
                                f"records; ask for delta < {1.0 / n_train:.1e}")
-    if cfg.data.task == "classification" and len(report.label_counts) < len(labels):
+    if len(report.label_counts) < len(labels):  # only a classifying task has agreed labels
         result.warnings.append(f"{len(labels) - len(report.label_counts)} of the {len(labels)} agreed labels have "
                                "no records here (fine in a federation: other sites may hold them)")
     return result

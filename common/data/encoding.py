@@ -1,7 +1,8 @@
-"""Tokenise examples for a task: classification, or instruction tuning with loss on the response only."""
+"""Tokenise examples: for a classifier, or for generation with loss on the response only (see ``common/tasks``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,8 @@ class EncodedSet:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_classification(examples: list[Example], tokenizer: Any, labels: list[str], max_length: int) -> EncodedSet:
+def encode_classification(examples: list[Example], tokenizer: Any, labels: Sequence[str],
+                          max_length: int) -> EncodedSet:
     label_ids = {name: i for i, name in enumerate(labels)}
     texts = [e.text for e in examples]
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
@@ -109,9 +111,3 @@ def encode_instructions(examples: list[Example], tokenizer: Any, max_length: int
         labels.append([IGNORE_INDEX] * len(prompt) + seq[len(prompt):])
     return EncodedSet(input_ids=input_ids, labels=labels, pad_token_id=tokenizer.pad_token_id, truncated=truncated,
                       lengths=lengths)
-
-
-def encode_examples(examples: list[Example], tokenizer: Any, task: str, labels: list[str], max_length: int) -> EncodedSet:
-    if task == "classification":
-        return encode_classification(examples, tokenizer, labels, max_length)
-    return encode_instructions(examples, tokenizer, max_length)

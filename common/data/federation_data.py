@@ -39,15 +39,19 @@ def load_label_set(data: DataConfig) -> list[str]:
     return labels
 
 
+def agreed_labels(cfg: FedtuneConfig) -> list[str]:
+    """The agreed label set of a classifying task; a generative task has none."""
+    return load_label_set(cfg.data) if cfg.task.classifies else []
+
+
 def _group_field(cfg: FedtuneConfig) -> str:
     """The field a simulation partitions on: ``partition.column``, except that classification uses the label."""
-    return cfg.partition.column if cfg.partition.scheme == "column" or cfg.data.task != "classification" else ""
+    return cfg.partition.column if cfg.partition.scheme == "column" or not cfg.task.classifies else ""
 
 
 def load_examples(path: Path, cfg: FedtuneConfig, group_field: str = "") -> list[Example]:
     """Clean examples from ``path``, or a DataError naming the first malformed records."""
-    labels = load_label_set(cfg.data) if cfg.data.task == "classification" else []
-    prepared = prepare(path, cfg.data, labels, group_field)
+    prepared = prepare(path, cfg.data, agreed_labels(cfg), group_field)
     return prepared.require_usable(cfg.data.on_malformed)
 
 

@@ -34,7 +34,7 @@ def partition_dirichlet(
             items = rng.permutation(by_label[label])
             shares = rng.dirichlet([alpha] * num_parts)
             cuts = (np.cumsum(shares)[:-1] * len(items)).astype(int)
-            for part, chunk in zip(parts, np.split(items, cuts)):
+            for part, chunk in zip(parts, np.split(items, cuts), strict=False):
                 part.extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [sorted(p) for p in parts]

@@ -21,7 +21,9 @@ import numpy as np
 
 from fedtune.common.config import DataConfig
 from fedtune.common.data.readers import DataError, FileSummary, ReadOptions, RecordProblem, read_raw
-from fedtune.common.data.shapes import Example, required_roles, to_example
+from fedtune.common.data.shapes import Example
+from fedtune.common.tasks.base import TaskShape
+from fedtune.common.tasks.registry import task_for
 
 MAX_PROBLEMS_SHOWN = 10
 
@@ -118,8 +120,8 @@ class PreparedData:
         return self.examples
 
 
-def read_options(data: DataConfig, task: str) -> ReadOptions:
-    roles = required_roles(task)
+def read_options(data: DataConfig, task: TaskShape) -> ReadOptions:
+    roles = task.roles
     return ReadOptions(
         file_format=data.format, header=data.header, delimiter=data.delimiter,
         column_names=tuple(data.column_names), max_record_bytes=data.max_record_bytes,
@@ -129,15 +131,16 @@ def read_options(data: DataConfig, task: str) -> ReadOptions:
 
 def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = "") -> PreparedData:
     """Read, map, clean and de-duplicate every record under ``path`` (a file or folder)."""
-    task = data.task or "question-answer"
+    task = task_for(data.task)
+    columns = data.fields.model_dump()
     records, problems, files = read_raw(path, read_options(data, task))
     if data.max_records:
         records = records[: data.max_records]
-    report = DataReport(source=Path(path), task=task, files=files, records_read=len(records) + len(problems),
+    report = DataReport(source=Path(path), task=task.name, files=files, records_read=len(records) + len(problems),
                         problems=[p.message for p in problems], labels_agreed=len(labels))
     examples, seen = [], set()
     for record in records:
-        result = to_example(record, task, data.fields, labels, group_field)
+        result = task.example(record, columns, labels, group_field)
         if result is None:
             report.empty_dropped += 1
         elif isinstance(result, RecordProblem):
@@ -148,7 +151,7 @@ def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = 
             seen.add(result.key)
             examples.append(result)
     report.examples = len(examples)
-    if task == "classification":
+    if task.classifies:
         report.label_counts = dict(Counter(e.target for e in examples))
     _explain_missing_fields(report, len(records))
     return PreparedData(examples, report)

@@ -61,6 +61,9 @@ class ReadOptions:
     expected_fields: tuple[str, ...] = ()
 
 
+_DEFAULT_OPTIONS = ReadOptions()  # shared as a default argument: it is frozen
+
+
 @dataclass(frozen=True)
 class FileSummary:
     path: Path
@@ -80,7 +83,8 @@ def data_files(path: Path) -> tuple[list[Path], list[Path]]:
         raise DataError(f"{path}: no such file or folder; check data.path (or the PATH you gave)")
     if path.is_file():
         return [path], []
-    found, skipped = [], []
+    found: list[Path] = []
+    skipped: list[Path] = []
     for child in sorted(path.rglob("*")):
         if child.is_dir() or any(part.startswith(".") for part in child.relative_to(path).parts):
             continue
@@ -272,8 +276,8 @@ def detect_format(path: Path, opts: ReadOptions) -> str:
         return opts.file_format
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(sorted(SUFFIX_FORMATS))} "
-                        "or set data.format")
+        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of "
+                        f"{', '.join(sorted(SUFFIX_FORMATS))} or set data.format")
     return fmt
 
 
@@ -299,14 +303,20 @@ def read_file(path: Path, opts: ReadOptions) -> Iterator[RawRecord | RecordProbl
         yield from _read_delimited(path, text, opts)
 
 
-def read_raw(path: Path, opts: ReadOptions = ReadOptions()) -> tuple[list[RawRecord], list[RecordProblem], list[FileSummary]]:
+def read_raw(path: Path,
+             opts: ReadOptions = _DEFAULT_OPTIONS) -> tuple[list[RawRecord], list[RecordProblem], list[FileSummary]]:
     """Every record under ``path`` (a file or a folder), the problems found, and a summary per file."""
     files, skipped = data_files(path)
-    records, problems, summaries = [], [], []
+    records: list[RawRecord] = []
+    problems: list[RecordProblem] = []
+    summaries: list[FileSummary] = []
     for file in files:
         before, problems_before = len(records), len(problems)
         for item in read_file(file, opts):
-            (records if isinstance(item, RawRecord) else problems).append(item)
+            if isinstance(item, RawRecord):
+                records.append(item)
+            else:
+                problems.append(item)
         if len(records) == before and len(problems) == problems_before:
             raise DataError(f"{file}: no records found (only a header, or blank lines)")
         summaries.append(FileSummary(file, detect_format(file, opts), len(records) - before))

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.config import FedtuneConfig, ModelConfig
+from fedtune.common.config import ConfigError, FedtuneConfig, ModelConfig
 from fedtune.common.models.builtin import BUILTIN_WEIGHTS, resolve_builtin
 from fedtune.common.models.tiny import TINY_MODELS, resolve_tiny
+from fedtune.common.tasks.registry import task_for
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class BaseModelSpec:
     """Everything needed to rebuild the same base model in any process."""
 
     directory: Path
-    task: str
+    task: str  # a name in the task registry (data.task)
     dtype: str
     labels: tuple[str, ...] = ()
     pooling: str = "auto"  # classification only: see common.models.pooling
@@ -36,16 +37,17 @@ def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
     if model.name in TINY_MODELS:
         return resolve_tiny(model.name, seed)
     known = sorted(BUILTIN_WEIGHTS) + list(TINY_MODELS)
-    raise ValueError(f"model.name = {model.name!r} is not a built-in model ({known}); set model.path instead")
+    raise ConfigError(f"model.name = {model.name!r} is not a built-in model (known: {', '.join(known)}); "
+                      "give a local Hugging Face model directory with model.path instead")
 
 
 def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
     """The configured base model, fetched or built once, with the federation's agreed labels."""
-    from fedtune.common.data.federation_data import load_label_set
+    from fedtune.common.data.federation_data import agreed_labels
 
-    labels = tuple(load_label_set(cfg.data)) if cfg.model.task == "classification" else ()
     return BaseModelSpec(
-        resolve_model_dir(cfg.model, cfg.run.seed), cfg.model.task, cfg.model.dtype, labels, cfg.model.pooling
+        resolve_model_dir(cfg.model, cfg.run.seed), cfg.data.task, cfg.model.dtype, tuple(agreed_labels(cfg)),
+        cfg.model.pooling,
     )
 
 
@@ -59,26 +61,10 @@ def load_tokenizer(spec: BaseModelSpec):
 
 
 def load_base_model(spec: BaseModelSpec, pad_token_id: int | None = None) -> Any:
-    """The frozen base model for the task; a classification head is added with the agreed labels."""
+    """The frozen base model of the task's head (a classifier gets its head over the agreed labels)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fedtune.common.models.pooling import install_mean_pooling, resolve_pooling
-
-    dtype = getattr(torch, spec.dtype)
-    if spec.task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(spec.directory, dtype=dtype)
-    else:
-        labels = list(spec.labels)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            spec.directory,
-            dtype=dtype,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)},
-        )
-        if resolve_pooling(spec.pooling, model) == "mean":
-            install_mean_pooling(model)
+    model = task_for(spec.task).head.load_model(spec.directory, getattr(torch, spec.dtype), spec.labels, spec.pooling)
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     model.requires_grad_(False)

@@ -15,6 +15,8 @@ import numpy as np
 
 from fedtune.common.config import LoraSettings
 from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer
+from fedtune.common.tasks.base import TaskShape
+from fedtune.common.tasks.registry import task_for
 
 # Attention projections per architecture; peft's own table is the fallback.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -38,15 +40,15 @@ def default_target_modules(model_type: str) -> list[str]:
     )
 
 
-def build_lora_config(settings: LoraSettings, task: str, model_type: str):
+def build_lora_config(settings: LoraSettings, task: TaskShape, model_type: str):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; it scales by any number
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules) or default_target_modules(model_type),
-        task_type=TaskType.CAUSAL_LM if task == "causal-lm" else TaskType.SEQ_CLS,
+        task_type=TaskType(task.head.peft_task_type),
     )
 
 
@@ -59,7 +61,7 @@ def build_adapted_model(spec: BaseModelSpec, settings: LoraSettings) -> tuple[An
     torch.manual_seed(settings.init_seed)
     base = load_base_model(spec, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(settings.init_seed + 1)
-    model = get_peft_model(base, build_lora_config(settings, spec.task, base.config.model_type))
+    model = get_peft_model(base, build_lora_config(settings, task_for(spec.task), base.config.model_type))
     if settings.ffa:
         for name, param in model.named_parameters():
             if "lora_A" in name:

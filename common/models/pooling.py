@@ -58,7 +58,9 @@ def _keep_mask(encoder: nn.Module, args: tuple, kwargs: dict) -> None:
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1:
         mask = args[1]
-    encoder.pooler.mask = mask
+    pooler = encoder.pooler
+    if isinstance(pooler, MaskedMeanPooler):  # the pooler installed with this hook, unless replaced since
+        pooler.mask = mask
 
 
 def install_mean_pooling(model: Any) -> None:

@@ -56,7 +56,8 @@ class PrivacyLedger:
             entries = [LedgerEntry(**e) for e in raw["entries"]]
             stored_delta, stored_acc = float(raw["delta"]), raw["accountant"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LedgerError(f"{path}: unreadable privacy ledger ({exc}); restore it from backup, never delete it") from exc
+            raise LedgerError(f"{path}: unreadable privacy ledger ({exc}); "
+                              "restore it from backup, never delete it") from exc
         if stored_delta != delta or stored_acc != accountant:
             raise LedgerError(
                 f"{path}: ledger was kept at delta={stored_delta} with the {stored_acc} accountant, "

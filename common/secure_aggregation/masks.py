@@ -16,14 +16,14 @@ def _zero_bytes(n: int) -> memoryview:
     global _zeros
     if _zeros.shape[0] < n:
         _zeros = np.zeros(n, dtype=np.uint8)
-    return memoryview(_zeros)[:n]
+    return _zeros.data[:n]
 
 
 def expand_mask(seed: bytes, length: int) -> np.ndarray:
     """``length`` pseudorandom uint32 values from ``seed`` (the AES-CTR keystream)."""
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_IV)).encryptor()
     out = np.empty(length + 4, dtype=np.uint32)  # update_into wants 15 spare bytes
-    encryptor.update_into(_zero_bytes(4 * length), memoryview(out).cast("B"))
+    encryptor.update_into(_zero_bytes(4 * length), out.data.cast("B"))
     return out[:length]
 
 

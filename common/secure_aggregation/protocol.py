@@ -288,7 +288,8 @@ class ServerRound:
     def dropped_nodes(self) -> list[int]:
         return [self.node_of[i] for i in sorted(set(self.node_of) - set(self.masked))]
 
-    def _combine(self, owner: int, kind: int, answers: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> bytes:
+    def _combine(self, owner: int, kind: int,
+                 answers: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> bytes:
         # A share of the wrong size (a faulty site) counts as missing, not as a crash.
         holders = [h for h in sorted(answers) if len(answers[h][kind].get(owner, b"")) == 4 * _SHARE_WORDS]
         if len(holders) < self.threshold:

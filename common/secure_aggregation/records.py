@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues
 
 from fedtune.common.secure_aggregation.protocol import Advertisement, RoundParameters
 
@@ -23,6 +23,68 @@ ADVERTISE = "train.secagg_advertise"
 SHARE_KEYS = "train.secagg_share_keys"
 UNMASK = "train.secagg_unmask"
 SECAGG_NEXT = "secagg-next"
+
+
+# Typed reads. A ConfigRecord value may be any of Flower's scalars or a list of them: each field
+# is checked once, here where it arrives, so that a malformed record is a ValueError naming the
+# record (``what``), the field and the type expected, and the code past this edge holds typed
+# values. A missing field stays a KeyError. Values are never echoed: some records hold secret keys.
+
+
+def _wrong(what: str, key: str, value: ConfigRecordValues, expected: str) -> ValueError:
+    got = (f"a list of {', '.join(sorted({type(v).__name__ for v in value}))}" if isinstance(value, list)
+           else type(value).__name__)
+    return ValueError(f"{what} record: field {key!r} is {got}, expected {expected}")
+
+
+def bytes_field(record: ConfigRecord, key: str, what: str) -> bytes:
+    value = record[key]
+    if not isinstance(value, bytes):
+        raise _wrong(what, key, value, "bytes")
+    return value
+
+
+def int_field(record: ConfigRecord, key: str, what: str) -> int:
+    """An integer; a boolean is not one here, though Python counts it as one."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _wrong(what, key, value, "an integer")
+    return value
+
+
+def float_field(record: ConfigRecord, key: str, what: str) -> float:
+    """A number (an integer will do), as a float."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong(what, key, value, "a number")
+    return float(value)
+
+
+def bool_field(record: ConfigRecord, key: str, what: str) -> bool:
+    value = record[key]
+    if not isinstance(value, bool):
+        raise _wrong(what, key, value, "a boolean")
+    return value
+
+
+def int_list_field(record: ConfigRecord, key: str, what: str) -> list[int]:
+    value = record[key]
+    if not isinstance(value, list):
+        raise _wrong(what, key, value, "a list of integers")
+    ints = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    if len(ints) != len(value):
+        raise _wrong(what, key, value, "a list of integers")
+    return ints
+
+
+def bytes_list_field(record: ConfigRecord, key: str, what: str) -> list[bytes]:
+    value = record[key]
+    if not isinstance(value, list):
+        raise _wrong(what, key, value, "a list of bytes")
+    items = [v for v in value if isinstance(v, bytes)]
+    if len(items) != len(value):
+        raise _wrong(what, key, value, "a list of bytes")
+    return items
 
 
 def round_tag(run_id: str, round_: int) -> bytes:
@@ -36,12 +98,14 @@ def advertisement_record(ad: Advertisement, tag: bytes) -> ConfigRecord:
 
 def advertisement_from(record: ConfigRecord, tag: bytes) -> Advertisement:
     """The advertisement, provided it is for round ``tag``; ValueError otherwise."""
-    if bytes(record["round-tag"]) != tag:
-        raise ValueError(f"keys advertised for {bytes(record['round-tag'])!r}, expected {tag!r}")
-    n = int(record["num-examples"])
+    what = "advertisement"
+    advertised_for = bytes_field(record, "round-tag", what)
+    if advertised_for != tag:
+        raise ValueError(f"keys advertised for {advertised_for!r}, expected {tag!r}")
+    n = int_field(record, "num-examples", what)
     if n < 1:
         raise ValueError(f"a site advertised {n} examples")
-    return Advertisement(bytes(record["c-public"]), bytes(record["s-public"]), n)
+    return Advertisement(bytes_field(record, "c-public", what), bytes_field(record, "s-public", what), n)
 
 
 def tag_record(tag: bytes) -> ConfigRecord:
@@ -56,7 +120,7 @@ def inbox_record(tag: bytes, inbox: Mapping[int, bytes]) -> ConfigRecord:
 
 
 def inbox_from(record: ConfigRecord) -> tuple[bytes, dict[int, bytes]]:
-    return bytes(record["round-tag"]), indexed_bytes_from(record)
+    return bytes_field(record, "round-tag", "inbox"), indexed_bytes_from(record, what="inbox")
 
 
 def params_record(p: RoundParameters) -> ConfigRecord:
@@ -70,14 +134,16 @@ def params_record(p: RoundParameters) -> ConfigRecord:
 
 
 def params_from(record: ConfigRecord) -> RoundParameters:
-    ids = [int(j) for j in record["neighbours"]]
+    what = "round parameters"
+    ids = int_list_field(record, "neighbours", what)
+    c_publics, s_publics = bytes_list_field(record, "c-publics", what), bytes_list_field(record, "s-publics", what)
     return RoundParameters(
-        round_tag=bytes(record["round-tag"]), index=int(record["index"]),
-        neighbours={j: (bytes(c), bytes(s)) for j, c, s in zip(ids, record["c-publics"], record["s-publics"],
-                                                                   strict=True)},
-        threshold=int(record["threshold"]), min_survivors=int(record["min-survivors"]),
-        clip_range=float(record["clip-range"]), num_participants=int(record["num-participants"]),
-        total_examples=int(record["total-examples"]),
+        round_tag=bytes_field(record, "round-tag", what), index=int_field(record, "index", what),
+        neighbours={j: (c, s) for j, c, s in zip(ids, c_publics, s_publics, strict=True)},
+        threshold=int_field(record, "threshold", what), min_survivors=int_field(record, "min-survivors", what),
+        clip_range=float_field(record, "clip-range", what),
+        num_participants=int_field(record, "num-participants", what),
+        total_examples=int_field(record, "total-examples", what),
     )
 
 
@@ -86,8 +152,12 @@ def indexed_bytes_record(values: Mapping[int, bytes], ids: str = "ids", data: st
     return ConfigRecord({ids: keys, data: [values[k] for k in keys]})
 
 
-def indexed_bytes_from(record: ConfigRecord, ids: str = "ids", data: str = "data") -> dict[int, bytes]:
-    return {int(k): bytes(v) for k, v in zip(record.get(ids, []), record.get(data, []), strict=True)}
+def indexed_bytes_from(record: ConfigRecord, ids: str = "ids", data: str = "data",
+                       what: str = "share ciphertexts") -> dict[int, bytes]:
+    """The bytes by index; a record without the two fields holds none."""
+    keys = int_list_field(record, ids, what) if ids in record else []
+    values = bytes_list_field(record, data, what) if data in record else []
+    return dict(zip(keys, values, strict=True))
 
 
 def unmask_request_record(tag: bytes, survivors: list[int], dropped: list[int]) -> ConfigRecord:
@@ -101,7 +171,8 @@ def unmask_reply_record(b_shares: Mapping[int, bytes], s_shares: Mapping[int, by
 
 
 def unmask_reply_from(record: ConfigRecord) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    return (indexed_bytes_from(record, "b-owners", "b-shares"), indexed_bytes_from(record, "s-owners", "s-shares"))
+    return (indexed_bytes_from(record, "b-owners", "b-shares", "unmask reply"),
+            indexed_bytes_from(record, "s-owners", "s-shares", "unmask reply"))
 
 
 def masked_record(vector: np.ndarray) -> ArrayRecord:

@@ -82,6 +82,6 @@ def combine_shares(xs: Sequence[int], shares: np.ndarray, threshold: int, length
     xs, shares = list(xs)[:threshold], shares[:threshold]
     weights = lagrange_at_zero(xs)
     acc = np.zeros(shares.shape[1], dtype=np.int64)
-    for w, row in zip(weights, shares):
+    for w, row in zip(weights, shares, strict=True):
         acc = (acc + (w * row) % PRIME) % PRIME
     return _unchunk(acc, length)

@@ -9,7 +9,7 @@ from pathlib import Path
 from fedtune.cli.exit_codes import ExitCode
 from fedtune.common.config import ConfigError, FedtuneConfig, config_from_dict, load_config, preset_path
 from fedtune.common.data.readers import DataError
-from fedtune.common.data.shapes import DATA_TASKS
+from fedtune.common.tasks.registry import TASK_NAMES, task_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Exit status: 0 trainable, 1 not trainable, 2 bad usage or config. Nothing is sent anywhere.",
     )
     check.add_argument("path", type=Path, help="data file (.jsonl, .json, .csv, .tsv, .parquet) or folder")
-    check.add_argument("--task", choices=DATA_TASKS, help="record shape (default: the config's data.task)")
+    check.add_argument("--task", choices=TASK_NAMES, help="the task, named by the record shape (default: the "
+                       "config's data.task)")
     check_cfg = check.add_mutually_exclusive_group()
     check_cfg.add_argument("--config", type=Path, help="take field mapping, labels, model and privacy from this TOML")
     check_cfg.add_argument("--preset", help="take them from a built-in config")
@@ -47,10 +48,9 @@ def _check_config(args: argparse.Namespace) -> FedtuneConfig:
     if args.config or args.preset:
         return load_config(args.config or preset_path(args.preset), overrides + ["partition.scheme=\"iid\""])
     if not args.task:
-        raise ConfigError("fedtune data check: give --task (one of " + ", ".join(DATA_TASKS) + ") or --config")
-    classify = args.task == "classification"
-    raw = {"model": {"name": "minilm-l6" if classify else "smollm2-135m",
-                     "task": "classification" if classify else "causal-lm"}}
+        raise ConfigError("fedtune data check: give --task (one of " + ", ".join(TASK_NAMES) + ") or --config")
+    classify = task_for(args.task).classifies
+    raw = {"model": {"name": "minilm-l6" if classify else "smollm2-135m"}}
     if classify and not args.labels and not any(o.startswith("data.labels") for o in args.set):
         raise ConfigError("fedtune data check: classification needs the federation's agreed labels: "
                           "--labels FILE (a JSON list of names) or --set data.labels='[\"a\", \"b\"]'")

@@ -23,8 +23,8 @@ from fedtune.common.data.readers import DataError
 from fedtune.common.logs import configure_logging
 from fedtune.common.models.builtin import ModelFetchError
 from fedtune.deploy.app_registry import RegistryError
-from fedtune.simulation import RunInterrupted
 from fedtune.server.messaging import FederationError
+from fedtune.simulation import RunInterrupted
 
 COMMANDS = (simulate_command, config_command, data_command, deploy_command, models_command)
 

@@ -16,8 +16,11 @@ communication = load_benchmark_script("communication")
 
 def _message(**arrays: np.ndarray) -> Message:
     record = ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
-    return Message(RecordDict({"adapter": record, "plan": ConfigRecord({"round": 1})}),
-                   message_type=MessageType.TRAIN, dst_node_id=7)
+    return Message(
+        RecordDict({"adapter": record, "plan": ConfigRecord({"round": 1})}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=7,
+    )
 
 
 def test_wire_bytes_count_every_value_once():
@@ -37,8 +40,9 @@ def test_secure_round_measures_every_step_and_unmasks_the_true_mean():
     cfg = load_config(preset_path("banking77-minilm"))
     down = {"b": np.zeros((20, 10), np.float32), "head": np.zeros(7, np.float32)}
     rng = np.random.default_rng(1)
-    rounds = {n: communication.secure_round(cfg, down, "fp", n, {"num-examples": 1}, {"loss": 1.0}, rng)
-              for n in (3, 5)}
+    rounds = {
+        n: communication.secure_round(cfg, down, "fp", n, {"num-examples": 1}, {"loss": 1.0}, rng) for n in (3, 5)
+    }
     for n, result in rounds.items():
         assert result.relative_error < 1e-6
         assert set(result.exchanges) and len(result.exchanges) == n

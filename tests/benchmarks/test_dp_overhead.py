@@ -10,9 +10,11 @@ from fedtune.client.dp_training import LocalTrainPlan, train_adapter
 from fedtune.common.config import LoraSettings, load_config, preset_path
 from fedtune.common.data.encoding import EncodedSet
 from fedtune.common.models.lora import adapter_state, build_adapted_model, load_adapter_state
-from tests.benchmarks.scripts import load_benchmark_script
+from fedtune.common.tasks.registry import task_for
+from tests.benchmarks.scripts import load_benchmark_module, load_benchmark_script
 
 dp_overhead = load_benchmark_script("dp_overhead")
+ghost_clipping = load_benchmark_module("ghost_clipping")
 
 
 @pytest.fixture()
@@ -30,12 +32,18 @@ def bert_and_batch(tiny_bert_spec):
 def _delta_after(model, data, start, private: str) -> np.ndarray:
     load_adapter_state(model, start, False)
     torch.manual_seed(0)  # the same dropout masks in every variant
-    plan = LocalTrainPlan(steps=1, batch_size=len(data), lr=1.0, optimizer="sgd",
-                          noise_multiplier=None if private == "none" else 0.0, max_grad_norm=0.05)
+    plan = LocalTrainPlan(
+        steps=1,
+        batch_size=len(data),
+        lr=1.0,
+        optimizer="sgd",
+        noise_multiplier=None if private == "none" else 0.0,
+        max_grad_norm=0.05,
+    )
     if private == "ghost":
-        dp_overhead.ghost_clipping_train(model, data, "classification", plan)
+        ghost_clipping.ghost_clipping_train(model, data, task_for("classification"), plan)
     else:
-        train_adapter(model, data, "classification", plan)
+        train_adapter(model, data, task_for("classification"), plan)
     after = adapter_state(model, False)
     return np.concatenate([(after[k] - start[k]).ravel() for k in sorted(start)])
 
@@ -52,8 +60,9 @@ def test_ghost_clipping_step_equals_per_sample_clipping(bert_and_batch):
 
 def test_ghost_clipping_leaves_no_hooks(bert_and_batch):
     model, data, _ = bert_and_batch
-    dp_overhead.ghost_clipping_train(model, data, "classification", LocalTrainPlan(steps=1, batch_size=6, lr=1e-3,
-                                                                       noise_multiplier=1.0))
+    ghost_clipping.ghost_clipping_train(
+        model, data, task_for("classification"), LocalTrainPlan(steps=1, batch_size=6, lr=1e-3, noise_multiplier=1.0)
+    )
     assert not any(hasattr(p, attr) for p in model.parameters() for attr in ("grad_sample", "_norm_sample"))
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 

@@ -1,4 +1,4 @@
-"""The leakage metrics behind benchmarks/empirical_privacy.py, against hand-worked cases and brute force."""
+"""The leakage metrics of benchmarks/leakage.py (empirical_privacy.py), against hand-worked cases and brute force."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from tests.benchmarks.scripts import load_benchmark_script
+from tests.benchmarks.scripts import load_benchmark_module, load_benchmark_script
 
-_script = load_benchmark_script("empirical_privacy")
-Canary, copy_texts, cross_entropy = _script.Canary, _script.copy_texts, _script.cross_entropy
-exposure, label_ranks, roc_auc, tpr_at_fpr = _script.exposure, _script.label_ranks, _script.roc_auc, _script.tpr_at_fpr
+_script, _leakage = load_benchmark_script("empirical_privacy"), load_benchmark_module("leakage")
+Canary, copy_texts = _script.Canary, _script.copy_texts
+cross_entropy, exposure, label_ranks = _leakage.cross_entropy, _leakage.exposure, _leakage.label_ranks
+roc_auc, tpr_at_fpr = _leakage.roc_auc, _leakage.tpr_at_fpr
 
 
 def _pairwise_auc(pos, neg) -> float:

@@ -21,7 +21,7 @@ def test_clipped_gradient_sum_matches_autograd_per_record():
     x, y, w = _data()
     clip = 0.5
     expected = np.zeros_like(w)
-    for xi, yi in zip(x, y):
+    for xi, yi in zip(x, y, strict=True):
         weights = torch.tensor(w, requires_grad=True)
         torch.nn.functional.cross_entropy((torch.tensor(xi) @ weights.T)[None], torch.tensor([yi])).backward()
         g = weights.grad.numpy()

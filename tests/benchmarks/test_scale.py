@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmarks.scripts import load_benchmark_script
+from tests.benchmarks.scripts import load_benchmark_module, load_benchmark_script
 
 scale = load_benchmark_script("scale")
+engine_polling = load_benchmark_module("engine_polling")
 
 
 def test_a_run_that_lost_a_site_in_any_round_is_not_complete():
@@ -27,9 +28,12 @@ def test_the_polling_probe_runs_flowers_own_scan_once_per_node_and_message(monke
 
     checked = []
     real = InMemoryLinkState._check_stored_messages
-    monkeypatch.setattr(InMemoryLinkState, "_check_stored_messages",
-                        lambda self, ids, run_id=None: (checked.extend(ids), real(self, ids, run_id))[1])
-    rows = scale.engine_polling_cost([3, 7], sweeps=2)
+    monkeypatch.setattr(
+        InMemoryLinkState,
+        "_check_stored_messages",
+        lambda self, ids, run_id=None: (checked.extend(ids), real(self, ids, run_id))[1],
+    )
+    rows = engine_polling.engine_polling_cost([3, 7], sweeps=2)
     # Each node's poll checks every stored message: sites^2 checks a sweep.
     assert len(checked) == 2 * 3 * 3 + 2 * 7 * 7
     assert [r["clients"] for r in rows] == [3, 7]

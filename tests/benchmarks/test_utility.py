@@ -8,26 +8,45 @@ import json
 import pytest
 
 from fedtune.common.data.federation_data import build_site_splits, load_site_files, server_test_set
-from tests.benchmarks.scripts import load_benchmark_script
+from tests.benchmarks.scripts import load_benchmark_module, load_benchmark_script
 from tests.conftest import SAMPLES
 
 utility = load_benchmark_script("utility")
+variants = load_benchmark_module("utility_variants")
 BANKING = SAMPLES / "banking77"
 
 
 @pytest.fixture()
 def workload():
-    settings = (f"data.path='{BANKING / 'train.csv'}'", f"data.test_path='{BANKING / 'test.csv'}'",
-                f"data.labels_file='{BANKING / 'categories.json'}'", "partition.scheme='dirichlet'",
-                "partition.num_clients=3", "partition.alpha=0.5", "data.max_eval_examples=50")
-    return utility.Workload("sample", "banking77-minilm", settings, 2, utility.Schedule(3, 16, 1e-2),
-                            utility.Schedule(2, 64, 5e-2), (8.0, 1.0), (1,))
+    settings = (
+        f"data.path='{BANKING / 'train.csv'}'",
+        f"data.test_path='{BANKING / 'test.csv'}'",
+        f"data.labels_file='{BANKING / 'categories.json'}'",
+        "partition.scheme='dirichlet'",
+        "partition.num_clients=3",
+        "partition.alpha=0.5",
+        "data.max_eval_examples=50",
+    )
+    return variants.Workload(
+        "sample",
+        "banking77-minilm",
+        settings,
+        2,
+        variants.Schedule(3, 16, 1e-2),
+        variants.Schedule(2, 64, 5e-2),
+        (8.0, 1.0),
+        (1,),
+    )
 
 
 def test_variants_differ_only_where_they_should(workload, tmp_path):
-    cfgs = {v: utility.config_for(workload, v, tmp_path) for v in ["centralised", "federated", "dp-eps8", "dp-eps1"]}
+    cfgs = {v: variants.config_for(workload, v, tmp_path) for v in ["centralised", "federated", "dp-eps8", "dp-eps1"]}
     central, fed, dp8, dp1 = cfgs.values()
-    assert (central.partition.num_clients, central.privacy.enabled, central.secure_aggregation.enabled) == (1, False, False)
+    assert (central.partition.num_clients, central.privacy.enabled, central.secure_aggregation.enabled) == (
+        1,
+        False,
+        False,
+    )
     assert central.train.local_steps == 3 * fed.train.local_steps  # as many records a round as the federation
     assert (fed.partition.num_clients, fed.privacy.enabled, fed.secure_aggregation.enabled) == (3, False, True)
     assert (dp8.privacy.enabled, dp8.privacy.epsilon, dp1.privacy.epsilon) == (True, 8.0, 1.0)
@@ -35,14 +54,14 @@ def test_variants_differ_only_where_they_should(workload, tmp_path):
     assert {c.federation.rounds for c in cfgs.values()} == {2}
     assert len({tuple(e.text for e in server_test_set(c)) for c in cfgs.values()}) == 1  # one held-out set
     longer = dataclasses.replace(workload, private_rounds=5)
-    assert utility.config_for(longer, "dp-eps8", tmp_path).federation.rounds == 5
-    assert utility.config_for(longer, "federated", tmp_path).federation.rounds == 2
+    assert variants.config_for(longer, "dp-eps8", tmp_path).federation.rounds == 5
+    assert variants.config_for(longer, "federated", tmp_path).federation.rounds == 2
 
 
 def test_local_site_trains_on_exactly_its_federated_records(workload, tmp_path):
-    extra = utility.site_files(workload, 1, tmp_path)
-    cfg = utility.config_for(workload, "local-site-1", tmp_path, extra)
-    federated_sites, federated_test = build_site_splits(utility.config_for(workload, "federated", tmp_path))
+    extra = variants.site_files(workload, 1, tmp_path)
+    cfg = variants.config_for(workload, "local-site-1", tmp_path, extra)
+    federated_sites, federated_test = build_site_splits(variants.config_for(workload, "federated", tmp_path))
     alone = load_site_files(cfg, 0)
     assert [(e.text, e.target) for e in alone.train] == [(e.text, e.target) for e in federated_sites[1].train]
     assert [e.text for e in server_test_set(cfg)] == [e.text for e in federated_test]
@@ -51,27 +70,37 @@ def test_local_site_trains_on_exactly_its_federated_records(workload, tmp_path):
 
 def _fake_run(path, accuracies, epsilons=()):
     (path / "sites").mkdir(parents=True)
-    lines = [{"round": i, "status": "base model" if i == 0 else "aggregated 3 sites", "server": {"loss": 1.0, "accuracy": a, "macro-f1": a / 2}}
-             for i, a in enumerate(accuracies)]
+    lines = [
+        {
+            "round": i,
+            "status": "base model" if i == 0 else "aggregated 3 sites",
+            "server": {"loss": 1.0, "accuracy": a, "macro-f1": a / 2},
+        }
+        for i, a in enumerate(accuracies)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (path / "config.json").write_text("{}")
     for k, eps in enumerate(epsilons):
         (path / "sites" / f"site-{k}").mkdir()
         (path / "sites" / f"site-{k}" / "privacy_ledger.json").write_text(
-            json.dumps({"delta": 1e-4, "epsilon": eps, "entries": []}))
+            json.dumps({"delta": 1e-4, "epsilon": eps, "entries": []})
+        )
     return {**utility.read_run(path), "done": True, "wall_s": 1.0}
 
 
 def test_summary_reads_epsilon_from_ledgers_and_ratios_against_centralised(workload, tmp_path):
-    runs = {"centralised": _fake_run(tmp_path / "c", [0.0, 0.5, 0.8]),
-            "dp-eps8": _fake_run(tmp_path / "d", [0.0, 0.3, 0.6], epsilons=(7.91, 7.99)),
-            "local-site-1": _fake_run(tmp_path / "l1", [0.0, 0.2, 0.4]),
-            "local-site-2": _fake_run(tmp_path / "l2", [0.0, 0.1, 0.2])}
+    runs = {
+        "centralised": _fake_run(tmp_path / "c", [0.0, 0.5, 0.8]),
+        "dp-eps8": _fake_run(tmp_path / "d", [0.0, 0.3, 0.6], epsilons=(7.91, 7.99)),
+        "local-site-1": _fake_run(tmp_path / "l1", [0.0, 0.2, 0.4]),
+        "local-site-2": _fake_run(tmp_path / "l2", [0.0, 0.1, 0.2]),
+    }
     rows = {r["variant"].split(" ")[0]: r for r in utility.summarise(workload, runs)}
     assert rows["dp-eps8"]["epsilon"] == 7.99 and rows["centralised"]["epsilon"] is None
     assert rows["dp-eps8"]["pct_of_centralised"] == pytest.approx(75.0)
-    assert (rows["local"]["accuracy"], rows["local"]["accuracy_min"], rows["local"]["accuracy_max"]) == \
-        pytest.approx((0.3, 0.2, 0.4))
+    assert (rows["local"]["accuracy"], rows["local"]["accuracy_min"], rows["local"]["accuracy_max"]) == pytest.approx(
+        (0.3, 0.2, 0.4)
+    )
     assert rows["base"]["accuracy"] == 0.0
     assert "75.0%" in utility.format_table(workload, list(rows.values()))
 

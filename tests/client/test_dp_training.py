@@ -9,10 +9,11 @@ import torch
 
 from fedtune.client.dp_training import LocalTrainPlan, train_adapter
 from fedtune.common.config import LoraSettings
-from fedtune.common.data.encoding import encode_examples
 from fedtune.common.data.shapes import Example
 from fedtune.common.models.lora import adapter_state, build_adapted_model
+from fedtune.common.tasks.registry import task_for
 
+CLASSIFICATION, QUESTION_ANSWER = task_for("classification"), task_for("question-answer")
 QA = [
     Example("What is anemia?", "A condition in which the blood lacks healthy red blood cells."),
     Example("Who gets gout?", "Mostly adult men; risk rises with age and uric acid levels."),
@@ -38,8 +39,9 @@ def _setup(spec, ffa=False, seed=0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
-    examples = QA if spec.task == "causal-lm" else INTENTS
-    return model, encode_examples(examples, tok, spec.task, list(spec.labels), 48)
+    task = task_for(spec.task)
+    examples = INTENTS if task.classifies else QA
+    return model, task.head.encode(examples, tok, list(spec.labels), 48)
 
 
 @pytest.mark.parametrize("spec_name", ["tiny_llama_spec", "tiny_bert_spec"])
@@ -52,9 +54,10 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step(spec_name, ffa, req
     before = adapter_state(model, ffa=False)
     plan = LocalTrainPlan(steps=3, batch_size=4, lr=0.5, optimizer="sgd", seed=7)
     torch.manual_seed(0)  # same dropout masks in both runs
-    train_adapter(model, data, spec.task, plan)
+    train_adapter(model, data, task_for(spec.task), plan)
     torch.manual_seed(0)
-    train_adapter(twin, data, spec.task, LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": 1e6}))
+    train_adapter(twin, data, task_for(spec.task),
+                  LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": 1e6}))
     plain, private = adapter_state(model, ffa=False), adapter_state(twin, ffa=False)
     moved = [k for k in plain if not torch.allclose(torch.from_numpy(plain[k]), torch.from_numpy(before[k]))]
     assert moved, "the plain step did not move any adapter weight"
@@ -73,11 +76,11 @@ def test_dp_step_clips_each_record_and_adds_calibrated_noise(tiny_bert_spec):
     clip, lr = 1e-3, 1.0
     plan = LocalTrainPlan(steps=1, batch_size=6, lr=lr, optimizer="sgd", noise_multiplier=0.0, max_grad_norm=clip, seed=3)
     noisy_model = copy.deepcopy(model)
-    train_adapter(model, data, "classification", plan)
+    train_adapter(model, data, CLASSIFICATION, plan)
     after = {k: torch.from_numpy(v) for k, v in adapter_state(model, ffa=False).items()}
     update = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in after))
     assert 0 < update <= lr * clip * len(data) / plan.batch_size * (1 + 1e-4)
-    train_adapter(noisy_model, data, "classification", LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 1.0}))
+    train_adapter(noisy_model, data, CLASSIFICATION, LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 1.0}))
     noisy = {k: torch.from_numpy(v) for k, v in adapter_state(noisy_model, ffa=False).items()}
     assert any(not torch.allclose(noisy[k], after[k]) for k in after)
 
@@ -85,7 +88,8 @@ def test_dp_step_clips_each_record_and_adds_calibrated_noise(tiny_bert_spec):
 def test_training_touches_only_adapter_parameters(tiny_llama_spec):
     model, data = _setup(tiny_llama_spec)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    train_adapter(model, data, "causal-lm", LocalTrainPlan(steps=2, batch_size=3, lr=0.1, noise_multiplier=1.0, seed=1))
+    train_adapter(model, data, QUESTION_ANSWER,
+                  LocalTrainPlan(steps=2, batch_size=3, lr=0.1, noise_multiplier=1.0, seed=1))
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
@@ -102,10 +106,10 @@ def test_class_weights_scale_each_record_loss_in_private_and_plain_steps(tiny_be
         for weights in ((), (2.0, 2.0, 2.0)):
             twin = copy.deepcopy(model)
             torch.manual_seed(0)  # same dropout masks in every run
-            train_adapter(twin, data, "classification", LocalTrainPlan(
+            train_adapter(twin, data, CLASSIFICATION, LocalTrainPlan(
                 **{**plan.__dict__, "class_weights": weights, "noise_multiplier": private, "max_grad_norm": 1e6}))
             moved.append({k: torch.from_numpy(v) - before[k] for k, v in adapter_state(twin, ffa=False).items()})
         for key in before:
             torch.testing.assert_close(moved[1][key], 2 * moved[0][key], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="classification only"):
-        train_adapter(model, data, "causal-lm", LocalTrainPlan(**{**plan.__dict__, "class_weights": (1.0,)}))
+        train_adapter(model, data, QUESTION_ANSWER, LocalTrainPlan(**{**plan.__dict__, "class_weights": (1.0,)}))

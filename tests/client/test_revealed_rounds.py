@@ -108,11 +108,11 @@ class SiteThatMustNotTrain:
 
 
 def test_a_train_request_with_unusable_shares_is_refused_before_any_training(tmp_path):
-    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+    from flwr.app import Message, MessageType, RecordDict
 
     from fedtune.client.app import build_client_app
     from fedtune.common.secure_aggregation.records import inbox_record
-    from fedtune.common.wire import ADAPTER, PLAN, SECAGG, STATUS, to_array_record
+    from fedtune.common.wire import ADAPTER, PLAN, SECAGG, SiteState, SiteStatus, TrainPlan, to_array_record
 
     sites = Sites(tmp_path)
     tag = round_tag("run", 1)
@@ -122,13 +122,13 @@ def test_a_train_request_with_unusable_shares_is_refused_before_any_training(tmp
     inbox[sender] = inbox[sender][:-1] + bytes([inbox[sender][-1] ^ 1])  # tampered in transit
     site = SiteThatMustNotTrain(tmp_path)
     app = build_client_app(lambda context: site)
-    plan = ConfigRecord({"run-id": "run", "round": 1, "total-rounds": 2, "local-steps": 1, "batch-size": 8, "lr": 0.1,
-                         "optimizer": "sgd", "dp": True, "epsilon": 8.0, "delta": 1e-4, "max-grad-norm": 1.0,
-                         "secure-aggregation": True})
+    plan = TrainPlan(run_id="run", round=1, total_rounds=2, local_steps=1, batch_size=8, lr=0.1, optimizer="sgd",
+                     dp=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, secure_aggregation=True).to_record()
     request = Message(RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, dtype=np.float32)}), PLAN: plan,
                                   SECAGG: inbox_record(tag, inbox)}), message_type=MessageType.TRAIN, dst_node_id=11)
     request.metadata.__dict__["_message_id"] = request.object_id
     reply = app(request, sites.contexts[11])  # the site's context holds round 1, set up
-    assert reply.content[STATUS]["state"] == "refused"
-    assert "failed authentication" in str(reply.content[STATUS]["reason"])
+    status = SiteStatus.from_content(reply.content)
+    assert status.state is SiteState.REFUSED
+    assert "failed authentication" in status.reason
     assert site.trained == 0

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedtune.client.site import RoundRequest, Site, SiteRefusal
+from fedtune.client.site import Site, SiteRefusal
 from fedtune.common.config import load_config
 from fedtune.common.data.federation_data import SiteSplit
 from fedtune.common.data.shapes import Example
 from fedtune.common.privacy.accounting import epsilon_spent
+from fedtune.common.wire import TrainPlan
 
 SAMPLES = Path(__file__).resolve().parents[2] / "common" / "data" / "samples"
 
@@ -23,9 +24,9 @@ def site(tmp_path, tiny_llama_spec):
     toml.write_text(f"""
 [model]
 name = "tiny-llama"
-task = "causal-lm"
 max_length = 32
 [data]
+task = "question-answer"
 path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
 """)
     cfg = load_config(toml)
@@ -36,10 +37,10 @@ path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
     return Site("site-0", cfg, tiny_llama_spec, split, tmp_path / "site-0")
 
 
-def _request(round_: int, **kw) -> RoundRequest:
+def _request(round_: int, **kw) -> TrainPlan:
     base = dict(run_id="run-1", round=round_, total_rounds=2, local_steps=3, batch_size=8, lr=0.01,
-                optimizer="adam", dp=True, epsilon=3.0, delta=1e-3, max_grad_norm=1.0)
-    return RoundRequest(**{**base, **kw})
+                optimizer="adam", dp=True, target_epsilon=3.0, delta=1e-3, max_grad_norm=1.0)
+    return TrainPlan(**{**base, **kw})
 
 
 def test_site_spends_within_budget_then_refuses(site):
@@ -51,8 +52,8 @@ def test_site_spends_within_budget_then_refuses(site):
     ledger = json.loads(site.ledger_path.read_text())
     assert [e["round"] for e in ledger["entries"]] == [1, 2]
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
-    assert second.epsilon == pytest.approx(epsilon_spent(history, 1e-3), rel=1e-9)
-    assert first.epsilon < second.epsilon <= 3.0
+    assert second.epsilon_spent == pytest.approx(epsilon_spent(history, 1e-3), rel=1e-9)
+    assert first.epsilon_spent < second.epsilon_spent <= 3.0
     assert first.sample_rate == pytest.approx(8 / 60)
     before = site.ledger_path.read_bytes()
     with pytest.raises(SiteRefusal, match="privacy budget exhausted"):
@@ -76,7 +77,7 @@ def test_a_repeated_request_replays_the_released_update_without_new_cost(site):
     ledger = site.ledger_path.read_bytes()
     again = site.train(_request(1), adapter)
     assert site.ledger_path.read_bytes() == ledger
-    assert again.epsilon == first.epsilon
+    assert again.epsilon_spent == first.epsilon_spent
     for key in first.adapter:
         np.testing.assert_array_equal(again.adapter[key], first.adapter[key])
     changed = {k: v + 1.0 for k, v in adapter.items()}

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from fedtune.common.models.builtin import BUILTIN_WEIGHTS, ModelFetchError, WheelWeights, _download_wheel, resolve_builtin
+from fedtune.common.models.builtin import (
+    BUILTIN_WEIGHTS,
+    ModelFetchError,
+    WheelWeights,
+    _download_wheel,
+    resolve_builtin,
+)
 
 
 def test_minilm_resolves_to_a_loadable_classifier(tmp_path, monkeypatch):

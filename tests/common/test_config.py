@@ -11,9 +11,9 @@ from fedtune.common.config import ConfigError, load_config, preset_path
 BASE = """
 [model]
 name = "tiny-bert"
-task = "classification"
 [data]
 path = "{data}"
+task = "classification"
 labels = ["a", "b"]
 """
 
@@ -52,7 +52,8 @@ def test_overrides_are_typed(tmp_path):
         (["lora.rank=0"], "lora.rank: Input should be greater than 0"),
         (["train.lrr=0.1"], "train.lrr: unknown key"),
         (["modle.name='x'"], "modle: unknown key"),
-        (["model.task='translation'"], "model.task: Input should be 'causal-lm' or 'classification'"),
+        (["data.task='translation'"], "data.task: unknown task 'translation'; known tasks: classification, chat"),
+        (["model.task='translation'"], "model.task = 'translation' is not 'classification' or 'causal-lm'"),
         (["federation.min_clients=9"], "federation.min_clients (9) exceeds partition.num_clients (3)"),
     ],
 )

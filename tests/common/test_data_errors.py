@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fedtune.common.config import DataConfig, FieldMap
 from fedtune.common.data.preparation import prepare
 from fedtune.common.data.readers import DataError
+from fedtune.common.tasks.registry import TASK_NAMES
 
 LABELS = ["card_arrival", "card_linking"]
 
@@ -130,7 +131,7 @@ def test_ragged_csv_row_is_reported_not_misread(tmp_path):
             "delimiter ','") in _error(_qa, path)
 
 
-TASKS = ["classification", "chat", "prompt-completion", "question-answer", "instruction"]
+TASKS = list(TASK_NAMES)  # every registered task, so a new one is fuzzed too
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

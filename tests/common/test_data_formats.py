@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from fedtune.common.config import DataConfig, FieldMap
-from fedtune.common.data.encoding import encode_examples
 from fedtune.common.data.preparation import prepare
 from fedtune.common.data.readers import ReadOptions, read_raw
 from fedtune.common.data.shapes import Example, normalise_text
+from fedtune.common.tasks.registry import task_for
 from tests.conftest import SAMPLES, SHARED_DATA
 
 
@@ -160,12 +160,13 @@ def test_prompt_completion_is_raw_text_and_instruction_joins_input(tmp_path, med
     assert inst.examples[0].text == f"Answer the patient's question.\n\n{normalise_text(medquad[0]['question'])}"
     assert inst.examples[4].text == normalise_text(medquad[4]["question"])
     tok = load_tokenizer(tiny_llama_spec)
-    enc_raw = encode_examples(raw.examples, tok, "causal-lm", [], 256)
-    enc_inst = encode_examples(inst.examples, tok, "causal-lm", [], 256)
+    head = task_for("prompt-completion").head
+    enc_raw = head.encode(raw.examples, tok, [], 256)
+    enc_inst = head.encode(inst.examples, tok, [], 256)
     prompt_raw = [t for t, lab in zip(enc_raw.input_ids[0], enc_raw.labels[0], strict=True) if lab == -100]
     prompt_inst = [t for t, lab in zip(enc_inst.input_ids[0], enc_inst.labels[0], strict=True) if lab == -100]
     assert "Answer:" not in tok.decode(prompt_raw) and "Answer: " in tok.decode(prompt_inst)
-    short = encode_examples([Example("Gout is", "arthritis.", templated=False)], tok, "causal-lm", [], 256)
+    short = head.encode([Example("Gout is", "arthritis.", templated=False)], tok, [], 256)
     assert short.input_ids[0] == tok("Gout is")["input_ids"] + tok("arthritis.", add_special_tokens=False)[
         "input_ids"] + [tok.eos_token_id]
 

@@ -28,9 +28,9 @@ def test_full_medquad_split_by_source_is_nine_hospitals(tmp_path):
     toml.write_text(f"""
 [model]
 name = "tiny-llama"
-task = "causal-lm"
 [data]
 path = "{SHARED / 'medquad' / 'medquad.jsonl'}"
+task = "question-answer"
 [partition]
 scheme = "column"
 column = "source"
@@ -76,8 +76,8 @@ def test_files_scheme_gives_each_site_its_own_files_and_the_server_its_own_test_
     body = f"""
 [model]
 name = "tiny-llama"
-task = "causal-lm"
 [data]
+task = "question-answer"
 site_paths = ["{a}", "{b}"]
 test_path = "{test}"
 val_fraction = 0.2
@@ -94,6 +94,7 @@ num_clients = 2
     (tmp_path / "g.toml").write_text(body.replace("num_clients = 2", "num_clients = 3"))
     with pytest.raises(ConfigError, match="needs one data.site_paths entry per site: got 2 for partition.num_clients = 3"):
         load_config(tmp_path / "g.toml")
-    (tmp_path / "h.toml").write_text(body.replace('task = "causal-lm"', 'task = "classification"'))
+    legacy = body.replace('name = "tiny-llama"', 'name = "tiny-llama"\ntask = "classification"')  # model.task
+    (tmp_path / "h.toml").write_text(legacy)
     with pytest.raises(ConfigError, match="data.task = 'question-answer' does not fit model.task = 'classification'"):
-        load_config(tmp_path / "h.toml", ["data.task='question-answer'", "data.labels=['x']"])
+        load_config(tmp_path / "h.toml", ["data.labels=['x']"])

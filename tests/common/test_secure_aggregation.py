@@ -36,11 +36,11 @@ def test_dequantised_weighted_sum_is_within_1e_3_of_plaintext_for_any_example_co
     grid = QuantisationGrid(clip_range=0.05, max_participants=len(counts))
     total = np.zeros(d, dtype=np.uint32)
     n = sum(counts)
-    for u, c in zip(updates, counts):
+    for u, c in zip(updates, counts, strict=False):
         q, clipped = quantise(u, c / n, grid, rng)
         assert q.dtype == np.uint32 and clipped == 0
         np.add(total, q, out=total)
-    truth = sum(c / n * u for u, c in zip(updates, counts))
+    truth = sum(c / n * u for u, c in zip(updates, counts, strict=False))
     assert _relative_rms_error(dequantise(total, grid), truth) < 1e-3
     # Stochastic rounding moves each site's value by less than one grid step.
     assert np.max(np.abs(dequantise(total, grid) - truth)) < len(counts) * grid.step
@@ -130,9 +130,9 @@ def _federation(n: int, d: int = 5_000, counts=None, min_survivors: int = 2, cli
     rng = np.random.default_rng(n)
     counts = counts or [int(c) for c in rng.integers(1, 500, n)]
     updates = {100 + i: rng.normal(0, 0.01, d).astype(np.float32) for i in range(n)}
-    clients = {node: ClientRound(c) for node, c in zip(updates, counts)}
+    clients = {node: ClientRound(c) for node, c in zip(updates, counts, strict=False)}
     server = ServerRound(TAG, {node: c.advertise() for node, c in clients.items()}, clip, min_survivors, d)
-    return clients, server, updates, dict(zip(updates, counts))
+    return clients, server, updates, dict(zip(updates, counts, strict=False))
 
 
 def _run(clients, server, updates, drop_before_share=(), drop_before_masked=(), drop_before_unmask=()):
@@ -147,7 +147,7 @@ def _run(clients, server, updates, drop_before_share=(), drop_before_masked=(), 
 
 def _weighted_mean(updates, counts, nodes):
     w = np.array([counts[n] for n in nodes], dtype=np.float64)
-    return sum(wi * updates[n].astype(np.float64) for wi, n in zip(w, nodes)) / w.sum()
+    return sum(wi * updates[n].astype(np.float64) for wi, n in zip(w, nodes, strict=False)) / w.sum()
 
 
 def test_full_round_reveals_the_weighted_mean_and_masked_vectors_look_random():

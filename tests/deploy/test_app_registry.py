@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import requests
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from flwr.superlink.servicer.control.control_handlers import _format_verification
 from flwr.supercore.fab import Fab
 from flwr.supercore.utils import request_download_link
+from flwr.superlink.servicer.control.control_handlers import _format_verification
 from flwr.supernode.cli.flower_supernode import _try_obtain_trusted_entities
 from flwr.supernode.start_client_internal import _verify_fab
 
@@ -27,8 +27,9 @@ from tests.conftest import SAMPLES
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("signed")
-    cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm"},
-                            "data": {"path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
+    cfg = config_from_dict({"model": {"name": "tiny-llama"},
+                            "data": {"task": "question-answer",
+                                     "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
                             "partition": {"num_clients": 2}}, "test", tmp)
     return init_deployment(tmp / "fed", cfg, port=18123, site_ids=["north", "south"])
 

@@ -78,8 +78,9 @@ DOCKERFILE_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("artifacts")
-    cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm"},
-                            "data": {"path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
+    cfg = config_from_dict({"model": {"name": "tiny-llama"},
+                            "data": {"task": "question-answer",
+                                     "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
                             "partition": {"num_clients": 3}}, "test", tmp)
     # Runs outside the operator folder, so the SuperLink's unit must list them as writable.
     return init_deployment(tmp / "fed", cfg, port=18200, site_ids=list(SITES), output_dir=tmp / "runs")
@@ -207,7 +208,6 @@ def test_the_dockerfile_parses_pins_torch_and_copies_only_what_exists():
 def test_what_the_dockerfile_copies_builds_the_package_with_its_entry_points(tmp_path):
     """`pip install .` in the image sees only the COPY sources: they must make the whole package."""
     pytest.importorskip("setuptools")
-    pytest.importorskip("wheel")
     context = tmp_path / "context"
     for instruction, args in dockerfile_instructions(DOCKERFILE.read_text()):
         if instruction == "COPY":
@@ -712,8 +712,9 @@ def wait_healthy(url: str, ca: Path | None, timeout: float) -> str | None:
 @pytest.mark.e2e
 def test_the_compose_probes_pass_against_a_real_superlink_and_supernode(tmp_path):
     """The probe URLs compose configures, with the container's bind address, against Flower itself."""
-    cfg = config_from_dict({"model": {"name": "tiny-llama", "task": "causal-lm"},
-                            "data": {"path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
+    cfg = config_from_dict({"model": {"name": "tiny-llama"},
+                            "data": {"task": "question-answer",
+                                     "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
                             "partition": {"num_clients": 2}}, "test", tmp_path)
     d = init_deployment(tmp_path / "fed", cfg, port=free_port(), site_ids=["north", "south"],
                         registry_port=free_port())

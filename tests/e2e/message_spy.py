@@ -10,7 +10,7 @@ from fedtune.common.config import FedtuneConfig
 def simulate_recording_messages(cfg: FedtuneConfig, **simulate_args) -> tuple[Path, list[tuple[list, list]]]:
     """The run directory, and ``(requests, replies)`` for each fan-out of the round loop
     (secure-aggregation steps included)."""
-    import server.federation as federation
+    import fedtune.server.federation as federation
     from fedtune.simulation import simulate
 
     seen: list[tuple[list, list]] = []

@@ -24,11 +24,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedtune.common.config import config_from_dict
-import numpy as np
-
 from fedtune.common.wire import flatten_adapter
 from fedtune.deploy.bundle import init_deployment
 from fedtune.deploy.commands import (
@@ -40,8 +39,8 @@ from fedtune.deploy.commands import (
     superlink_env,
     supernode_command,
 )
-from fedtune.deploy.layout import Deployment
 from fedtune.deploy.credentials import make_ca, make_site_auth_key
+from fedtune.deploy.layout import Deployment
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.e2e
@@ -131,7 +130,7 @@ def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     paths, test = _site_data(tmp)
     cfg = config_from_dict({
-        "run": {"name": "loopback"}, "model": {"name": "tiny-llama", "task": "causal-lm", "max_length": 48},
+        "run": {"name": "loopback"}, "model": {"name": "tiny-llama", "max_length": 48},
         "lora": {"rank": 4, "ffa": True},
         "data": {"task": "question-answer", "site_paths": [str(p) for p in paths], "test_path": str(test),
                  "max_eval_examples": 16},
@@ -141,7 +140,7 @@ def deployment(tmp_path_factory):
         "secure_aggregation": {"record_masked_inputs": True, "stage_timeout_s": 120},
     }, "test", tmp)
     d = init_deployment(tmp / "fed", cfg, port=_free_port(), registry_port=_free_port())
-    for site, path in zip(d.sites, paths):
+    for site, path in zip(d.sites, paths, strict=False):
         policy = d.site_dir(site) / "policy.toml"
         policy.write_text(policy.read_text().replace('# data_path = "/srv/fedtune/data/train.jsonl"',
                                                      f'data_path = "{path}"'))

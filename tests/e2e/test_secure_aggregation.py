@@ -21,7 +21,7 @@ import pytest
 
 from fedtune.common.config import load_config
 from fedtune.common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK
-from fedtune.common.wire import ADAPTER, MASKED, SECAGG, STATUS, flatten_adapter, from_array_record
+from fedtune.common.wire import ADAPTER, MASKED, SECAGG, SiteStatus, TrainReport, flatten_adapter, from_array_record
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
 
@@ -53,12 +53,12 @@ name = "secagg"
 output_dir = "{tmp / 'runs'}"
 [model]
 name = "tiny-llama"
-task = "causal-lm"
 max_length = 48
 [lora]
 rank = 8
 ffa = true
 [data]
+task = "question-answer"
 path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
 max_records = 400
 max_eval_examples = 16
@@ -155,8 +155,8 @@ def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(
     train_req, train_rep = trains[3]
     before = from_array_record(train_req[0].content[ADAPTER])
     after = from_array_record(_fanouts(seen, "evaluate")[4][0][0].content[ADAPTER])
-    site_of_node = {r.metadata.src_node_id: str(r.content[STATUS]["site-id"]) for r in train_rep}
-    counts = {str(r.content[STATUS]["site-id"]): int(r.content["metrics"]["num-examples"]) for r in train_rep}
+    site_of_node = {r.metadata.src_node_id: SiteStatus.from_content(r.content).site_id for r in train_rep}
+    counts = {site_of_node[r.metadata.src_node_id]: TrainReport.from_content(r.content).num_examples for r in train_rep}
     d = sum(v.size for v in before.values())
     assert d >= 2_000
     true_updates = {}

@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.client.app import TRAIN_REPLY_METRICS
 from fedtune.common.config import load_config
 from fedtune.common.privacy.accounting import epsilon_spent
-from fedtune.common.wire import ADAPTER, METRICS, PLAN, STATUS, array_record_nbytes
+from fedtune.common.wire import ADAPTER, METRICS, PLAN, STATUS, SiteStatus, TrainReport, array_record_nbytes
 from tests.e2e.message_spy import simulate_recording_messages
 
 pytestmark = pytest.mark.e2e
@@ -38,13 +37,13 @@ name = "e2e"
 output_dir = "{tmp_path / 'runs'}"
 [model]
 name = "tiny-llama"
-task = "causal-lm"
 max_length = 48
 [lora]
 rank = 4
 alpha = 16
 ffa = true
 [data]
+task = "question-answer"
 path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
 max_records = 360
 max_eval_examples = 24
@@ -99,8 +98,8 @@ def test_rounds_aggregate_every_site_and_improve_held_out_loss(finished_run):
 
 def test_only_adapter_tensors_travel(finished_run):
     cfg, _, seen = finished_run
-    from fedtune.common.models.lora import build_adapted_model
     from fedtune.common.models.loading import model_spec
+    from fedtune.common.models.lora import build_adapted_model
 
     model, _ = build_adapted_model(model_spec(cfg), cfg.lora)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -121,10 +120,10 @@ def test_only_adapter_tensors_travel(finished_run):
                 assert list(reply.content[ADAPTER].keys()) == keys
                 assert _is_float32_payload(array_record_nbytes(reply.content[ADAPTER]), n_params, len(keys))
             if ADAPTER in reply.content:
-                assert set(reply.content[METRICS].keys()) == set(TRAIN_REPLY_METRICS), "no training loss leaves"
+                assert set(reply.content[METRICS].keys()) == set(TrainReport.keys()), "no training loss leaves"
             for value in reply.content[METRICS].values():
                 assert isinstance(value, (int, float)), "metrics are aggregate scalars, never per-record data"
-            assert set(reply.content[STATUS].keys()) == {"site-id", "state", "reason"}
+            assert set(reply.content[STATUS].keys()) == set(SiteStatus.keys())
 
 
 def test_bytes_are_reported_per_site_per_round(finished_run):

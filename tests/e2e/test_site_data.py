@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
 
-from fedtune.client.app import DATA_INVALID, NO_METRICS, TRAIN_REPLY_METRICS
+from fedtune.client.app import DATA_INVALID, NO_METRICS
 from fedtune.common.config import load_config
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT
-from fedtune.common.wire import ADAPTER, MASKED, METRICS, SECAGG, STATUS
+from fedtune.common.wire import ADAPTER, MASKED, METRICS, SECAGG, STATUS, SiteState, SiteStatus, TrainReport
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
 
@@ -58,7 +58,6 @@ name = "byod"
 output_dir = "{tmp / 'runs'}"
 [model]
 name = "tiny-llama"
-task = "causal-lm"
 max_length = 48
 [lora]
 rank = 2
@@ -99,11 +98,11 @@ def test_broken_site_says_only_data_invalid_and_touches_nothing(run):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[1]["refused"] == {"site-3": DATA_INVALID}
     assert not (run_dir / "sites" / "site-3").exists(), "no ledger, no replay file, no partial training"
-    from_broken = [r for r in seen if r.content[STATUS]["site-id"] == "site-3"]
+    from_broken = [r for r in seen if SiteStatus.from_content(r.content).site_id == "site-3"]
     assert len(from_broken) == 3  # base eval, train, eval
     for reply in from_broken:
         assert list(reply.content.keys()) == [STATUS]
-        assert dict(reply.content[STATUS]) == {"site-id": "site-3", "state": "refused", "reason": DATA_INVALID}
+        assert SiteStatus.from_content(reply.content) == SiteStatus("site-3", SiteState.REFUSED, DATA_INVALID)
 
 
 def test_nothing_about_raw_records_reaches_the_server(run):
@@ -118,6 +117,6 @@ def test_nothing_about_raw_records_reaches_the_server(run):
                 strings += [str(k) for k in record] + [str(v) for v in record.values()]
         assert not any(f in s for f in fragments for s in strings)
         if METRICS in reply.content:
-            assert set(reply.content[METRICS]) == set(TRAIN_REPLY_METRICS), "training metrics only: not opted in"
-        elif reply.content[STATUS]["state"] == "declined":
-            assert reply.content[STATUS]["reason"] == NO_METRICS
+            assert set(reply.content[METRICS]) == set(TrainReport.keys()), "training metrics only: not opted in"
+        elif (status := SiteStatus.from_content(reply.content)).state is SiteState.DECLINED:
+            assert status.reason == NO_METRICS

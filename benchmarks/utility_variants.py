@@ -1,0 +1,246 @@
+"""What the utility benchmark (utility.py) runs: its workloads, and the fedtune settings of each variant.
+
+A variant is the workload's preset with ``--set`` overrides, so that every variant of a workload
+trains the same model on the same data and is scored on the same held-out set; only what the
+variant is about (one site or many, privacy, the schedule) differs. utility.py runs, caches and
+reports them; the tests build their configurations without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import DATA
+
+from fedtune.common.config import FedtuneConfig, load_config, preset_path
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Local training per round on each site."""
+
+    local_steps: int
+    batch_size: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One data set and model, with the schedules every variant shares."""
+
+    name: str
+    preset: str
+    settings: tuple[str, ...]  # --set overrides shared by every variant
+    rounds: int
+    plain: Schedule  # non-private variants
+    private: Schedule  # DP-SGD variants (large batches suit DP-SGD)
+    epsilons: tuple[float, ...]
+    local_sites: tuple[int, ...]
+    medquad_per_source: int = 0  # > 0: a seeded subsample of that many records per NIH source
+    private_settings: tuple[str, ...] = ()  # further --set overrides of the DP-SGD variants
+    private_rounds: int = 0  # rounds of the DP-SGD variants (0: ``rounds``); noise is calibrated to them
+
+    @property
+    def metric(self) -> str:
+        return "loss" if self.preset.startswith("medquad") else "accuracy"
+
+
+def _banking77(
+    name: str,
+    eval_examples: int,
+    rounds: int,
+    plain: Schedule,
+    private: Schedule,
+    epsilons: tuple[float, ...],
+    local_sites: tuple[int, ...],
+    sites: int = 10,
+    private_settings: tuple[str, ...] = (),
+    private_rounds: int = 0,
+) -> Workload:
+    settings = (
+        f"data.path='{DATA / 'banking77/train.csv'}'",
+        f"data.test_path='{DATA / 'banking77/test.csv'}'",
+        f"data.labels_file='{DATA / 'banking77/categories.json'}'",
+        "partition.scheme='dirichlet'",
+        f"partition.num_clients={sites}",
+        "partition.alpha=0.5",
+        f"data.max_eval_examples={eval_examples}",
+        "train.eval_batch_size=64",
+    )
+    return Workload(
+        name,
+        "banking77-minilm",
+        settings,
+        rounds,
+        plain,
+        private,
+        epsilons,
+        local_sites,
+        private_settings=private_settings,
+        private_rounds=private_rounds,
+    )
+
+
+def _medquad(
+    name: str,
+    per_source: int,
+    eval_examples: int,
+    rounds: int,
+    plain: Schedule,
+    private: Schedule,
+    epsilons: tuple[float, ...],
+    local_sites: tuple[int, ...],
+    max_length: int,
+) -> Workload:
+    settings = (
+        "partition.scheme='column'",
+        "partition.column='source'",
+        "partition.num_clients=9",
+        f"data.max_eval_examples={eval_examples}",
+        f"model.max_length={max_length}",
+        f"partition.min_examples={min(10, per_source // 2)}",
+    )
+    return Workload(name, "medquad-smollm2", settings, rounds, plain, private, epsilons, local_sites, per_source)
+
+
+WORKLOADS = {
+    # Non-private: the preset's Adam, 8 steps of 64 a round, 6 rounds. DP-SGD: one full-batch step
+    # a round (sample rate 1: every record, no subsampling to amplify) for 8 rounds, plain SGD with
+    # a large step (per-record gradients are clipped to norm 1, so lr 60 moves the head by at most
+    # 60 a round); lora.alpha=1 keeps the adapter's share of that step small. Chosen with
+    # benchmarks/pooling_probe.py; the 6-round run is in results/utility-tuning. Per-record
+    # gradients of ~1000 records take gigabytes in a site process, so DP sites run one at a time.
+    "banking77": _banking77(
+        "banking77",
+        600,
+        6,
+        Schedule(8, 64, 2e-2),
+        Schedule(1, 2048, 60.0),
+        (8.0, 4.0, 1.0),
+        (0, 4, 7),
+        private_settings=(
+            "train.optimizer='sgd'",
+            "lora.alpha=1",
+            "federation.cpus_per_client=2",
+            "train.torch_threads=2",
+        ),
+        private_rounds=8,
+    ),
+    "medquad": _medquad("medquad", 60, 32, 2, Schedule(3, 8, 2e-3), Schedule(1, 24, 2e-3), (8.0, 4.0, 1.0), (0, 4), 64),
+}
+QUICK = {
+    "banking77": _banking77(
+        "banking77-quick", 200, 2, Schedule(3, 32, 2e-2), Schedule(3, 32, 2e-2), (8.0,), (0,), sites=3
+    ),
+    "medquad": _medquad("medquad-quick", 8, 8, 1, Schedule(1, 4, 2e-3), Schedule(1, 4, 2e-3), (8.0,), (0,), 48),
+}
+
+
+def variant_names(w: Workload) -> list[str]:
+    return [
+        "centralised",
+        "federated",
+        *[f"dp-eps{e:g}" for e in w.epsilons],
+        *[f"local-site-{k}" for k in w.local_sites],
+    ]
+
+
+def _schedule_settings(s: Schedule, steps_factor: int = 1) -> list[str]:
+    return [f"train.local_steps={s.local_steps * steps_factor}", f"train.batch_size={s.batch_size}", f"train.lr={s.lr}"]
+
+
+def variant_settings(w: Workload, variant: str, num_sites: int) -> list[str]:
+    """The --set overrides of one variant (besides the workload's shared ones)."""
+    private = variant.startswith("dp-eps")
+    rounds = (w.private_rounds or w.rounds) if private else w.rounds
+    common = [f"federation.rounds={rounds}", "privacy.share_site_metrics=false"]
+    alone = [
+        "partition.num_clients=1",
+        "federation.min_clients=1",
+        "secure_aggregation.enabled=false",
+        "privacy.enabled=false",
+    ]
+    if variant == "centralised":
+        return [*common, *alone, "partition.scheme='iid'", *_schedule_settings(w.plain, num_sites)]
+    if variant == "federated":
+        return [*common, "privacy.enabled=false", *_schedule_settings(w.plain)]
+    if private:
+        return [
+            *common,
+            "privacy.enabled=true",
+            f"privacy.epsilon={float(variant.removeprefix('dp-eps'))}",
+            *_schedule_settings(w.private),
+            *w.private_settings,
+        ]
+    if variant.startswith("local-site-"):
+        # Only this site's own training records, and the federation's held-out set (written by site_files).
+        return [*common, *alone, "partition.scheme='files'", "data.val_fraction=0.0", *_schedule_settings(w.plain)]
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def medquad_subsample(per_source: int, out: Path) -> Path:
+    """A seeded subsample of ``per_source`` records from each NIH source, in file order (CPU budget)."""
+    import numpy as np
+
+    path = out / f"medquad-{per_source}-per-source.jsonl"
+    if path.exists():
+        return path
+    lines = (DATA / "medquad/medquad.jsonl").read_text(encoding="utf-8").splitlines()
+    by_source: dict[str, list[int]] = {}
+    for i, line in enumerate(lines):
+        by_source.setdefault(json.loads(line)["source"], []).append(i)
+    rng = np.random.default_rng(0)
+    keep = sorted(
+        int(i)
+        for src in sorted(by_source)
+        for i in rng.choice(by_source[src], min(per_source, len(by_source[src])), replace=False)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(lines[i] + "\n" for i in keep), encoding="utf-8")
+    return path
+
+
+def workload_settings(w: Workload, runs_dir: Path) -> list[str]:
+    settings = [*w.settings, f"run.output_dir='{runs_dir}'"]
+    if w.medquad_per_source:
+        settings.append(f"data.path='{medquad_subsample(w.medquad_per_source, runs_dir / 'data')}'")
+    return settings
+
+
+def num_sites(w: Workload) -> int:
+    """Sites of the federation: the workload's ``partition.num_clients``."""
+    return int(next(s for s in w.settings if s.startswith("partition.num_clients=")).split("=")[1])
+
+
+def config_for(w: Workload, variant: str, runs_dir: Path, extra: list[str] = ()) -> FedtuneConfig:
+    overrides = [
+        *workload_settings(w, runs_dir),
+        *variant_settings(w, variant, num_sites(w)),
+        f"run.name='utility-{w.name}-{variant}'",
+        *extra,
+    ]
+    return load_config(preset_path(w.preset), overrides)
+
+
+def site_files(w: Workload, site: int, runs_dir: Path) -> list[str]:
+    """One federated site's training records and the federation's held-out set, as files of their own."""
+    from fedtune.common.data.federation_data import build_site_splits
+
+    cfg = config_for(w, "federated", runs_dir)
+    sites, test = build_site_splits(cfg)
+    f = cfg.data.fields
+    keys = (f.text, f.label) if cfg.task.classifies else (f.question, f.answer)
+    folder = runs_dir / "data" / w.name
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, examples in ((f"site-{site}-train.jsonl", sites[site].train), ("test.jsonl", test)):
+        paths.append(folder / name)
+        paths[-1].write_text(
+            "".join(json.dumps({keys[0]: e.text, keys[1]: e.target}) + "\n" for e in examples), encoding="utf-8"
+        )
+    return [f"data.site_paths=['{paths[0]}']", f"data.test_path='{paths[1]}'"]
+
+
+WORKLOADS_BY_NAME = {w.name: w for w in [*WORKLOADS.values(), *QUICK.values()]}
