@@ -68,8 +68,9 @@ def decode_request(content: RecordDict, plan_type: type[P] = TrainPlan) -> P:  #
         raise SiteRefusal(str(exc)) from exc
 
 
-def _reply(msg: Message, site_id: str, state: SiteState, reason: str = "",
-           content: RecordDict | None = None) -> Message:
+def _reply(
+    msg: Message, site_id: str, state: SiteState, reason: str = "", content: RecordDict | None = None
+) -> Message:
     """A reply whose status says what the site did; ``content`` holds what goes with it."""
     content = RecordDict() if content is None else content
     content[STATUS] = SiteStatus(site_id, state, reason).to_record()
@@ -87,8 +88,11 @@ def _not_ready(msg: Message, context: Context, exc: SiteNotReady) -> Message:
     return _reply(msg, site_id_of(context), SiteState.REFUSED, str(exc))
 
 
-def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Declaration,
-                                revealed_for: Callable[[Context], RevealedRounds] | None = None) -> None:
+def register_secure_aggregation(
+    app: ClientApp,
+    declare: secure_aggregation.Declaration,
+    revealed_for: Callable[[Context], RevealedRounds] | None = None,
+) -> None:
     """The SecAgg+ steps outside training, as ``train.<action>`` handlers.
 
     ``declare(context)`` gives what a site states when it sets a round up: its number of
@@ -97,9 +101,11 @@ def register_secure_aggregation(app: ClientApp, declare: secure_aggregation.Decl
     site has one; only benchmarks of dummy sites go without).
     """
     app.train("secagg_advertise")(
-        lambda msg, context: secure_aggregation.advertise_step(msg, context, site_id_of(context), declare))
+        lambda msg, context: secure_aggregation.advertise_step(msg, context, site_id_of(context), declare)
+    )
     app.train("secagg_share_keys")(
-        lambda msg, context: secure_aggregation.share_keys(msg, context, site_id_of(context)))
+        lambda msg, context: secure_aggregation.share_keys(msg, context, site_id_of(context))
+    )
 
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
@@ -155,16 +161,23 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             return _reply(msg, site.site_id, SiteState.REFUSED, str(exc))
         # The training loss is computed on raw training records without noise, so it is not
         # covered by the DP guarantee: it stays in the site's log and is never sent.
-        report = TrainReport(num_examples=outcome.num_examples, steps=outcome.steps,
-                             epsilon_spent=outcome.epsilon_spent, noise_multiplier=outcome.noise_multiplier,
-                             sample_rate=outcome.sample_rate)
+        report = TrainReport(
+            num_examples=outcome.num_examples,
+            steps=outcome.steps,
+            epsilon_spent=outcome.epsilon_spent,
+            noise_multiplier=outcome.noise_multiplier,
+            sample_rate=outcome.sample_rate,
+        )
         content = RecordDict({METRICS: report.to_record()})
         if request.secure_aggregation:
             content[MASKED] = masked_record(vector)
             if request.round < request.total_rounds:
                 content[SECAGG_NEXT] = secure_aggregation.advertise(
-                    context, round_tag(request.run_id, request.round + 1), outcome.num_examples,
-                    site.policy.min_aggregation_sites)
+                    context,
+                    round_tag(request.run_id, request.round + 1),
+                    outcome.num_examples,
+                    site.policy.min_aggregation_sites,
+                )
         else:
             content[ADAPTER] = to_array_record(outcome.adapter)
         return _reply(msg, site.site_id, SiteState.TRAINED, content=content)
@@ -186,7 +199,9 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             plan = decode_request(msg.content, EvaluatePlan)
             if not (site.cfg.privacy.share_site_metrics and site.policy.allow_site_metrics):
                 return _reply(msg, site.site_id, SiteState.DECLINED, NO_METRICS)
-            report = EvaluationReport(site.evaluate(from_array_record(msg.content.array_records[ADAPTER]), plan.a_fingerprint))
+            report = EvaluationReport(
+                site.evaluate(from_array_record(msg.content.array_records[ADAPTER]), plan.a_fingerprint)
+            )
         except SiteRefusal as exc:
             log.warning("%s refused to evaluate: %s", site.site_id, exc)
             return _reply(msg, site.site_id, SiteState.REFUSED, str(exc))

@@ -44,7 +44,7 @@ def deployed_site(context: Context) -> Site:
     key = (context.run_id, context.node_id)
     if key in _SITES:
         return _SITES[key]
-    configure_logging()
+    configure_logging(service=True)
     cfg = config_from_run_config(context.run_config)
     site_id = str(nc.get("site-id", f"site-{context.node_id}"))
     index = int(nc.get("partition-id", 0))

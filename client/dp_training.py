@@ -85,8 +85,11 @@ def train_adapter(
 
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         optimizer: torch.optim.Optimizer = DPOptimizer(
-            _make_optimizer(params, plan), noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.batch_size, loss_reduction="mean",
+            _make_optimizer(params, plan),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.max_grad_norm,
+            expected_batch_size=plan.batch_size,
+            loss_reduction="mean",
         )
         if hasattr(optimizer, "generator"):
             optimizer.generator = torch.Generator().manual_seed(plan.seed + 1)

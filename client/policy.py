@@ -48,17 +48,21 @@ class SitePolicy(BaseModel):
         if self.require_secure_aggregation and not secure_aggregation:
             raise PolicyViolation(f"the plan turns secure aggregation off; this site requires it {where}")
         if dp and self.max_epsilon is not None and epsilon > self.max_epsilon:
-            raise PolicyViolation(f"the plan asks for epsilon = {epsilon:g}; this site allows at most "
-                                  f"max_epsilon = {self.max_epsilon:g} {where}")
+            raise PolicyViolation(
+                f"the plan asks for epsilon = {epsilon:g}; this site allows at most "
+                f"max_epsilon = {self.max_epsilon:g} {where}"
+            )
         if dp and self.max_delta is not None and delta > self.max_delta:
-            raise PolicyViolation(f"the plan asks for delta = {delta:g}; this site allows at most "
-                                  f"max_delta = {self.max_delta:g} {where}")
+            raise PolicyViolation(
+                f"the plan asks for delta = {delta:g}; this site allows at most max_delta = {self.max_delta:g} {where}"
+            )
 
     def check_noise(self, noise_multiplier: float) -> None:
         if noise_multiplier < self.min_noise_multiplier:
             raise PolicyViolation(
                 f"the plan needs noise multiplier {noise_multiplier:.3f}, below min_noise_multiplier = "
-                f"{self.min_noise_multiplier:g} (local policy {self.source}); ask for a smaller epsilon or fewer steps")
+                f"{self.min_noise_multiplier:g} (local policy {self.source}); ask for a smaller epsilon or fewer steps"
+            )
 
 
 def load_policy(path: Path) -> SitePolicy:

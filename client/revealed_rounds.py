@@ -37,9 +37,10 @@ class RevealedRounds:
             return {str(t) for t in data["revealed"]}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Unreadable means unknown: refuse to unmask rather than risk a second sum.
-            raise ProtocolViolation(f"{self.path}: cannot read the record of rounds this site unmasked ({exc}); "
-                                    "it refuses to unmask until the file is restored or removed by its operator"
-                                    ) from exc
+            raise ProtocolViolation(
+                f"{self.path}: cannot read the record of rounds this site unmasked ({exc}); "
+                "it refuses to unmask until the file is restored or removed by its operator"
+            ) from exc
 
     def claim(self, tag: bytes) -> None:
         """Record, before any share leaves, that this site reveals round ``tag``; refuse a second time."""
@@ -48,7 +49,8 @@ class RevealedRounds:
             raise AlreadyRevealed(
                 f"this site already released its unmasking shares for {tag!r} (a resumed server replaying the "
                 "round); a second sum of the same updates over other sites could reveal one site's update, so "
-                "it refuses")
+                "it refuses"
+            )
         atomic_write_json(self.path, {"revealed": sorted(revealed | {tag.hex()})})
 
 

@@ -45,15 +45,24 @@ Declaration = Callable[[Context], tuple[int, int]]
 
 def _save(context: Context, slot: str, state: ClientRound, tag: bytes) -> None:
     held = sorted(state.held_shares)
-    context.state[slot] = ConfigRecord({
-        "round-tag": tag, "c-private": state.c_keys.private, "s-private": state.s_keys.private,
-        "self-seed": state.self_seed, "num-examples": state.num_examples, "floor": state.min_survivors_floor,
-        "has-params": state.params is not None,
-        "held-owners": held, "held-b": [state.held_shares[j][0] for j in held],
-        "held-s": [state.held_shares[j][1] for j in held], "alive": list(state.alive), "unmasked": state.unmasked,
-        "sent-masked": state.sent_masked,
-        "clipped": state.clipped,
-    })
+    context.state[slot] = ConfigRecord(
+        {
+            "round-tag": tag,
+            "c-private": state.c_keys.private,
+            "s-private": state.s_keys.private,
+            "self-seed": state.self_seed,
+            "num-examples": state.num_examples,
+            "floor": state.min_survivors_floor,
+            "has-params": state.params is not None,
+            "held-owners": held,
+            "held-b": [state.held_shares[j][0] for j in held],
+            "held-s": [state.held_shares[j][1] for j in held],
+            "alive": list(state.alive),
+            "unmasked": state.unmasked,
+            "sent-masked": state.sent_masked,
+            "clipped": state.clipped,
+        }
+    )
     if state.params is not None:
         context.state[slot + "-params"] = params_record(state.params)
 
@@ -62,24 +71,34 @@ def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
     """The round held in ``slot``, provided it is round ``tag``."""
     if slot not in context.state.config_records:
         what = "set up" if slot == NEXT else "masked"
-        raise ProtocolViolation(f"no secure-aggregation round {what} on this site for {tag!r} "
-                                "(the site restarted, or dropped out of the set-up)")
+        raise ProtocolViolation(
+            f"no secure-aggregation round {what} on this site for {tag!r} "
+            "(the site restarted, or dropped out of the set-up)"
+        )
     r = context.state.config_records[slot]
     name = f"site state {slot!r}"
     held_tag = bytes_field(r, "round-tag", name)
     if held_tag != tag:
         raise ProtocolViolation(f"step for {tag!r} but this site holds {held_tag!r}")
     c_priv, s_priv = bytes_field(r, "c-private", name), bytes_field(r, "s-private", name)
-    owners, held_b, held_s = (int_list_field(r, "held-owners", name), bytes_list_field(r, "held-b", name),
-                              bytes_list_field(r, "held-s", name))
+    owners, held_b, held_s = (
+        int_list_field(r, "held-owners", name),
+        bytes_list_field(r, "held-b", name),
+        bytes_list_field(r, "held-s", name),
+    )
     params = params_from(context.state.config_records[slot + "-params"]) if bool_field(r, "has-params", name) else None
     return ClientRound(
-        num_examples=int_field(r, "num-examples", name), min_survivors_floor=int_field(r, "floor", name),
-        c_keys=KeyPair(c_priv, public_key_of(c_priv)), s_keys=KeyPair(s_priv, public_key_of(s_priv)),
-        self_seed=bytes_field(r, "self-seed", name), params=params,
+        num_examples=int_field(r, "num-examples", name),
+        min_survivors_floor=int_field(r, "floor", name),
+        c_keys=KeyPair(c_priv, public_key_of(c_priv)),
+        s_keys=KeyPair(s_priv, public_key_of(s_priv)),
+        self_seed=bytes_field(r, "self-seed", name),
+        params=params,
         held_shares={j: (b, s) for j, b, s in zip(owners, held_b, held_s, strict=True)},
-        alive=tuple(int_list_field(r, "alive", name)), unmasked=bool_field(r, "unmasked", name),
-        clipped=int_field(r, "clipped", name), sent_masked=bool_field(r, "sent-masked", name),
+        alive=tuple(int_list_field(r, "alive", name)),
+        unmasked=bool_field(r, "unmasked", name),
+        clipped=int_field(r, "clipped", name),
+        sent_masked=bool_field(r, "sent-masked", name),
     )
 
 
@@ -131,16 +150,21 @@ def mask_opened(context: Context, state: ClientRound, update: np.ndarray, site_i
         raise ProtocolViolation("masked input requested for a round whose keys were never shared")
     vector = state.masked_input(None, update)
     if state.clipped:
-        log.warning("%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
-                    site_id, state.clipped, params.clip_range)
+        log.warning(
+            "%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
+            site_id,
+            state.clipped,
+            params.clip_range,
+        )
     _forget(context, NEXT)
     _forget(context, CURRENT)
     _save(context, CURRENT, state, params.round_tag)
     return vector
 
 
-def mask_update(context: Context, tag: bytes, inbox: Mapping[int, bytes], update: np.ndarray,
-                site_id: str) -> np.ndarray:
+def mask_update(
+    context: Context, tag: bytes, inbox: Mapping[int, bytes], update: np.ndarray, site_id: str
+) -> np.ndarray:
     """:func:`open_inbox` then :func:`mask_opened`, for an update that is already at hand."""
     return mask_opened(context, open_inbox(context, tag, inbox), update, site_id)
 
@@ -186,8 +210,9 @@ def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRound
         request = msg.content.config_records[SECAGG]
         tag = bytes_field(request, "round-tag", "unmask request")
         state = _load(context, CURRENT, tag)
-        b_shares, s_shares = state.unmask(int_list_field(request, "survivors", "unmask request"),
-                                          int_list_field(request, "dropped", "unmask request"))
+        b_shares, s_shares = state.unmask(
+            int_list_field(request, "survivors", "unmask request"), int_list_field(request, "dropped", "unmask request")
+        )
         if revealed is not None:
             revealed.claim(tag)
     except (ProtocolViolation, KeyError, ValueError) as exc:
@@ -203,5 +228,13 @@ def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRound
     return Message(content, reply_to=msg)
 
 
-__all__ = ["advertise", "advertise_step", "forget_rounds", "mask_opened", "mask_update", "open_inbox", "share_keys",
-           "unmask"]
+__all__ = [
+    "advertise",
+    "advertise_step",
+    "forget_rounds",
+    "mask_opened",
+    "mask_update",
+    "open_inbox",
+    "share_keys",
+    "unmask",
+]

@@ -69,8 +69,15 @@ def _cached_model(spec: BaseModelSpec, cfg: FedtuneConfig) -> tuple[Any, Any]:
 
 
 class Site:
-    def __init__(self, site_id: str, cfg: FedtuneConfig, spec: BaseModelSpec, split: SiteSplit, state_dir: Path,
-                 policy: SitePolicy | None = None):
+    def __init__(
+        self,
+        site_id: str,
+        cfg: FedtuneConfig,
+        spec: BaseModelSpec,
+        split: SiteSplit,
+        state_dir: Path,
+        policy: SitePolicy | None = None,
+    ):
         self.site_id, self.cfg, self.spec, self.state_dir = site_id, cfg, spec, Path(state_dir)
         self.policy = policy or SitePolicy()
         self.model, self.tokenizer = _cached_model(spec, cfg)
@@ -111,8 +118,11 @@ class Site:
         fields = meta["outcome"]
         if "epsilon" in fields:  # saved by a release before the wire contract named it
             fields["epsilon_spent"] = fields.pop("epsilon")
-        log.info("%s round %d: replaying the update already sent for this request (no new privacy cost)",
-                 self.site_id, request.round)
+        log.info(
+            "%s round %d: replaying the update already sent for this request (no new privacy cost)",
+            self.site_id,
+            request.round,
+        )
         return TrainOutcome(adapter=adapter, **fields)
 
     def _remember(self, request: TrainPlan, input_digest: str, outcome: TrainOutcome) -> None:
@@ -142,8 +152,9 @@ class Site:
             floor = 1.0
         else:
             noise = self.cfg.privacy.histogram_noise
-            counts = noisy_label_histogram(self.train_set.labels, num_classes, noise,
-                                           np.random.default_rng(secrets.randbits(128)))
+            counts = noisy_label_histogram(
+                self.train_set.labels, num_classes, noise, np.random.default_rng(secrets.randbits(128))
+            )
             ledger.record(request.run_id, request.round, noise, 1.0, 1, mechanism="label-histogram")
             floor = max(1.0, noise)
         weights = balanced_class_weights(counts, floor=floor)
@@ -152,8 +163,9 @@ class Site:
 
     def train(self, request: TrainPlan, adapter: dict[str, np.ndarray]) -> TrainOutcome:
         try:
-            self.policy.check_plan(request.run_id, request.dp, request.target_epsilon, request.delta,
-                                   request.secure_aggregation)
+            self.policy.check_plan(
+                request.run_id, request.dp, request.target_epsilon, request.delta, request.secure_aggregation
+            )
         except PolicyViolation as exc:
             raise SiteRefusal(str(exc)) from exc
         input_digest = adapter_digest(adapter)
@@ -164,8 +176,11 @@ class Site:
         n = self.num_examples
         self._set_global(adapter, request.a_fingerprint)
         plan = LocalTrainPlan(
-            steps=request.local_steps, batch_size=min(request.batch_size, n), lr=request.lr,
-            optimizer=request.optimizer, max_grad_norm=request.max_grad_norm,
+            steps=request.local_steps,
+            batch_size=min(request.batch_size, n),
+            lr=request.lr,
+            optimizer=request.optimizer,
+            max_grad_norm=request.max_grad_norm,
             # Sampling and noise seeds come from the OS CSPRNG and never leave the site: noise
             # derived from anything the server knows could be subtracted again.
             seed=secrets.randbits(63),
@@ -174,7 +189,9 @@ class Site:
         sigma, eps_after, ledger = 0.0, float("inf"), None
         if request.dp:
             if request.delta >= 1.0 / n:
-                raise SiteRefusal(f"delta={request.delta} is not below 1/n = 1/{n} for this site's data; lower privacy.delta")
+                raise SiteRefusal(
+                    f"delta={request.delta} is not below 1/n = 1/{n} for this site's data; lower privacy.delta"
+                )
             accountant = self.cfg.privacy.accountant
             try:
                 ledger = PrivacyLedger.open(self.ledger_path, request.delta, accountant)
@@ -182,7 +199,11 @@ class Site:
                 raise SiteRefusal(str(exc)) from exc
             weighting = self._weighting_planned()
             sigma = calibrate_noise(
-                request.target_epsilon, request.delta, q, request.total_rounds * request.local_steps, accountant,
+                request.target_epsilon,
+                request.delta,
+                q,
+                request.total_rounds * request.local_steps,
+                accountant,
                 prior=[(self.cfg.privacy.histogram_noise, 1.0, 1)] if weighting else (),
             )
             try:
@@ -204,11 +225,21 @@ class Site:
             eps_after = ledger.record(request.run_id, request.round, sigma, q, result.steps).epsilon
         log.info(
             "%s round %d: %d steps, loss %.4f, noise %.3f, epsilon %.3f (%.1fs)",
-            self.site_id, request.round, result.steps, result.mean_loss, sigma, eps_after, time.time() - start,
+            self.site_id,
+            request.round,
+            result.steps,
+            result.mean_loss,
+            sigma,
+            eps_after,
+            time.time() - start,
         )
         outcome = TrainOutcome(
-            adapter=adapter_state(self.model, self.cfg.lora.ffa), num_examples=n, steps=result.steps,
-            epsilon_spent=eps_after, noise_multiplier=sigma, sample_rate=q,
+            adapter=adapter_state(self.model, self.cfg.lora.ffa),
+            num_examples=n,
+            steps=result.steps,
+            epsilon_spent=eps_after,
+            noise_multiplier=sigma,
+            sample_rate=q,
         )
         self._remember(request, input_digest, outcome)
         return outcome

@@ -40,28 +40,43 @@ class _Section(BaseModel):
 class RunConfig(_Section):
     """What the run is called and where it is kept."""
 
-    name: str = Field("fedtune", description="Name of the run: prefix of its directory; in a deployment, the run id "
-                      "sites key their ledgers by (a site's policy.toml lists the run ids it accepts).")
+    name: str = Field(
+        "fedtune",
+        description="Name of the run: prefix of its directory; in a deployment, the run id "
+        "sites key their ledgers by (a site's policy.toml lists the run ids it accepts).",
+    )
     description: str = Field("", description="One line saying what this config is for (shown by `fedtune presets`).")
     output_dir: Path = Field(Path("runs"), description="Folder that receives one directory per run.")
-    seed: int = Field(0, description="Seed of everything public and reproducible: partitioning, splits, the held-out "
-                      "sample, tiny models. Never the DP noise or sampling, which come from the OS CSPRNG.")
+    seed: int = Field(
+        0,
+        description="Seed of everything public and reproducible: partitioning, splits, the held-out "
+        "sample, tiny models. Never the DP noise or sampling, which come from the OS CSPRNG.",
+    )
 
 
 class ModelConfig(_Section):
     """Which base model to adapt: a built-in name or a local Hugging Face directory."""
 
-    name: str = Field("minilm-l6", description="Built-in model (minilm-l6, smollm2-135m; tiny-llama, tiny-bert for "
-                      "tests). Ignored when model.path is set.")
-    path: Path | None = Field(None, description="Local Hugging Face model directory (config.json, weights, "
-                              "tokenizer); overrides model.name.")
-    max_length: int = Field(64, gt=0, description="Tokens per record after truncation (prompt and response together "
-                            "for the generative tasks).")
+    name: str = Field(
+        "minilm-l6",
+        description="Built-in model (minilm-l6, smollm2-135m; tiny-llama, tiny-bert for "
+        "tests). Ignored when model.path is set.",
+    )
+    path: Path | None = Field(
+        None, description="Local Hugging Face model directory (config.json, weights, tokenizer); overrides model.name."
+    )
+    max_length: int = Field(
+        64,
+        gt=0,
+        description="Tokens per record after truncation (prompt and response together for the generative tasks).",
+    )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Precision of the frozen base weights.")
     pooling: Literal["auto", "mean", "model"] = Field(
-        "auto", description="Classification: `mean` pools token states over the mask (how sentence encoders such "
+        "auto",
+        description="Classification: `mean` pools token states over the mask (how sentence encoders such "
         "as MiniLM were trained); `model` keeps the architecture's own head; `auto` picks `mean` for BERT-style "
-        "encoders (see common/models/pooling.py).")
+        "encoders (see common/models/pooling.py).",
+    )
 
 
 class LoraSettings(_Section):
@@ -70,12 +85,20 @@ class LoraSettings(_Section):
     rank: int = Field(8, gt=0, description="LoRA rank r of each adapted matrix.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(default_factory=list, description="Names of the linear modules to adapt "
-                                      "(empty: the architecture's attention projections).")
-    ffa: bool = Field(False, description="FFA-LoRA (Sun et al., ICLR 2024): A frozen from a shared seed, only B "
-                      "trained and sent; exact averaging, half the traffic, fewer noisy coordinates under DP.")
-    init_seed: int = Field(0, description="Seed of the adapter's initial weights; identical on every site and the "
-                           "server (FFA-LoRA's shared A).")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="Names of the linear modules to adapt (empty: the architecture's attention projections).",
+    )
+    ffa: bool = Field(
+        False,
+        description="FFA-LoRA (Sun et al., ICLR 2024): A frozen from a shared seed, only B "
+        "trained and sent; exact averaging, half the traffic, fewer noisy coordinates under DP.",
+    )
+    init_seed: int = Field(
+        0,
+        description="Seed of the adapter's initial weights; identical on every site and the "
+        "server (FFA-LoRA's shared A).",
+    )
 
 
 class FieldMap(_Section):
@@ -94,8 +117,9 @@ class FieldMap(_Section):
     instruction: str = Field("instruction", description="instruction: the instruction.")
     input: str = Field("input", description="instruction: optional extra input, appended to the instruction.")
     output: str = Field("output", description="instruction: the response to learn.")
-    messages: str = Field("messages", description="chat: a list of {role, content} messages; the last assistant "
-                          "turn is learned.")
+    messages: str = Field(
+        "messages", description="chat: a list of {role, content} messages; the last assistant turn is learned."
+    )
     system: str = Field("", description="Optional column with a per-record system prompt (empty: none).")
 
 
@@ -103,33 +127,50 @@ class DataConfig(_Section):
     """Where the records are, how to read them and which fields hold what."""
 
     path: Path | None = Field(None, description="Simulation: the records shared among the simulated sites.")
-    site_paths: list[Path] = Field(default_factory=list, description="partition.scheme = 'files': one file or "
-                                   "folder per site, read on that site only.")
-    test_path: Path | None = Field(None, description="The server's own held-out set (else a share of data.path "
-                                   "is held out).")
+    site_paths: list[Path] = Field(
+        default_factory=list,
+        description="partition.scheme = 'files': one file or folder per site, read on that site only.",
+    )
+    test_path: Path | None = Field(
+        None, description="The server's own held-out set (else a share of data.path is held out)."
+    )
     labels_file: Path | None = Field(None, description="JSON list of the agreed label names (classification).")
-    labels: list[str] = Field(default_factory=list, description="The agreed label names, inline (instead of "
-                              "data.labels_file).")
-    task: str = Field("classification", description="The task, named by the records' shape: "
-                      f"{', '.join(TASK_NAMES)}. `classification` trains a head over the agreed labels; the others "
-                      "tune generation (see common/tasks).")
+    labels: list[str] = Field(
+        default_factory=list, description="The agreed label names, inline (instead of data.labels_file)."
+    )
+    task: str = Field(
+        "classification",
+        description="The task, named by the records' shape: "
+        f"{', '.join(TASK_NAMES)}. `classification` trains a head over the agreed labels; the others "
+        "tune generation (see common/tasks).",
+    )
     fields: FieldMap = Field(FieldMap(), description="Which column or key holds each part of a record.")
     format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
-        "auto", description="File format; `auto` goes by the extension and content.")
+        "auto", description="File format; `auto` goes by the extension and content."
+    )
     header: Literal["auto", "yes", "no"] = Field("auto", description="CSV: whether the first row names the columns.")
     delimiter: str = Field("", max_length=1, description="CSV: the field separator (empty: detected).")
-    column_names: list[str] = Field(default_factory=list, description="CSV without a header: names of the columns, "
-                                    "in order.")
+    column_names: list[str] = Field(
+        default_factory=list, description="CSV without a header: names of the columns, in order."
+    )
     max_record_bytes: int = Field(1_000_000, gt=0, description="Records larger than this are malformed.")
-    on_malformed: Literal["fail", "skip"] = Field("fail", description="`fail`: a malformed record stops the site "
-                                                  "with its line named; `skip`: it is dropped and counted.")
+    on_malformed: Literal["fail", "skip"] = Field(
+        "fail",
+        description="`fail`: a malformed record stops the site with its line named; `skip`: it is dropped and counted.",
+    )
     max_records: int = Field(0, ge=0, description="Read at most this many records (0: all).")
-    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="Simulation without data.test_path: share of "
-                                    "data.path held out for the server's evaluation.")
-    val_fraction: float = Field(0.1, ge=0, lt=1, description="Share of each site's records kept for its own "
-                                "validation.")
-    max_eval_examples: int = Field(256, gt=0, description="Cap on the server's held-out set and each site's "
-                                   "validation split.")
+    holdout_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Simulation without data.test_path: share of data.path held out for the server's evaluation.",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of each site's records kept for its own validation."
+    )
+    max_eval_examples: int = Field(
+        256, gt=0, description="Cap on the server's held-out set and each site's validation split."
+    )
 
     @field_validator("task")
     @classmethod
@@ -153,11 +194,13 @@ class DataConfig(_Section):
 
 
 class PartitionConfig(_Section):
-    """How a simulation shares ``data.path`` among sites; ``files`` gives each site its own ``data.site_paths`` entry."""
+    """How a simulation shares ``data.path`` among sites; ``files`` gives each site its own ``data.site_paths``."""
 
     scheme: Literal["iid", "dirichlet", "column", "files"] = Field(
-        "iid", description="`iid`: uniform shares; `dirichlet`: label skew of strength partition.alpha; `column`: "
-        "one site per value of partition.column; `files`: each site its own data.site_paths entry.")
+        "iid",
+        description="`iid`: uniform shares; `dirichlet`: label skew of strength partition.alpha; `column`: "
+        "one site per value of partition.column; `files`: each site its own data.site_paths entry.",
+    )
     num_clients: int = Field(3, gt=0, description="Number of sites.")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration: smaller is more skewed.")
     column: str = Field("source", description="scheme = 'column': the field whose values name the sites.")
@@ -169,8 +212,11 @@ class FederationConfig(_Section):
 
     rounds: int = Field(3, gt=0, description="Training rounds.")
     min_clients: int = Field(1, gt=0, description="Fewest contributing sites for a round to be aggregated.")
-    strategy: str = Field("fedavg", description="How the server turns the sites' mean update into the "
-                                        "next global adapter (see server/strategies/).")
+    strategy: str = Field(
+        "fedavg",
+        description="How the server turns the sites' mean update into the "
+        "next global adapter (see server/strategies/).",
+    )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation: CPUs Ray reserves for each site's actor.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
 
@@ -185,8 +231,10 @@ class TrainConfig(_Section):
     eval_batch_size: int = Field(32, gt=0, description="Records per evaluation batch.")
     torch_threads: int = Field(1, gt=0, description="CPU threads torch uses on a site.")
     class_weighting: Literal["none", "balanced"] = Field(
-        "none", description="Classification: `balanced` re-weights the loss by inverse class frequency (from a DP "
-        "label histogram under DP); never oversampling.")
+        "none",
+        description="Classification: `balanced` re-weights the loss by inverse class frequency (from a DP "
+        "label histogram under DP); never oversampling.",
+    )
 
 
 class PrivacyConfig(_Section):
@@ -194,15 +242,19 @@ class PrivacyConfig(_Section):
 
     enabled: bool = Field(True, description="DP-SGD on every site (record-level differential privacy).")
     epsilon: float = Field(8.0, gt=0, description="Each site's target epsilon over the whole run.")
-    delta: float = Field(1e-5, gt=0, lt=1, description="Each site's delta; must be below 1/n of its training "
-                         "records.")
+    delta: float = Field(1e-5, gt=0, lt=1, description="Each site's delta; must be below 1/n of its training records.")
     max_grad_norm: float = Field(1.0, gt=0, description="Per-record gradient clipping norm.")
-    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant behind calibration and the "
-                                              "ledger.")
-    share_site_metrics: bool = Field(False, description="Sites send their validation loss/accuracy (aggregate "
-                                     "scalars, not DP-protected) only when this and their policy allow it.")
-    histogram_noise: float = Field(10.0, gt=0, description="Noise multiplier of the label histogram behind "
-                                   "train.class_weighting = 'balanced' under DP.")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant behind calibration and the ledger.")
+    share_site_metrics: bool = Field(
+        False,
+        description="Sites send their validation loss/accuracy (aggregate "
+        "scalars, not DP-protected) only when this and their policy allow it.",
+    )
+    histogram_noise: float = Field(
+        10.0,
+        gt=0,
+        description="Noise multiplier of the label histogram behind train.class_weighting = 'balanced' under DP.",
+    )
 
 
 class SecureAggregationConfig(_Section):
@@ -214,18 +266,29 @@ class SecureAggregationConfig(_Section):
     sites; ``threshold_fraction`` of each site's neighbourhood must stay to rebuild masks.
     """
 
-    enabled: bool = Field(True, description="Mask every update (SecAgg+, Bell et al. 2020): the server learns only "
-                          "the sum.")
-    neighbours: int = Field(0, ge=0, description="Size of each site's masking neighbourhood (0: derived from the "
-                            "number of sites).")
-    threshold_fraction: float = Field(0.5, ge=0.5, lt=1, description="Share of a neighbourhood that must stay to "
-                                      "rebuild a dropped site's masks.")
-    clip_range: float = Field(0.0, ge=0, description="Each update coordinate is clipped to +-clip_range before "
-                              "quantisation (0: derived from the optimiser).")
-    stage_timeout_s: float = Field(300.0, gt=0, description="Seconds the server waits for each secure-aggregation "
-                                   "exchange.")
-    record_masked_inputs: bool = Field(False, description="Keep every masked vector the server received in the run "
-                                       "directory, for an auditor (d+1 uint32 a site a round).")
+    enabled: bool = Field(
+        True, description="Mask every update (SecAgg+, Bell et al. 2020): the server learns only the sum."
+    )
+    neighbours: int = Field(
+        0, ge=0, description="Size of each site's masking neighbourhood (0: derived from the number of sites)."
+    )
+    threshold_fraction: float = Field(
+        0.5, ge=0.5, lt=1, description="Share of a neighbourhood that must stay to rebuild a dropped site's masks."
+    )
+    clip_range: float = Field(
+        0.0,
+        ge=0,
+        description="Each update coordinate is clipped to +-clip_range before "
+        "quantisation (0: derived from the optimiser).",
+    )
+    stage_timeout_s: float = Field(
+        300.0, gt=0, description="Seconds the server waits for each secure-aggregation exchange."
+    )
+    record_masked_inputs: bool = Field(
+        False,
+        description="Keep every masked vector the server received in the run "
+        "directory, for an auditor (d+1 uint32 a site a round).",
+    )
 
 
 class FedtuneConfig(_Section):
@@ -258,8 +321,10 @@ class FedtuneConfig(_Section):
         model = dict(raw["model"])
         legacy = model.pop("task")
         if not isinstance(legacy, str) or legacy not in LEGACY_MODEL_TASKS:
-            raise ValueError(f"model.task = {legacy!r} is not 'classification' or 'causal-lm'; model.task is "
-                             f"deprecated: remove it and name the task in data.task ({', '.join(TASK_NAMES)})")
+            raise ValueError(
+                f"model.task = {legacy!r} is not 'classification' or 'causal-lm'; model.task is "
+                f"deprecated: remove it and name the task in data.task ({', '.join(TASK_NAMES)})"
+            )
         out = {**raw, "model": model}
         data = raw.get("data")
         if isinstance(data, dict) and data.get("task") is None:
@@ -282,18 +347,26 @@ class FedtuneConfig(_Section):
                 f"partition.num_clients ({self.partition.num_clients})"
             )
         if self.secure_aggregation.enabled and self.partition.num_clients < 2:
-            raise ValueError("secure_aggregation.enabled needs at least 2 sites (a sum over one site is its update): "
-                             "raise partition.num_clients or set secure_aggregation.enabled = false")
+            raise ValueError(
+                "secure_aggregation.enabled needs at least 2 sites (a sum over one site is its update): "
+                "raise partition.num_clients or set secure_aggregation.enabled = false"
+            )
         if self.partition.scheme == "files":
             if len(self.data.site_paths) != self.partition.num_clients:
-                raise ValueError(f"partition.scheme = 'files' needs one data.site_paths entry per site: got "
-                                 f"{len(self.data.site_paths)} for partition.num_clients = {self.partition.num_clients}")
+                raise ValueError(
+                    f"partition.scheme = 'files' needs one data.site_paths entry per site: got "
+                    f"{len(self.data.site_paths)} for partition.num_clients = {self.partition.num_clients}"
+                )
             if self.data.test_path is None:
-                raise ValueError("partition.scheme = 'files' needs data.test_path: the server's own held-out set "
-                                 "(it never reads the sites' files)")
+                raise ValueError(
+                    "partition.scheme = 'files' needs data.test_path: the server's own held-out set "
+                    "(it never reads the sites' files)"
+                )
         elif self.data.path is None:
-            raise ValueError(f"partition.scheme = {self.partition.scheme!r} shares data.path among sites; set it, "
-                             "or use partition.scheme = 'files' with data.site_paths")
+            raise ValueError(
+                f"partition.scheme = {self.partition.scheme!r} shares data.path among sites; set it, "
+                "or use partition.scheme = 'files' with data.site_paths"
+            )
         if self.task.classifies and not (self.data.labels or self.data.labels_file):
             raise ValueError("classification needs the agreed label set: set data.labels or data.labels_file")
         return self
@@ -379,9 +452,7 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
     return config_from_dict(raw, str(path), path.parent, overrides)
 
 
-def config_from_dict(
-    raw: dict[str, Any], source: str, base: Path, overrides: list[str] | None = None
-) -> FedtuneConfig:
+def config_from_dict(raw: dict[str, Any], source: str, base: Path, overrides: list[str] | None = None) -> FedtuneConfig:
     """Validate a raw config (relative paths against ``base``); errors name ``source`` and the field."""
     apply_overrides(raw, overrides or [])
     _resolve_paths(raw, base)
@@ -394,8 +465,9 @@ def config_from_dict(
 def config_from_run_config(run_config: Mapping[str, Any]) -> FedtuneConfig:
     """The federation's config as an app bundle carries it (``fedtune-config``, JSON), for server and sites."""
     if "fedtune-config" not in run_config:
-        raise ConfigError("the app bundle has no fedtune-config in [tool.flwr.app.config]; rebuild it with "
-                          "`fedtune deploy init`")
+        raise ConfigError(
+            "the app bundle has no fedtune-config in [tool.flwr.app.config]; rebuild it with `fedtune deploy init`"
+        )
     return FedtuneConfig.model_validate(json.loads(str(run_config["fedtune-config"])))
 
 

@@ -25,8 +25,14 @@ class _ConsoleHandler(logging.StreamHandler):
     """fedtune's own console handler (told apart from file handlers when reconfigured)."""
 
 
-def configure_logging(verbose: bool = False, log_file: Path | None = None) -> None:
-    """Console at WARNING (INFO and library DEBUG when ``verbose``); ``log_file`` gets everything."""
+def configure_logging(verbose: bool = False, log_file: Path | None = None, *, service: bool = False) -> None:
+    """Console at WARNING (INFO and library DEBUG when ``verbose``); ``log_file`` gets everything.
+
+    ``service``: a process that Flower's deployment engine runs (the ServerApp under a
+    SuperLink, a ClientApp under a SuperNode), whose console is the operator's log stream
+    (``flwr run --stream``, the SuperNode's log): fedtune's INFO lines, and Flower's own
+    console handler left as Flower set it, so its errors reach the operator.
+    """
     logger = logging.getLogger("fedtune")
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
@@ -35,10 +41,11 @@ def configure_logging(verbose: bool = False, log_file: Path | None = None) -> No
         console = _ConsoleHandler()
         console.setFormatter(_FORMAT)
         logger.addHandler(console)
-    console.setLevel(logging.INFO if verbose else logging.WARNING)
+    console.setLevel(logging.INFO if verbose or service else logging.WARNING)
     for name in _LIBRARIES:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
-    _configure_flower(verbose)
+    if not service:
+        _quiet_flower(verbose)
     if log_file is not None:
         add_log_file(log_file)
     try:
@@ -52,7 +59,7 @@ def configure_logging(verbose: bool = False, log_file: Path | None = None) -> No
         warnings.filterwarnings("ignore", message=f".*{message}.*")
 
 
-def _configure_flower(verbose: bool) -> None:
+def _quiet_flower(verbose: bool) -> None:
     """Flower's own console handler prints INFO and DEBUG lines; they go to the log file unless verbose."""
     from flwr.common.logger import update_console_handler
 

@@ -21,8 +21,10 @@ def per_sample_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tup
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(shift_labels.shape)
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts

@@ -72,8 +72,12 @@ def _decode(kind: type[Any], value: Any) -> Any:
     if isinstance(kind, type) and issubclass(kind, Enum):
         return kind(value)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    fits = {bool: isinstance(value, bool), int: number and isinstance(value, int), float: number,
-            str: isinstance(value, str)}
+    fits = {
+        bool: isinstance(value, bool),
+        int: number and isinstance(value, int),
+        float: number,
+        str: isinstance(value, str),
+    }
     if not fits[kind]:
         raise TypeError(value)
     return kind(value)
@@ -118,8 +122,9 @@ class _Record:
                 values[f.name] = _decode(kind, record[key])
             except (TypeError, ValueError):
                 value = record[key]
-                raise WireError(f"{cls._where()}: field {key!r} is {value!r} ({type(value).__name__}), "
-                                f"expected {_expected(kind)}") from None
+                raise WireError(
+                    f"{cls._where()}: field {key!r} is {value!r} ({type(value).__name__}), expected {_expected(kind)}"
+                ) from None
         return cls(**values)
 
     @classmethod
@@ -157,12 +162,15 @@ class _Plan(_ConfigContract):
     def from_record(cls: type[R], record: Mapping[str, Any]) -> R:
         theirs = record.get(_wire_key("protocol_version"))
         if theirs is None:
-            raise ProtocolMismatch(f"server speaks an unversioned fedtune wire protocol (before {PROTOCOL_VERSION}), "
-                                   f"this site {PROTOCOL_VERSION}: upgrade fedtune on the server")
+            raise ProtocolMismatch(
+                f"server speaks an unversioned fedtune wire protocol (before {PROTOCOL_VERSION}), "
+                f"this site {PROTOCOL_VERSION}: upgrade fedtune on the server"
+            )
         if isinstance(theirs, int) and not isinstance(theirs, bool) and theirs != PROTOCOL_VERSION:
             side = "this site" if theirs > PROTOCOL_VERSION else "the server"
-            raise ProtocolMismatch(f"server speaks fedtune wire protocol {theirs}, this site {PROTOCOL_VERSION}: "
-                                   f"upgrade fedtune on {side}")
+            raise ProtocolMismatch(
+                f"server speaks fedtune wire protocol {theirs}, this site {PROTOCOL_VERSION}: upgrade fedtune on {side}"
+            )
         return super().from_record(record)
 
 
@@ -231,8 +239,10 @@ class EvaluationReport(_MetricContract):
             try:
                 checked[str(name)] = _decode(float, value)
             except (TypeError, ValueError):
-                raise WireError(f"{self._where()}: metric {name!r} is {value!r} ({type(value).__name__}), "
-                                f"expected {_expected(float)}") from None
+                raise WireError(
+                    f"{self._where()}: metric {name!r} is {value!r} ({type(value).__name__}), "
+                    f"expected {_expected(float)}"
+                ) from None
         object.__setattr__(self, "metrics", MappingProxyType(checked))
 
     @classmethod
@@ -289,6 +299,6 @@ def unflatten_adapter(vector: np.ndarray, like: dict[str, np.ndarray]) -> dict[s
     out, offset = {}, 0
     for k in sorted(like):
         size = int(np.size(like[k]))
-        out[k] = vector[offset:offset + size].reshape(np.shape(like[k])).astype(np.float32)
+        out[k] = vector[offset : offset + size].reshape(np.shape(like[k])).astype(np.float32)
         offset += size
     return out

@@ -62,8 +62,11 @@ def sign_fab(fab: bytes, key: ed25519.Ed25519PrivateKey, key_id: str, signed_at:
     """One entry of the Hub's ``verifications`` list: key id, base64url signature, timestamp."""
     signed_at = int(time.time()) if signed_at is None else signed_at
     signature = key.sign(signed_message(fab, signed_at))
-    return {"public_key_id": key_id, "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode(),
-            "signed_at": signed_at}
+    return {
+        "public_key_id": key_id,
+        "signature": base64.urlsafe_b64encode(signature).rstrip(b"=").decode(),
+        "signed_at": signed_at,
+    }
 
 
 def app_identity(app_dir: Path) -> tuple[str, str]:
@@ -73,8 +76,10 @@ def app_identity(app_dir: Path) -> tuple[str, str]:
         meta = tomllib.loads(path.read_text())
         return f"@{meta['tool']['flwr']['app']['publisher']}/{meta['project']['name']}", str(meta["project"]["version"])
     except (OSError, KeyError, tomllib.TOMLDecodeError) as exc:
-        raise RegistryError(f"{path}: not a Flower app pyproject ([project] name/version and "
-                            f"[tool.flwr.app] publisher are needed): {exc}") from exc
+        raise RegistryError(
+            f"{path}: not a Flower app pyproject ([project] name/version and "
+            f"[tool.flwr.app] publisher are needed): {exc}"
+        ) from exc
 
 
 def _stem(app_id: str, version: str) -> str:
@@ -143,8 +148,13 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError) as exc:
             return self._json(400, {"detail": f"bad request: {exc}"})
         if app is None:
-            return self._json(404, {"detail": f"{request['app_id']} {request.get('app_version') or ''} is not "
-                                              "published; run `fedtune deploy sign`"})
+            return self._json(
+                404,
+                {
+                    "detail": f"{request['app_id']} {request.get('app_version') or ''} is not "
+                    "published; run `fedtune deploy sign`"
+                },
+            )
         log.info("SuperLink fetched %s (%d signature(s))", app.spec, len(app.verifications))
         body: dict[str, object] = {"fab_url": f"{self.base_url}/fabs/{app.fab.name}"}
         if app.verifications:

@@ -46,7 +46,9 @@ from fedtune.deploy.systemd_units import write_systemd_units
 
 def _script(path: Path, lines: list[list[str]], env_home: Path, env: dict[str, str] | None = None) -> None:
     body = [
-        "#!/usr/bin/env bash", "# Written by `fedtune deploy init`.", "set -euo pipefail",
+        "#!/usr/bin/env bash",
+        "# Written by `fedtune deploy init`.",
+        "set -euo pipefail",
         f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH",
         f"export FLWR_HOME={shlex.quote(str(env_home))} FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1",
         *[f"export {k}={shlex.quote(v)}" for k, v in (env or {}).items()],
@@ -59,45 +61,69 @@ def _script(path: Path, lines: list[list[str]], env_home: Path, env: dict[str, s
 
 def _app_pyproject(cfg: FedtuneConfig, output_dir: Path) -> str:
     config_json = json.dumps(config_to_toml_dict(cfg), sort_keys=True)
-    return "\n".join([
-        "# The Flower app bundle (FAB) of this federation: entry points plus the federation's config.",
-        "# fedtune itself is installed on every machine; signing this bundle signs the config too.",
-        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
-        "[project]", f'name = "{APP_NAME}"', 'version = "1.0.0"', "dependencies = []", "",
-        "[tool.flwr.app]", 'publisher = "fedtune"', "",
-        "[tool.flwr.app.components]", 'serverapp = "fedtune_app.server_app:app"',
-        'clientapp = "fedtune_app.client_app:app"', "",
-        "[tool.flwr.app.config]", f"fedtune-config = {json.dumps(config_json)}",
-        f"output-dir = {json.dumps(str(output_dir))}", "",
-    ])
+    return "\n".join(
+        [
+            "# The Flower app bundle (FAB) of this federation: entry points plus the federation's config.",
+            "# fedtune itself is installed on every machine; signing this bundle signs the config too.",
+            "[build-system]",
+            'requires = ["hatchling"]',
+            'build-backend = "hatchling.build"',
+            "",
+            "[project]",
+            f'name = "{APP_NAME}"',
+            'version = "1.0.0"',
+            "dependencies = []",
+            "",
+            "[tool.flwr.app]",
+            'publisher = "fedtune"',
+            "",
+            "[tool.flwr.app.components]",
+            'serverapp = "fedtune_app.server_app:app"',
+            'clientapp = "fedtune_app.client_app:app"',
+            "",
+            "[tool.flwr.app.config]",
+            f"fedtune-config = {json.dumps(config_json)}",
+            f"output-dir = {json.dumps(str(output_dir))}",
+            "",
+        ]
+    )
 
 
 def _policy_template(cfg: FedtuneConfig) -> str:
-    return "\n".join([
-        "# This site's own limits. The server cannot widen them: they are read from this file only.",
-        "[policy]",
-        f"max_epsilon = {cfg.privacy.epsilon}",
-        f"max_delta = {cfg.privacy.delta}",
-        "min_noise_multiplier = 0.3",
-        "require_dp = true",
-        "require_secure_aggregation = true",
-        f"min_aggregation_sites = {max(2, cfg.federation.min_clients)}",
-        f'accepted_run_ids = ["{cfg.run.name}"]',
-        "allow_site_metrics = true",
-        '# The only records this site trains on (any format `fedtune data check` accepts).',
-        '# data_path = "/srv/fedtune/data/train.jsonl"',
-        "",
-    ])
+    return "\n".join(
+        [
+            "# This site's own limits. The server cannot widen them: they are read from this file only.",
+            "[policy]",
+            f"max_epsilon = {cfg.privacy.epsilon}",
+            f"max_delta = {cfg.privacy.delta}",
+            "min_noise_multiplier = 0.3",
+            "require_dp = true",
+            "require_secure_aggregation = true",
+            f"min_aggregation_sites = {max(2, cfg.federation.min_clients)}",
+            f'accepted_run_ids = ["{cfg.run.name}"]',
+            "allow_site_metrics = true",
+            "# The only records this site trains on (any format `fedtune data check` accepts).",
+            '# data_path = "/srv/fedtune/data/train.jsonl"',
+            "",
+        ]
+    )
 
 
-def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", port: int = 8000,
-                    site_ids: list[str] | None = None, output_dir: Path | None = None,
-                    registry_port: int | None = None) -> Deployment:
+def init_deployment(
+    root: Path,
+    cfg: FedtuneConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    site_ids: list[str] | None = None,
+    output_dir: Path | None = None,
+    registry_port: int | None = None,
+) -> Deployment:
     """Write credentials, the signed app bundle, site folders and scripts under ``root`` (which must not exist)."""
     root = Path(root).resolve()
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} already exists and is not empty; choose a new folder "
-                              "(keys are never overwritten)")
+        raise FileExistsError(
+            f"{root} already exists and is not empty; choose a new folder (keys are never overwritten)"
+        )
     sites = tuple(site_ids or [f"site-{i}" for i in range(cfg.partition.num_clients)])
     d = Deployment(root, host, port, sites, registry_port or port + 1)
     o = d.operator
@@ -105,8 +131,10 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
     make_server_certificate(o, ca_key, ca_cert, host, aliases=(SUPERLINK_SERVICE,))
     key_id, signer_public = make_signing_key(o)
     (o / "signing.key-id").write_text(key_id + "\n")
-    (root / "deployment.json").write_text(json.dumps({"host": host, "port": port, "sites": list(sites),
-                                                      "registry_port": d.registry_port}, indent=1) + "\n")
+    (root / "deployment.json").write_text(
+        json.dumps({"host": host, "port": port, "sites": list(sites), "registry_port": d.registry_port}, indent=1)
+        + "\n"
+    )
     for site in sites:
         s = d.site_dir(site)
         public = make_site_auth_key(s, site)
@@ -119,17 +147,27 @@ def init_deployment(root: Path, cfg: FedtuneConfig, host: str = "127.0.0.1", por
         _script(s / "start-supernode.sh", [supernode_command(d, site)], s / "flwr-home")
     home = o / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text("\n".join([
-        "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{d.address}"',
-        f'root-certificates = "{o / "ca.crt"}"', "",
-    ]))
+    (home / "config.toml").write_text(
+        "\n".join(
+            [
+                "[superlink]",
+                f'default = "{CONNECTION}"',
+                "",
+                f"[superlink.{CONNECTION}]",
+                f'address = "{d.address}"',
+                f'root-certificates = "{o / "ca.crt"}"',
+                "",
+            ]
+        )
+    )
     package = d.app / "fedtune_app"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text('"""Entry points of the fedtune Flower app."""\n')
     for role in ("server", "client"):
         (package / f"{role}_app.py").write_text(
             f'"""The {role} side, from the installed fedtune package."""\n\n'
-            f"from fedtune.{role}.deployment import app\n\n__all__ = [\"app\"]\n")
+            f'from fedtune.{role}.deployment import app\n\n__all__ = ["app"]\n'
+        )
     (d.app / "pyproject.toml").write_text(_app_pyproject(cfg, Path(output_dir or o / "runs").resolve()))
     publish_app(d.app, o / "signing.key", key_id, d.registry)
     _script(o / "start-registry.sh", [registry_command(d)], home)

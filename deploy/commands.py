@@ -39,9 +39,20 @@ def sign_command(d: Deployment) -> list[str]:
 def superlink_command(d: Deployment) -> list[str]:
     o = d.operator
     return [
-        "flower-superlink", "--ssl-ca-certfile", str(o / "ca.crt"), "--ssl-certfile", str(o / "superlink.crt"),
-        "--ssl-keyfile", str(o / "superlink.key"), "--enable-supernode-auth",
-        "--database", str(o / "superlink-state.db"), "--host", d.host, "--port", str(d.port),
+        "flower-superlink",
+        "--ssl-ca-certfile",
+        str(o / "ca.crt"),
+        "--ssl-certfile",
+        str(o / "superlink.crt"),
+        "--ssl-keyfile",
+        str(o / "superlink.key"),
+        "--enable-supernode-auth",
+        "--database",
+        str(o / "superlink-state.db"),
+        "--host",
+        d.host,
+        "--port",
+        str(d.port),
         "--disable-runtime-dependency-installation",
     ]
 
@@ -58,18 +69,38 @@ def run_command(d: Deployment, signed: bool = True) -> list[str]:
     return ["flwr", "run", f"{app_id}=={version}", CONNECTION, "--stream"]
 
 
-def supernode_command(d: Deployment, site: str, require_signed_apps: bool = True, port: int | None = None,
-                      root_certificates: Path | None = None, auth_key: Path | None = None) -> list[str]:
+def supernode_command(
+    d: Deployment,
+    site: str,
+    require_signed_apps: bool = True,
+    port: int | None = None,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+) -> list[str]:
     s = d.site_dir(site)
     index = d.sites.index(site) if site in d.sites else 0
-    node_config = " ".join([
-        f"site-id={json.dumps(site)}", f"partition-id={index}",
-        f"policy={json.dumps(str(s / 'policy.toml'))}", f"state-dir={json.dumps(str(s / 'state'))}",
-    ])
+    node_config = " ".join(
+        [
+            f"site-id={json.dumps(site)}",
+            f"partition-id={index}",
+            f"policy={json.dumps(str(s / 'policy.toml'))}",
+            f"state-dir={json.dumps(str(s / 'state'))}",
+        ]
+    )
     cmd = [
-        "flower-supernode", "--superlink", d.address, "--root-certificates", str(root_certificates or s / "ca.crt"),
-        "--auth-supernode-private-key", str(auth_key or s / "auth"), "--node-config", node_config,
-        "--port", str(port or SUPERNODE_BASE_PORT + index), "--max-retries", "3",
+        "flower-supernode",
+        "--superlink",
+        d.address,
+        "--root-certificates",
+        str(root_certificates or s / "ca.crt"),
+        "--auth-supernode-private-key",
+        str(auth_key or s / "auth"),
+        "--node-config",
+        node_config,
+        "--port",
+        str(port or SUPERNODE_BASE_PORT + index),
+        "--max-retries",
+        "3",
     ]
     if require_signed_apps:
         cmd += ["--trusted-entities", str(s / "trusted_entities.yaml")]

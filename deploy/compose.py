@@ -76,8 +76,12 @@ def _source(path: Path, here: Path) -> str:
 
 def _common(command: list[str], env: dict[str, str], probe_url: str) -> dict:
     return {
-        "image": IMAGE, "user": USER, "init": True, "restart": "unless-stopped",
-        "security_opt": ["no-new-privileges:true"], "cap_drop": ["ALL"],
+        "image": IMAGE,
+        "user": USER,
+        "init": True,
+        "restart": "unless-stopped",
+        "security_opt": ["no-new-privileges:true"],
+        "cap_drop": ["ALL"],
         "command": [_literal(arg) for arg in command],
         "environment": {k: _literal(v) for k, v in env.items()} | {"FEDTUNE_HEALTHCHECK_URL": probe_url},
     }
@@ -96,12 +100,17 @@ def superlink_process(d: Deployment) -> list[str]:
 def superlink_service(d: Deployment, here: Path) -> dict:
     """The SuperLink; it writes its state database, its Flower home and the runs in ``operator/``."""
     c = in_container(d, host="0.0.0.0")
-    env = {"FLWR_HOME": str(c.operator / CLI_HOME), **superlink_env(c),
-           "FEDTUNE_HEALTHCHECK_CA": str(c.operator / "ca.crt")}
+    env = {
+        "FLWR_HOME": str(c.operator / CLI_HOME),
+        **superlink_env(c),
+        "FEDTUNE_HEALTHCHECK_CA": str(c.operator / "ca.crt"),
+    }
     service = _common(superlink_process(d), env, f"https://127.0.0.1:{d.port}/health")
-    service["volumes"] = [f"{_source(d.operator, here)}:{_literal(str(c.operator))}",
-                          f"{_source(d.root / 'deployment.json', here)}:{_literal(str(c.root / 'deployment.json'))}:ro",
-                          f"{CACHE_VOLUME}:{CACHE_PATH}"]
+    service["volumes"] = [
+        f"{_source(d.operator, here)}:{_literal(str(c.operator))}",
+        f"{_source(d.root / 'deployment.json', here)}:{_literal(str(c.root / 'deployment.json'))}:ro",
+        f"{CACHE_VOLUME}:{CACHE_PATH}",
+    ]
     service["ports"] = [f"{d.port}:{d.port}"]
     return service
 
@@ -110,8 +119,11 @@ def supernode_service(d: Deployment, site: str, here: Path, superlink_host: str,
     """One site's SuperNode: its folder read-only, its state and Flower home writable, its data read-only."""
     c = in_container(d, host=superlink_host)
     command = supernode_command(c, site)
-    service = _common(command, {"FLWR_HOME": str(c.site_dir(site) / "flwr-home")},
-                      f"http://127.0.0.1:{flag_value(command, '--port')}/health")
+    service = _common(
+        command,
+        {"FLWR_HOME": str(c.site_dir(site) / "flwr-home")},
+        f"http://127.0.0.1:{flag_value(command, '--port')}/health",
+    )
     s, cs = d.site_dir(site), c.site_dir(site)
     service["volumes"] = [
         f"{_source(s, here)}:{_literal(str(cs))}:ro",
@@ -142,11 +154,18 @@ def operator_commands(d: Deployment) -> dict[str, list[list[str]]]:
 def cli_config_toml(d: Deployment) -> str:
     """The Flower home of ``flwr`` inside the SuperLink container: the SuperLink is on its loopback."""
     c = in_container(d)
-    return "\n".join([
-        "# Written by `fedtune deploy init`: `flwr` inside the SuperLink container (docker compose exec).",
-        "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-        f'address = "127.0.0.1:{d.port}"', f"root-certificates = {json.dumps(str(c.operator / 'ca.crt'))}", "",
-    ])
+    return "\n".join(
+        [
+            "# Written by `fedtune deploy init`: `flwr` inside the SuperLink container (docker compose exec).",
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "127.0.0.1:{d.port}"',
+            f"root-certificates = {json.dumps(str(c.operator / 'ca.crt'))}",
+            "",
+        ]
+    )
 
 
 def _yaml(value, indent: int = 0) -> list[str]:
@@ -190,26 +209,43 @@ def federation_compose(d: Deployment) -> str:
         source = f"${{{data_variable(site)}:-{_source(d.site_dir(site) / 'data', here)}}}"
         services[service_name(site)] = supernode_service(d, site, here, SUPERLINK_SERVICE, source)
         services[service_name(site)]["depends_on"] = {SUPERLINK_SERVICE: {"condition": "service_healthy"}}
-    return _document([
-        "Written by `fedtune deploy init`: the SuperLink (with the app registry) and every site on one Docker host.",
-        "Build the image once:", f"  {BUILD}", "Then, in this folder (.env holds the user id that owns the keys):",
-        f"  docker compose up -d {SUPERLINK_SERVICE}", *_steps(d, "register"),
-        "  docker compose up -d", *_steps(d, "run"),
-        "After editing operator/app (bump its version), sign it again:", *_steps(d, "sign"),
-        "A site's data: its folder sites/<id>/data, or the folder a FEDTUNE_DATA_<ID> variable names,",
-        "is mounted read-only at sites/<id>/data; set data_path = \"data/<file>\" in its policy.toml.",
-    ], services)
+    return _document(
+        [
+            "Written by `fedtune deploy init`: the SuperLink (with the app registry) and every site on one Docker "
+            "host.",
+            "Build the image once:",
+            f"  {BUILD}",
+            "Then, in this folder (.env holds the user id that owns the keys):",
+            f"  docker compose up -d {SUPERLINK_SERVICE}",
+            *_steps(d, "register"),
+            "  docker compose up -d",
+            *_steps(d, "run"),
+            "After editing operator/app (bump its version), sign it again:",
+            *_steps(d, "sign"),
+            "A site's data: its folder sites/<id>/data, or the folder a FEDTUNE_DATA_<ID> variable names,",
+            'is mounted read-only at sites/<id>/data; set data_path = "data/<file>" in its policy.toml.',
+        ],
+        services,
+    )
 
 
 def operator_compose(d: Deployment) -> str:
     """``OUT/operator/compose.yaml``: the SuperLink (and the app registry) alone, on the operator's machine."""
-    return _document([
-        "Written by `fedtune deploy init`: the SuperLink and the app registry on the operator's machine.",
-        "Build the image once:", f"  {BUILD}", "Then, in this folder (.env holds the user id that owns the keys):",
-        "  docker compose up -d", *_steps(d, "register"),
-        "  (each site starts its SuperNode)", *_steps(d, "run"),
-        "After editing app/ (bump its version), sign it again:", *_steps(d, "sign"),
-    ], {SUPERLINK_SERVICE: superlink_service(d, d.operator)})
+    return _document(
+        [
+            "Written by `fedtune deploy init`: the SuperLink and the app registry on the operator's machine.",
+            "Build the image once:",
+            f"  {BUILD}",
+            "Then, in this folder (.env holds the user id that owns the keys):",
+            "  docker compose up -d",
+            *_steps(d, "register"),
+            "  (each site starts its SuperNode)",
+            *_steps(d, "run"),
+            "After editing app/ (bump its version), sign it again:",
+            *_steps(d, "sign"),
+        ],
+        {SUPERLINK_SERVICE: superlink_service(d, d.operator)},
+    )
 
 
 def site_compose(d: Deployment, site: str) -> str:
@@ -217,25 +253,42 @@ def site_compose(d: Deployment, site: str) -> str:
     here = d.site_dir(site)
     service = supernode_service(d, site, here, d.host, "${FEDTUNE_DATA:-./data}")
     loopback = d.host in ("127.0.0.1", "localhost", "::1")
-    return _document([
-        f"Written by `fedtune deploy init`: the SuperNode of {site}, dialling the SuperLink at {d.address}.",
-        *(["In a container that address is the container itself: use ../../compose.yaml on this host,",
-           "or run `fedtune deploy init` again with --host set to a name the sites can reach."] if loopback else []),
-        "Build the image once:", f"  {BUILD}",
-        "Then, in this folder (.env holds the user id that owns the keys), once the operator registered this site:",
-        "  docker compose up -d",
-        "The data folder (./data, or FEDTUNE_DATA in .env) is mounted read-only at ./data:",
-        "set data_path = \"data/<file>\" in policy.toml.",
-    ], {service_name(site): service})
+    return _document(
+        [
+            f"Written by `fedtune deploy init`: the SuperNode of {site}, dialling the SuperLink at {d.address}.",
+            *(
+                [
+                    "In a container that address is the container itself: use ../../compose.yaml on this host,",
+                    "or run `fedtune deploy init` again with --host set to a name the sites can reach.",
+                ]
+                if loopback
+                else []
+            ),
+            "Build the image once:",
+            f"  {BUILD}",
+            "Then, in this folder (.env holds the user id that owns the keys), once the operator registered this site:",
+            "  docker compose up -d",
+            "The data folder (./data, or FEDTUNE_DATA in .env) is mounted read-only at ./data:",
+            'set data_path = "data/<file>" in policy.toml.',
+        ],
+        {service_name(site): service},
+    )
 
 
 def _env_file(extra: list[str]) -> str:
     root = ["# These are root's: chown the folder to an unprivileged user and put its ids here."]
     root = root if os.getuid() == 0 else []
-    return "\n".join([
-        "# Read by docker compose. The containers run as the user that owns this folder's keys (mode 0600).",
-        *root, f"FEDTUNE_UID={os.getuid()}", f"FEDTUNE_GID={os.getgid()}", "# FEDTUNE_IMAGE=fedtune", *extra, "",
-    ])
+    return "\n".join(
+        [
+            "# Read by docker compose. The containers run as the user that owns this folder's keys (mode 0600).",
+            *root,
+            f"FEDTUNE_UID={os.getuid()}",
+            f"FEDTUNE_GID={os.getgid()}",
+            "# FEDTUNE_IMAGE=fedtune",
+            *extra,
+            "",
+        ]
+    )
 
 
 def write_compose_files(d: Deployment) -> list[Path]:

@@ -23,8 +23,7 @@ def probe(url: str, ca: Path | None = None, timeout: float = 5.0) -> str | None:
     """``None`` when ``url`` answers 200, else why not. Proxies are bypassed: the target is local."""
     handlers: list = [urllib.request.ProxyHandler({})]
     if url.startswith("https://"):
-        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(
-            cafile=str(ca) if ca else None)))
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca) if ca else None)))
     try:
         with urllib.request.build_opener(*handlers).open(url, timeout=timeout) as response:
             return None if response.status == 200 else f"{url}: HTTP {response.status}"

@@ -32,29 +32,52 @@ def run_output_dir(d: Deployment) -> Path:
     return Path(raw["tool"]["flwr"]["app"]["config"]["output-dir"])
 
 
-def _unit(name: str, description: str, folder: Path, script: Path, writable: list[Path],
-          hidden: list[Path], needs: str | None = None) -> str:
+def _unit(
+    name: str,
+    description: str,
+    folder: Path,
+    script: Path,
+    writable: list[Path],
+    hidden: list[Path],
+    needs: str | None = None,
+) -> str:
     lines = [
         "# Written by `fedtune deploy init`. Install on this host:",
         f"#   sudo cp {_path(folder / 'systemd' / name)} /etc/systemd/system/",
         f"#   sudo systemctl daemon-reload && sudo systemctl enable --now {name}",
-        "[Unit]", "Description=" + description.replace("%", "%%"),
+        "[Unit]",
+        "Description=" + description.replace("%", "%%"),
         f"Wants=network-online.target{' ' + needs if needs else ''}",
-        f"After=network-online.target{' ' + needs if needs else ''}", "",
-        "[Service]", "Type=simple",
+        f"After=network-online.target{' ' + needs if needs else ''}",
+        "",
+        "[Service]",
+        "Type=simple",
         f"# Placeholder: a dedicated, unprivileged account that owns {_path(folder)} (its keys are",
         "# readable by their owner only). Create it and hand it the folder before starting:",
         f"#   sudo useradd --system --user-group --no-create-home --shell /usr/sbin/nologin {SERVICE_USER}",
         f"#   sudo chown -R {SERVICE_USER}:{SERVICE_USER} {_path(folder)}",
-        f"User={SERVICE_USER}", f"Group={SERVICE_USER}",
-        f"WorkingDirectory={_path(folder)}", f"ExecStart={_path(script)}",
-        "Restart=on-failure", "RestartSec=5", "TimeoutStopSec=30",
+        f"User={SERVICE_USER}",
+        f"Group={SERVICE_USER}",
+        f"WorkingDirectory={_path(folder)}",
+        f"ExecStart={_path(script)}",
+        "Restart=on-failure",
+        "RestartSec=5",
+        "TimeoutStopSec=30",
         "# Model weights are cached here (not in a home directory); systemd creates it for User=.",
-        "CacheDirectory=fedtune", "Environment=FEDTUNE_CACHE=%C/fedtune HF_HOME=%C/fedtune/huggingface",
-        "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only", "PrivateTmp=yes",
+        "CacheDirectory=fedtune",
+        "Environment=FEDTUNE_CACHE=%C/fedtune HF_HOME=%C/fedtune/huggingface",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=read-only",
+        "PrivateTmp=yes",
         "# Remove PrivateDevices= on a site that trains on a GPU.",
-        "PrivateDevices=yes", "ProtectKernelTunables=yes", "ProtectKernelModules=yes", "ProtectControlGroups=yes",
-        "RestrictSUIDSGID=yes", "RestrictRealtime=yes", "LockPersonality=yes",
+        "PrivateDevices=yes",
+        "ProtectKernelTunables=yes",
+        "ProtectKernelModules=yes",
+        "ProtectControlGroups=yes",
+        "RestrictSUIDSGID=yes",
+        "RestrictRealtime=yes",
+        "LockPersonality=yes",
     ]
     if writable:
         lines.append("ReadWritePaths=" + " ".join(_path(p) for p in writable))
@@ -66,21 +89,40 @@ def _unit(name: str, description: str, folder: Path, script: Path, writable: lis
 def superlink_unit(d: Deployment) -> str:
     o = d.operator
     writable = [o] + [p for p in [run_output_dir(d)] if not p.is_relative_to(o)]
-    return _unit(SUPERLINK_UNIT, f"fedtune SuperLink (Flower) serving sites at {d.address}", o,
-                 o / "start-superlink.sh", writable, [o / "ca.key", o / "signing.key"], needs=REGISTRY_UNIT)
+    return _unit(
+        SUPERLINK_UNIT,
+        f"fedtune SuperLink (Flower) serving sites at {d.address}",
+        o,
+        o / "start-superlink.sh",
+        writable,
+        [o / "ca.key", o / "signing.key"],
+        needs=REGISTRY_UNIT,
+    )
 
 
 def registry_unit(d: Deployment) -> str:
     """The app registry only reads the signed bundles: nothing is writable, no key is visible."""
     o = d.operator
-    return _unit(REGISTRY_UNIT, f"fedtune app registry for the SuperLink, on 127.0.0.1:{d.registry_port}", o,
-                 o / "start-registry.sh", [], [o / "ca.key", o / "signing.key"])
+    return _unit(
+        REGISTRY_UNIT,
+        f"fedtune app registry for the SuperLink, on 127.0.0.1:{d.registry_port}",
+        o,
+        o / "start-registry.sh",
+        [],
+        [o / "ca.key", o / "signing.key"],
+    )
 
 
 def supernode_unit(d: Deployment, site: str) -> str:
     s = d.site_dir(site)
-    return _unit(SUPERNODE_UNIT, f"fedtune SuperNode (Flower) of {site}, dialling {d.address}", s,
-                 s / "start-supernode.sh", [s / "state", s / "flwr-home"], [])
+    return _unit(
+        SUPERNODE_UNIT,
+        f"fedtune SuperNode (Flower) of {site}, dialling {d.address}",
+        s,
+        s / "start-supernode.sh",
+        [s / "state", s / "flwr-home"],
+        [],
+    )
 
 
 def write_systemd_units(d: Deployment) -> list[Path]:

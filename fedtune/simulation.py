@@ -46,8 +46,13 @@ class RunInterrupted(Exception):
     """The user stopped a simulation (Ctrl-C); the message says how to resume it."""
 
 
-def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = False,
-             client_mods: Sequence[Mod] = (), verbose: bool = False) -> Path:
+def simulate(
+    cfg: FedtuneConfig,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    client_mods: Sequence[Mod] = (),
+    verbose: bool = False,
+) -> Path:
     """Run (or resume) a simulated federation; returns the run directory.
 
     ``client_mods`` are Flower mods wrapped around every site's ClientApp (logging, fault
@@ -61,9 +66,13 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
 
     if cfg.partition.scheme == "files":
         # Each site reads and validates its own files; the server never opens them.
-        summary = "\n".join(["site data (read and validated on each site only):",
-                              *[f"  site-{i}: {p}" for i, p in enumerate(cfg.data.site_paths)],
-                              f"  server held-out: {len(load_test_set(cfg))} records"])
+        summary = "\n".join(
+            [
+                "site data (read and validated on each site only):",
+                *[f"  site-{i}: {p}" for i, p in enumerate(cfg.data.site_paths)],
+                f"  server held-out: {len(load_test_set(cfg))} records",
+            ]
+        )
     else:
         sites, test = build_site_splits(cfg)
         check_privacy_feasible(cfg, sites)
@@ -88,8 +97,7 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
             backend_config={
                 "client_resources": {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0},
                 # Sites log to RUN_DIR/logs; their console output reaches this one only when verbose.
-                "init_args": {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": verbose},
+                "init_args": {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose},
             },
             verbose_logging=verbose,
         )
@@ -98,8 +106,7 @@ def simulate(cfg: FedtuneConfig, run_dir: Path | None = None, resume: bool = Fal
     except FederationError as exc:
         raise FederationError(f"{exc} (details in {run_dir / 'logs'}; {resume_hint})") from exc
     if not (run_dir / "result.json").exists():
-        raise FederationError(f"the simulation ended without finishing the run; see {run_dir / 'logs'}; "
-                              f"{resume_hint}")
+        raise FederationError(f"the simulation ended without finishing the run; see {run_dir / 'logs'}; {resume_hint}")
     stopped = json.loads((run_dir / "result.json").read_text()).get("stopped")
     if stopped:
         raise FederationError(f"{stopped}; the run stopped early, its summary and logs are in {run_dir}")

@@ -46,8 +46,9 @@ class CheckpointStore:
     def path_for(self, round_: int) -> Path:
         return self.root / f"round-{round_:04d}"
 
-    def save(self, round_: int, peft_model: Any, info: dict[str, Any],
-             strategy_state: Mapping[str, np.ndarray] | None = None) -> Path:
+    def save(
+        self, round_: int, peft_model: Any, info: dict[str, Any], strategy_state: Mapping[str, np.ndarray] | None = None
+    ) -> Path:
         def build(staging: Path) -> None:
             peft_model.save_pretrained(staging)
             buffer = io.BytesIO()

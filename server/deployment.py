@@ -27,7 +27,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    configure_logging()
+    configure_logging(service=True)
     cfg = config_from_run_config(context.run_config)
     run_dir, resume = named_run_dir(cfg, Path(str(context.run_config.get("output-dir", cfg.run.output_dir))))
     log.info("federation %s: run directory %s%s", cfg.run.name, run_dir, " (resuming)" if resume else "")

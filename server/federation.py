@@ -82,14 +82,25 @@ def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: s
     """Round ``round_``'s :class:`TrainPlan`, as the record that travels."""
     t, p = cfg.train, cfg.privacy
     return TrainPlan(
-        run_id=run_id, round=round_, total_rounds=cfg.federation.rounds, local_steps=t.local_steps,
-        batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, dp=p.enabled, target_epsilon=p.epsilon,
-        delta=p.delta, max_grad_norm=p.max_grad_norm, a_fingerprint=a_fingerprint,
+        run_id=run_id,
+        round=round_,
+        total_rounds=cfg.federation.rounds,
+        local_steps=t.local_steps,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        optimizer=t.optimizer,
+        dp=p.enabled,
+        target_epsilon=p.epsilon,
+        delta=p.delta,
+        max_grad_norm=p.max_grad_norm,
+        a_fingerprint=a_fingerprint,
         secure_aggregation=cfg.secure_aggregation.enabled,
     ).to_record()
 
 
-def collect_train_replies(requests: list[Message], replies: list[Message], next_tag: bytes | None = None) -> RoundReplies:
+def collect_train_replies(
+    requests: list[Message], replies: list[Message], next_tag: bytes | None = None
+) -> RoundReplies:
     """Sort the train replies; a secure reply carries a masked vector and maybe keys for round ``next_tag``."""
     out = RoundReplies()
     sent = {m.metadata.message_id: payload_nbytes(m.content) for m in requests}
@@ -149,8 +160,7 @@ class FederationServer:
     def _messages(self, nodes: list[int], message_type: str, plan: ConfigRecord) -> list[Message]:
         adapter = to_array_record(self.model.state())
         return [
-            Message(RecordDict({ADAPTER: adapter, PLAN: plan}), message_type=message_type, dst_node_id=n)
-            for n in nodes
+            Message(RecordDict({ADAPTER: adapter, PLAN: plan}), message_type=message_type, dst_node_id=n) for n in nodes
         ]
 
     def evaluate_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
@@ -190,12 +200,21 @@ class FederationServer:
             self.metrics.keep_through(-1)
             self.metrics.append(self.evaluate_round(grid, nodes, 0) | {"status": "base model"})
             start = 1
-        for round_ in tqdm(range(start, fed.rounds + 1), desc="rounds", unit="round", initial=start - 1,
-                           total=fed.rounds, dynamic_ncols=True):
+        for round_ in tqdm(
+            range(start, fed.rounds + 1),
+            desc="rounds",
+            unit="round",
+            initial=start - 1,
+            total=fed.rounds,
+            dynamic_ncols=True,
+        ):
             record = self.train_round(grid, nodes, round_)
-            self.store.save(round_, self.model.model,
-                            {"status": record["status"], "run-id": self.run_id, "strategy": self.strategy.name},
-                            self.strategy.state_dict())
+            self.store.save(
+                round_,
+                self.model.model,
+                {"status": record["status"], "run-id": self.run_id, "strategy": self.strategy.name},
+                self.strategy.state_dict(),
+            )
             self.metrics.append(record)
             if record["status"] == EVERY_SITE_REFUSED:
                 log.error("every site refused round %d; stopping the federation", round_)
@@ -205,7 +224,9 @@ class FederationServer:
     def train_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
         plan = training_plan(self.cfg, self.run_id, round_, self.model.a_fingerprint)
         secure = self.cfg.secure_aggregation.enabled
-        exchange = SecureExchange(grid, self.site_names, self.cfg.secure_aggregation.stage_timeout_s, send=send_and_collect)
+        exchange = SecureExchange(
+            grid, self.site_names, self.cfg.secure_aggregation.stage_timeout_s, send=send_and_collect
+        )
         prepared, settings = None, self._secure_settings()
         if secure:
             prepared, self.prepared = self.prepared, None
@@ -246,15 +267,22 @@ class FederationServer:
             status = f"skipped: {contributed} updates < min_clients {self.cfg.federation.min_clients}"
             log.error("round %d %s; the global adapter is unchanged", round_, status)
         record = self.evaluate_round(grid, nodes, round_)
-        return record | {"train": got.train, "refused": got.refused, "failed": got.failed, "status": status,
-                         **({"secure-aggregation": summary} if summary else {})}
+        return record | {
+            "train": got.train,
+            "refused": got.refused,
+            "failed": got.failed,
+            "status": status,
+            **({"secure-aggregation": summary} if summary else {}),
+        }
 
-    def _set_up_failed(self, grid: Grid, nodes: list[int], round_: int, exchange: SecureExchange,
-                       exc: SecureAggregationError) -> dict[str, Any]:
+    def _set_up_failed(
+        self, grid: Grid, nodes: list[int], round_: int, exchange: SecureExchange, exc: SecureAggregationError
+    ) -> dict[str, Any]:
         """Too few sites answered the set-up: nobody trains, so nobody spends privacy on this round."""
         if len(exchange.failed) == len(nodes):
-            raise FederationError(f"round {round_}: every site failed; first error: "
-                                  f"{next(iter(exchange.dropped.values()))}") from exc
+            raise FederationError(
+                f"round {round_}: every site failed; first error: {next(iter(exchange.dropped.values()))}"
+            ) from exc
         failed = {site: reason for site, reason in exchange.dropped.items() if site in exchange.failed}
         if len(exchange.refusals) == len(nodes):
             status = EVERY_SITE_REFUSED
@@ -262,8 +290,13 @@ class FederationServer:
             status = f"failed: secure aggregation: {exc}"
             log.error("round %d: secure aggregation could not be set up: %s; nobody trains this round", round_, exc)
         record = self.evaluate_round(grid, nodes, round_)
-        return record | {"train": {}, "refused": dict(exchange.refusals), "failed": failed, "status": status,
-                         "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)}}
+        return record | {
+            "train": {},
+            "refused": dict(exchange.refusals),
+            "failed": failed,
+            "status": status,
+            "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)},
+        }
 
     def _step(self, current: dict[str, np.ndarray], delta: dict[str, np.ndarray], round_: int) -> None:
         """Both aggregation paths end here: the strategy turns the mean delta into the next adapter."""
@@ -275,11 +308,19 @@ class FederationServer:
             clip_range=sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm),
             min_survivors=max(2, self.cfg.federation.min_clients),
             vector_length=sum(int(np.size(v)) for v in self.model.state().values()),
-            neighbours=sa.neighbours, threshold_fraction=sa.threshold_fraction,
+            neighbours=sa.neighbours,
+            threshold_fraction=sa.threshold_fraction,
         )
 
-    def _aggregate_securely(self, exchange: SecureExchange, prepared: PreparedRound, got: RoundReplies, round_: int,
-                            settings: SecureSettings, next_tag: bytes | None) -> tuple[str, dict[str, Any]]:
+    def _aggregate_securely(
+        self,
+        exchange: SecureExchange,
+        prepared: PreparedRound,
+        got: RoundReplies,
+        round_: int,
+        settings: SecureSettings,
+        next_tag: bytes | None,
+    ) -> tuple[str, dict[str, Any]]:
         """SecAgg+ steps 3-4 over the masked replies; on failure the global adapter stays as it was."""
         for node, (site, vector) in list(got.masked.items()):
             if (problem := prepared.server.malformed(vector)) is not None:
@@ -290,15 +331,21 @@ class FederationServer:
             if self.cfg.secure_aggregation.record_masked_inputs:
                 buffer = io.BytesIO()
                 np.save(buffer, vector, allow_pickle=False)
-                atomic_write_bytes(self.run_dir / "masked-inputs" / f"round-{round_:04d}" / f"{site}.npy",
-                                   buffer.getvalue())
+                atomic_write_bytes(
+                    self.run_dir / "masked-inputs" / f"round-{round_:04d}" / f"{site}.npy", buffer.getvalue()
+                )
         for node in set(prepared.nodes) - set(got.masked):
-            reason = got.failed.get(f"node-{node}") or got.failed.get(exchange.site(node)) or \
-                got.refused.get(exchange.site(node)) or "no masked vector in its train reply"
+            reason = (
+                got.failed.get(f"node-{node}")
+                or got.failed.get(exchange.site(node))
+                or got.refused.get(exchange.site(node))
+                or "no masked vector in its train reply"
+            )
             exchange.drop(node, "train (masked input)", reason)
         try:
-            result, self.prepared = finish_round(exchange, prepared, {n: v for n, (_, v) in got.masked.items()},
-                                                 settings, next_tag, got.next_keys)
+            result, self.prepared = finish_round(
+                exchange, prepared, {n: v for n, (_, v) in got.masked.items()}, settings, next_tag, got.next_keys
+            )
         except SecureAggregationError as exc:
             log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
             return f"failed: secure aggregation: {exc}", {"dropped": exchange.dropped, "error": str(exc)}
@@ -306,14 +353,21 @@ class FederationServer:
         mean = unflatten_adapter(result.mean_update, current)
         self._step(current, mean, round_)
         if result.clipped_values:
-            log.warning("round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
-                        round_, result.clipped_values, settings.clip_range)
+            log.warning(
+                "round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
+                round_,
+                result.clipped_values,
+                settings.clip_range,
+            )
         for site, received in exchange.bytes_received.items():
             if site in got.train:
                 got.train[site]["bytes-received"] += received
-        summary = {"survivors": sorted(exchange.site(n) for n in result.survivors),
-                   "dropped": dict(sorted(exchange.dropped.items())),
-                   "clipped-values": result.clipped_values, "clip-range": settings.clip_range}
+        summary = {
+            "survivors": sorted(exchange.site(n) for n in result.survivors),
+            "dropped": dict(sorted(exchange.dropped.items())),
+            "clipped-values": result.clipped_values,
+            "clip-range": settings.clip_range,
+        }
         return f"aggregated {len(result.survivors)} sites securely", summary
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -42,9 +42,15 @@ def train_entry(report: TrainReport, bytes_sent: int, bytes_received: int) -> di
     Its keys predate the wire contract and stay as they were, so runs old and new read alike
     (here and in the benchmarks): ``epsilon`` is the site's ``epsilon_spent``.
     """
-    return {"num-examples": report.num_examples, "steps": report.steps, "epsilon": report.epsilon_spent,
-            "noise-multiplier": report.noise_multiplier, "sample-rate": report.sample_rate,
-            "bytes-sent": bytes_sent, "bytes-received": bytes_received}
+    return {
+        "num-examples": report.num_examples,
+        "steps": report.steps,
+        "epsilon": report.epsilon_spent,
+        "noise-multiplier": report.noise_multiplier,
+        "sample-rate": report.sample_rate,
+        "bytes-sent": bytes_sent,
+        "bytes-received": bytes_received,
+    }
 
 
 def _fmt_bytes(n: float) -> str:
@@ -59,8 +65,10 @@ def summary_table(records: list[dict[str, Any]], task: TaskShape) -> str:
     """A plain-text table: one row per round, the held-out metric, site metrics, epsilon and traffic."""
     metric = task.head.headline_metric
     second = "loss" if metric != "loss" else "perplexity"
-    head = f"{'round':>5}  {'held-out ' + metric:>18}  {'held-out ' + second:>18}  {'site val ' + metric:>18}  " \
-           f"{'max eps':>8}  {'sent/site':>10}  {'recv/site':>10}  status"
+    head = (
+        f"{'round':>5}  {'held-out ' + metric:>18}  {'held-out ' + second:>18}  {'site val ' + metric:>18}  "
+        f"{'max eps':>8}  {'sent/site':>10}  {'recv/site':>10}  status"
+    )
     lines = [head, "-" * len(head)]
     for r in records:
         server = r.get("server", {})
@@ -90,8 +98,13 @@ def plot_curves(records: list[dict[str, Any]], task: TaskShape, path: Path) -> P
     axes[0].plot(rounds, [r.get("server", {}).get(metric) for r in records], "o-", label="server held-out")
     sites = sorted({s for r in records for s in r.get("clients", {})})
     for site in sites:
-        axes[0].plot(rounds, [r.get("clients", {}).get(site, {}).get(metric) for r in records], ".--", alpha=0.6,
-                     label=f"{site} val")
+        axes[0].plot(
+            rounds,
+            [r.get("clients", {}).get(site, {}).get(metric) for r in records],
+            ".--",
+            alpha=0.6,
+            label=f"{site} val",
+        )
     axes[0].set(title=f"{metric} per round (round 0 = base model)", xlabel="round", ylabel=metric)
     axes[0].legend(fontsize=7)
     axes[1].plot(rounds, [r.get("server", {}).get("loss") for r in records], "o-")

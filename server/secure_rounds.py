@@ -60,8 +60,15 @@ class SecureSettings:
     threshold_fraction: float = 0.5
 
     def server_round(self, tag: bytes, advertised: Mapping[int, Advertisement]) -> ServerRound:
-        return ServerRound(tag, advertised, self.clip_range, self.min_survivors, self.vector_length,
-                           self.neighbours, self.threshold_fraction)
+        return ServerRound(
+            tag,
+            advertised,
+            self.clip_range,
+            self.min_survivors,
+            self.vector_length,
+            self.neighbours,
+            self.threshold_fraction,
+        )
 
 
 class SecureExchange:
@@ -78,10 +85,15 @@ class SecureExchange:
     def site(self, node: int) -> str:
         return self.sites.get(node, f"node-{node}")
 
-    def __call__(self, step: str, message_type: str,
-                 records: Mapping[int, ConfigRecord | RecordDict]) -> dict[int, RecordDict]:
-        requests = [Message(r if isinstance(r, RecordDict) else RecordDict({SECAGG: r}), message_type=message_type,
-                            dst_node_id=n) for n, r in records.items()]
+    def __call__(
+        self, step: str, message_type: str, records: Mapping[int, ConfigRecord | RecordDict]
+    ) -> dict[int, RecordDict]:
+        requests = [
+            Message(
+                r if isinstance(r, RecordDict) else RecordDict({SECAGG: r}), message_type=message_type, dst_node_id=n
+            )
+            for n, r in records.items()
+        ]
         replies = by_node(requests, self.send(self.grid, requests, step, self.timeout_s))
         good: dict[int, RecordDict] = {}
         for node, reply in replies:
@@ -149,19 +161,34 @@ class PreparedRound:
 def set_up_round(exchange: SecureExchange, tag: bytes, nodes: list[int], settings: SecureSettings) -> PreparedRound:
     """Steps 1-2 as two exchanges before training; raises SecureAggregationError if too few sites answer."""
     replies = exchange("secagg advertise", ADVERTISE, {n: tag_record(tag) for n in nodes})
-    advertised = exchange.parsed("secagg advertise", replies,
-                                 lambda c: advertisement_from(c.config_records[SECAGG], tag))
+    advertised = exchange.parsed(
+        "secagg advertise", replies, lambda c: advertisement_from(c.config_records[SECAGG], tag)
+    )
     server = settings.server_round(tag, advertised)
-    shared = exchange("secagg share keys", SHARE_KEYS,
-                      {n: params_record(p) for n, p in server.share_keys_requests().items()})
-    return PreparedRound(tag, server, server.route_shares(
-        exchange.parsed("secagg share keys", shared,
-                        lambda c: indexed_bytes_from(c.config_records[SECAGG], what="share keys reply"))))
+    shared = exchange(
+        "secagg share keys", SHARE_KEYS, {n: params_record(p) for n, p in server.share_keys_requests().items()}
+    )
+    return PreparedRound(
+        tag,
+        server,
+        server.route_shares(
+            exchange.parsed(
+                "secagg share keys",
+                shared,
+                lambda c: indexed_bytes_from(c.config_records[SECAGG], what="share keys reply"),
+            )
+        ),
+    )
 
 
-def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapping[int, np.ndarray],
-                 settings: SecureSettings, next_tag: bytes | None = None,
-                 next_keys: Mapping[int, Advertisement] | None = None) -> tuple[SecureSum, PreparedRound | None]:
+def finish_round(
+    exchange: SecureExchange,
+    prepared: PreparedRound,
+    masked: Mapping[int, np.ndarray],
+    settings: SecureSettings,
+    next_tag: bytes | None = None,
+    next_keys: Mapping[int, Advertisement] | None = None,
+) -> tuple[SecureSum, PreparedRound | None]:
     """Steps 3-4 from the masked vectors of the train replies, in one unmask exchange that
     also sets round ``next_tag`` up among the sites that sent ``next_keys``.
 
@@ -181,13 +208,16 @@ def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapp
             content[SECAGG_NEXT] = params_record(next_params[node])
         records[node] = content
     answers = exchange("secagg unmask", UNMASK, records)
-    result = prepared.server.unmask(exchange.parsed("secagg unmask", answers,
-                                                    lambda c: unmask_reply_from(c.config_records[SECAGG])))
+    result = prepared.server.unmask(
+        exchange.parsed("secagg unmask", answers, lambda c: unmask_reply_from(c.config_records[SECAGG]))
+    )
     if upcoming is None or next_tag is None:  # next_tag is set whenever upcoming is; this says so to mypy
         return result, None
-    shared = exchange.parsed("secagg share keys (next round)",
-                             {n: c for n, c in answers.items() if n in next_params and SECAGG_NEXT in c.config_records},
-                             lambda c: indexed_bytes_from(c.config_records[SECAGG_NEXT], what="share keys reply"))
+    shared = exchange.parsed(
+        "secagg share keys (next round)",
+        {n: c for n, c in answers.items() if n in next_params and SECAGG_NEXT in c.config_records},
+        lambda c: indexed_bytes_from(c.config_records[SECAGG_NEXT], what="share keys reply"),
+    )
     try:
         return result, PreparedRound(next_tag, upcoming, upcoming.route_shares(shared))
     except SecureAggregationError as exc:
@@ -195,5 +225,11 @@ def finish_round(exchange: SecureExchange, prepared: PreparedRound, masked: Mapp
         return result, None
 
 
-__all__ = ["PreparedRound", "SecureAggregationError", "SecureExchange", "SecureSettings", "finish_round",
-           "set_up_round"]
+__all__ = [
+    "PreparedRound",
+    "SecureAggregationError",
+    "SecureExchange",
+    "SecureSettings",
+    "finish_round",
+    "set_up_round",
+]

@@ -38,13 +38,18 @@ class Sites:
     def __init__(self, state_dir: Path, keep_record: bool = True, mods: Sequence[Mod] = ()):
         self.revealed = {n: RevealedRounds(Path(state_dir) / f"site-{n}" / "secagg_revealed.json") for n in NODES}
         self.app = ClientApp(mods=list(mods))
-        register_secure_aggregation(self.app, lambda context: (EXAMPLES[context.node_id], 2),
-                                    (lambda context: self.revealed[context.node_id]) if keep_record else None)
+        register_secure_aggregation(
+            self.app,
+            lambda context: (EXAMPLES[context.node_id], 2),
+            (lambda context: self.revealed[context.node_id]) if keep_record else None,
+        )
         self.restart()
 
     def restart(self) -> None:
-        self.contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": n}, state=RecordDict(),
-                                    run_config={}) for n in NODES}
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={"partition-id": n}, state=RecordDict(), run_config={})
+            for n in NODES
+        }
 
     def deliver(self, _grid, requests: list[Message], _step: str, _timeout: float) -> list[Message]:
         replies = []
@@ -57,13 +62,21 @@ class Sites:
         return SecureExchange(None, {n: f"site-{n}" for n in NODES}, 60.0, send=self.deliver)
 
 
-def secure_round(sites: Sites, tag: bytes, updates: dict[int, np.ndarray], arriving: Sequence[int],
-                 exchange: SecureExchange | None = None) -> SecureSum:
+def secure_round(
+    sites: Sites,
+    tag: bytes,
+    updates: dict[int, np.ndarray],
+    arriving: Sequence[int],
+    exchange: SecureExchange | None = None,
+) -> SecureSum:
     """Set round ``tag`` up with every site; only ``arriving`` sites' masked vectors reach the server."""
     exchange = exchange or sites.exchange()
     prepared = set_up_round(exchange, tag, NODES, SETTINGS)
-    masked = {n: secure_aggregation.mask_update(sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}")
-              for n in arriving if n in prepared.inboxes}
+    masked = {
+        n: secure_aggregation.mask_update(sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}")
+        for n in arriving
+        if n in prepared.inboxes
+    }
     result, _ = finish_round(exchange, prepared, masked, SETTINGS)
     return result
 

@@ -16,8 +16,13 @@ from pathlib import Path
 
 from tests.conftest import REPO
 
-FOLDERS = {"common": "fedtune.common", "server": "fedtune.server", "client": "fedtune.client",
-           "deploy": "fedtune.deploy", "fedtune": "fedtune"}
+FOLDERS = {
+    "common": "fedtune.common",
+    "server": "fedtune.server",
+    "client": "fedtune.client",
+    "deploy": "fedtune.deploy",
+    "fedtune": "fedtune",
+}
 #: The layer of a module, by its dotted name; "top" is fedtune.cli, fedtune.simulation and the like.
 LAYERS = ("common", "server", "client", "deploy")
 ALLOWED = {
@@ -55,8 +60,13 @@ def imports_of(path: Path) -> list[str]:
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
-    modules = {module_name(p, root): p for folder in FOLDERS if (root / folder).is_dir()
-               for p in (root / folder).rglob("*.py") if "__pycache__" not in p.parts and "samples" not in p.parts}
+    modules = {
+        module_name(p, root): p
+        for folder in FOLDERS
+        if (root / folder).is_dir()
+        for p in (root / folder).rglob("*.py")
+        if "__pycache__" not in p.parts and "samples" not in p.parts
+    }
     return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
 
 
@@ -119,9 +129,14 @@ SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.(insert|append|extend)\b|\+=|\[[^]]*
 
 
 def sys_path_edits(root: Path) -> list[str]:
-    return [f"{p.relative_to(root)}:{n}" for p in root.rglob("*.py")
-            if not {".venv", ".git", "__pycache__"} & set(p.parts) and p.name != Path(__file__).name
-            for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if SYS_PATH_EDIT.search(line)]
+    return [
+        f"{p.relative_to(root)}:{n}"
+        for p in root.rglob("*.py")
+        if not {".venv", ".git", "__pycache__", "build"} & set(p.relative_to(root).parts)
+        and p.name != Path(__file__).name
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if SYS_PATH_EDIT.search(line)
+    ]
 
 
 def test_each_layer_imports_only_the_layers_below_it():
@@ -146,15 +161,18 @@ def _house(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_rules_catch_what_they_forbid(tmp_path):
-    root = _house(tmp_path, {
-        "common/low.py": "def f():\n    from fedtune.server import up\n",
-        "server/up.py": "import fedtune.client.site\n",
-        "client/site.py": "from common.low import f\n",
-        "deploy/d.py": "from fedtune.cli import main\n",
-        "fedtune/sim.py": "import sys\nsys.path.insert(0, '.')\n",
-        "server/a.py": "from fedtune.server.b import x\n",
-        "server/b.py": "from fedtune.server.a import y\n",
-    })
+    root = _house(
+        tmp_path,
+        {
+            "common/low.py": "def f():\n    from fedtune.server import up\n",
+            "server/up.py": "import fedtune.client.site\n",
+            "client/site.py": "from common.low import f\n",
+            "deploy/d.py": "from fedtune.cli import main\n",
+            "fedtune/sim.py": "import sys\nsys.path.insert(0, '.')\n",
+            "server/a.py": "from fedtune.server.b import x\n",
+            "server/b.py": "from fedtune.server.a import y\n",
+        },
+    )
     problems = layer_violations(root)
     assert any("fedtune.common.low (common) imports fedtune.server" in p for p in problems)
     assert any("fedtune.server.up (server) imports fedtune.client.site (client)" in p for p in problems)

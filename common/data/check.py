@@ -49,19 +49,28 @@ def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> 
         if data.on_malformed == "skip":
             result.warnings.append(f"{len(report.problems)} malformed records will be skipped (data.on_malformed)")
         else:
-            result.blockers.append(f"{len(report.problems)} malformed records; fix them or set "
-                                   "data.on_malformed = \"skip\"")
+            result.blockers.append(
+                f'{len(report.problems)} malformed records; fix them or set data.on_malformed = "skip"'
+            )
     if not prepared.examples:
         result.blockers.append(f"no usable {report.task} records")
         return result
     if tokenizer is not None:
         encoded = cfg.task.head.encode(prepared.examples, tokenizer, labels, cfg.model.max_length)
-        report.token_lengths, report.truncated, report.max_length = encoded.lengths or [], encoded.truncated, cfg.model.max_length
+        report.token_lengths, report.truncated, report.max_length = (
+            encoded.lengths or [],
+            encoded.truncated,
+            cfg.model.max_length,
+        )
     n_train = len(prepared.examples) - int(round(len(prepared.examples) * data.val_fraction))
     if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / max(n_train, 1):
-        result.blockers.append(f"privacy.delta = {cfg.privacy.delta} is not below 1/n for n = {n_train} training "
-                               f"records; ask for delta < {1.0 / n_train:.1e}")
+        result.blockers.append(
+            f"privacy.delta = {cfg.privacy.delta} is not below 1/n for n = {n_train} training "
+            f"records; ask for delta < {1.0 / n_train:.1e}"
+        )
     if len(report.label_counts) < len(labels):  # only a classifying task has agreed labels
-        result.warnings.append(f"{len(labels) - len(report.label_counts)} of the {len(labels)} agreed labels have "
-                               "no records here (fine in a federation: other sites may hold them)")
+        result.warnings.append(
+            f"{len(labels) - len(report.label_counts)} of the {len(labels)} agreed labels have "
+            "no records here (fine in a federation: other sites may hold them)"
+        )
     return result

@@ -34,8 +34,10 @@ class EncodedSet:
         ids = torch.full((len(idx), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         token_labels = bool(idx) and isinstance(self.labels[idx[0]], list)
-        labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long) if token_labels else torch.zeros(
-            len(idx), dtype=torch.long
+        labels = (
+            torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
+            if token_labels
+            else torch.zeros(len(idx), dtype=torch.long)
         )
         for row, i in enumerate(idx):
             seq = self.input_ids[i]
@@ -48,8 +50,9 @@ class EncodedSet:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def encode_classification(examples: list[Example], tokenizer: Any, labels: Sequence[str],
-                          max_length: int) -> EncodedSet:
+def encode_classification(
+    examples: list[Example], tokenizer: Any, labels: Sequence[str], max_length: int
+) -> EncodedSet:
     label_ids = {name: i for i, name in enumerate(labels)}
     texts = [e.text for e in examples]
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
@@ -100,7 +103,7 @@ def encode_instructions(examples: list[Example], tokenizer: Any, max_length: int
         if len(question_ids) > max_length // 4:
             question = tokenizer.decode(question_ids[: max_length // 4])
         full_prompt = _prompt_ids(e, question, tokenizer)
-        prompt = full_prompt[-(max_length // 2):]
+        prompt = full_prompt[-(max_length // 2) :]
         end = turn_end if e.templated else tokenizer.eos_token_id
         response = tokenizer(e.target, add_special_tokens=False)["input_ids"] + [end]
         seq = (prompt + response)[:max_length]
@@ -108,6 +111,7 @@ def encode_instructions(examples: list[Example], tokenizer: Any, max_length: int
         lengths.append(full)
         truncated += full > max_length
         input_ids.append(seq)
-        labels.append([IGNORE_INDEX] * len(prompt) + seq[len(prompt):])
-    return EncodedSet(input_ids=input_ids, labels=labels, pad_token_id=tokenizer.pad_token_id, truncated=truncated,
-                      lengths=lengths)
+        labels.append([IGNORE_INDEX] * len(prompt) + seq[len(prompt) :])
+    return EncodedSet(
+        input_ids=input_ids, labels=labels, pad_token_id=tokenizer.pad_token_id, truncated=truncated, lengths=lengths
+    )

@@ -93,7 +93,9 @@ def server_test_set(cfg: FedtuneConfig) -> list[Example]:
 def split_site(examples: list[Example], cfg: FedtuneConfig, site_index: int) -> SiteSplit:
     """A site's deterministic train/validation split (the seed and the site's index fix it)."""
     train_idx, val_idx = split_train_val(range(len(examples)), cfg.data.val_fraction, cfg.run.seed + 100 + site_index)
-    return SiteSplit(train=[examples[i] for i in train_idx], val=[examples[i] for i in val_idx[: cfg.data.max_eval_examples]])
+    return SiteSplit(
+        train=[examples[i] for i in train_idx], val=[examples[i] for i in val_idx[: cfg.data.max_eval_examples]]
+    )
 
 
 def load_site_files(cfg: FedtuneConfig, site_index: int) -> SiteSplit:

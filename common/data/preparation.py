@@ -56,8 +56,11 @@ class DataReport:
     def format(self) -> str:
         out = [f"data check: {self.source} as {self.task}"]
         for f in self.files:
-            out.append(f"  {f.path}: {f.records} records ({f.file_format})" if f.file_format != "skipped"
-                       else f"  {f.path}: skipped ({f.detail})")
+            out.append(
+                f"  {f.path}: {f.records} records ({f.file_format})"
+                if f.file_format != "skipped"
+                else f"  {f.path}: skipped ({f.detail})"
+            )
         out += [
             f"records read:          {self.records_read}",
             f"malformed:             {len(self.problems)}",
@@ -82,8 +85,7 @@ def _label_histogram(counts: dict[str, int], agreed: int) -> str:
     ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     largest = ordered[0][1]
     shown = ordered if len(ordered) <= 20 else ordered[:12] + [("...", 0)] + ordered[-5:]
-    lines = [f"labels: {len(counts)} of {agreed} agreed labels present; largest/smallest = "
-             f"{largest}/{ordered[-1][1]}"]
+    lines = [f"labels: {len(counts)} of {agreed} agreed labels present; largest/smallest = {largest}/{ordered[-1][1]}"]
     for name, count in shown:
         lines.append("  ..." if name == "..." else f"  {name[:32]:32s} {count:6d} {_bar(count, largest)}")
     return "\n".join(lines)
@@ -93,9 +95,11 @@ def _length_histogram(lengths: list[int], cap: int, truncated: int) -> str:
     arr = np.asarray(lengths)
     edges = np.unique(np.linspace(0, max(int(arr.max()), cap), 9).round().astype(int))
     hist, _ = np.histogram(arr, bins=edges)
-    lines = [f"token lengths: min {arr.min()}, median {int(np.median(arr))}, p95 {int(np.percentile(arr, 95))}, "
-             f"max {arr.max()}; cap {cap} (model.max_length): {truncated} truncated "
-             f"({100 * truncated / len(arr):.1f}%)"]
+    lines = [
+        f"token lengths: min {arr.min()}, median {int(np.median(arr))}, p95 {int(np.percentile(arr, 95))}, "
+        f"max {arr.max()}; cap {cap} (model.max_length): {truncated} truncated "
+        f"({100 * truncated / len(arr):.1f}%)"
+    ]
     for lo, hi, count in zip(edges[:-1], edges[1:], hist, strict=True):
         lines.append(f"  {lo:5d}-{hi:<5d} {count:6d} {_bar(int(count), int(hist.max()))}")
     return "\n".join(lines)
@@ -112,19 +116,24 @@ class PreparedData:
         if r.problems and on_malformed != "skip":
             raise DataError(
                 f"{len(r.problems)} malformed record(s) in {r.source}; fix them, or set "
-                f"data.on_malformed = \"skip\" to train without them:\n{r.problem_summary()}"
+                f'data.on_malformed = "skip" to train without them:\n{r.problem_summary()}'
             )
         if not self.examples:
-            raise DataError(f"{r.source}: no usable {r.task} records ({r.records_read} read, {len(r.problems)} "
-                            f"malformed, {r.empty_dropped} empty, {r.duplicates_dropped} duplicates)")
+            raise DataError(
+                f"{r.source}: no usable {r.task} records ({r.records_read} read, {len(r.problems)} "
+                f"malformed, {r.empty_dropped} empty, {r.duplicates_dropped} duplicates)"
+            )
         return self.examples
 
 
 def read_options(data: DataConfig, task: TaskShape) -> ReadOptions:
     roles = task.roles
     return ReadOptions(
-        file_format=data.format, header=data.header, delimiter=data.delimiter,
-        column_names=tuple(data.column_names), max_record_bytes=data.max_record_bytes,
+        file_format=data.format,
+        header=data.header,
+        delimiter=data.delimiter,
+        column_names=tuple(data.column_names),
+        max_record_bytes=data.max_record_bytes,
         expected_fields=tuple(getattr(data.fields, r) for r in roles),
     )
 
@@ -136,8 +145,14 @@ def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = 
     records, problems, files = read_raw(path, read_options(data, task))
     if data.max_records:
         records = records[: data.max_records]
-    report = DataReport(source=Path(path), task=task.name, files=files, records_read=len(records) + len(problems),
-                        problems=[p.message for p in problems], labels_agreed=len(labels))
+    report = DataReport(
+        source=Path(path),
+        task=task.name,
+        files=files,
+        records_read=len(records) + len(problems),
+        problems=[p.message for p in problems],
+        labels_agreed=len(labels),
+    )
     examples, seen = [], set()
     for record in records:
         result = task.example(record, columns, labels, group_field)
@@ -159,9 +174,12 @@ def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = 
 
 def _explain_missing_fields(report: DataReport, total: int) -> None:
     """When every record lacks a field, say that first: it is a mapping problem, not a data one."""
-    missing = Counter(p.split("missing field ", 1)[1].split(" ", 1)[0] for p in report.problems
-                      if "missing field " in p)
+    missing = Counter(
+        p.split("missing field ", 1)[1].split(" ", 1)[0] for p in report.problems if "missing field " in p
+    )
     for name, count in missing.items():
         if count == total and total > 1:
-            report.hints.append(f"{report.source}: field {name} is missing from all {total} records; "
-                                "check [data.fields] against the file's columns")
+            report.hints.append(
+                f"{report.source}: field {name} is missing from all {total} records; "
+                "check [data.fields] against the file's columns"
+            )

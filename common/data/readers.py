@@ -22,9 +22,15 @@ FileFormat = Literal["auto", "jsonl", "json", "csv", "parquet"]
 HeaderMode = Literal["auto", "yes", "no"]
 
 SUFFIX_FORMATS = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
-    ".csv": "csv", ".tsv": "csv", ".tab": "csv", ".txt": "csv",
-    ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".tab": "csv",
+    ".txt": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
 SNIFF_DELIMITERS = ",\t;|"
 SNIFF_BYTES = 64 * 1024
@@ -133,8 +139,10 @@ def _read_jsonl(path: Path, text: str, opts: ReadOptions) -> Iterator[RawRecord 
             continue
         where = f"{path}, line {lineno}"
         if len(line) > max(opts.max_record_bytes * 64, 64_000_000):
-            yield RecordProblem(f"{where}: line is {_mb(len(line))}, over the {_mb(opts.max_record_bytes)} "
-                                "limit per record (data.max_record_bytes)")
+            yield RecordProblem(
+                f"{where}: line is {_mb(len(line))}, over the {_mb(opts.max_record_bytes)} "
+                "limit per record (data.max_record_bytes)"
+            )
             continue
         try:
             row = json.loads(line)
@@ -196,9 +204,7 @@ def _sniff(path: Path, text: str, opts: ReadOptions) -> type[csv.Dialect]:
             return _dialect("\t")
         if "\n" not in sample.strip() or path.suffix.lower() == ".csv":
             return _dialect(",")  # one column, or nothing to tell: the extension decides
-        raise DataError(
-            f"{path}: cannot tell the delimiter (tried {SNIFF_DELIMITERS!r}); set data.delimiter"
-        ) from None
+        raise DataError(f"{path}: cannot tell the delimiter (tried {SNIFF_DELIMITERS!r}); set data.delimiter") from None
 
 
 def _has_header(first: list[str], text: str, opts: ReadOptions) -> bool:
@@ -216,8 +222,10 @@ def _require_columns(path: Path, columns: list[str], opts: ReadOptions, what: st
     """Every record of a table has the same columns, so a missing one is one error for the whole file."""
     missing = [f for f in opts.expected_fields if f not in columns]
     if missing:
-        raise DataError(f"{path}, line 1: no column {', '.join(map(repr, missing))} in {what}; columns: "
-                        f"{', '.join(columns)}. Map the right columns in [data.fields]")
+        raise DataError(
+            f"{path}, line 1: no column {', '.join(map(repr, missing))} in {what}; columns: "
+            f"{', '.join(columns)}. Map the right columns in [data.fields]"
+        )
 
 
 def _read_delimited(path: Path, text: str, opts: ReadOptions) -> Iterator[RawRecord | RecordProblem]:
@@ -239,11 +247,17 @@ def _read_delimited(path: Path, text: str, opts: ReadOptions) -> Iterator[RawRec
                     _require_columns(path, header, opts, "the header")
                     continue
                 header = list(opts.column_names) or [str(i) for i in range(1, len(row) + 1)]
-                _require_columns(path, header, opts, "this header-less file (columns are named 1, 2, ... "
-                                 "unless data.column_names names them)")
+                _require_columns(
+                    path,
+                    header,
+                    opts,
+                    "this header-less file (columns are named 1, 2, ... unless data.column_names names them)",
+                )
             if len(row) != len(header):
-                yield RecordProblem(f"{where}: {len(row)} columns, but the header has {len(header)} "
-                                    f"({', '.join(header)}); check quoting and the delimiter {dialect.delimiter!r}")
+                yield RecordProblem(
+                    f"{where}: {len(row)} columns, but the header has {len(header)} "
+                    f"({', '.join(header)}); check quoting and the delimiter {dialect.delimiter!r}"
+                )
                 continue
             fields = dict(zip(header, row, strict=True))
             yield _oversized(where, fields, opts.max_record_bytes) or RawRecord(where, fields)
@@ -261,8 +275,10 @@ def _read_parquet(path: Path, opts: ReadOptions) -> Iterator[RawRecord | RecordP
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
     missing = [f for f in opts.expected_fields if f not in table.schema_arrow.names]
     if missing:
-        raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; columns: "
-                        f"{', '.join(table.schema_arrow.names)}. Map the right columns in [data.fields]")
+        raise DataError(
+            f"{path}: no column {', '.join(map(repr, missing))}; columns: "
+            f"{', '.join(table.schema_arrow.names)}. Map the right columns in [data.fields]"
+        )
     row = 0
     for batch in table.iter_batches(batch_size=4096):
         for fields in batch.to_pylist():
@@ -276,8 +292,10 @@ def detect_format(path: Path, opts: ReadOptions) -> str:
         return opts.file_format
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataError(f"{path}: unknown file type {path.suffix!r}; expected one of "
-                        f"{', '.join(sorted(SUFFIX_FORMATS))} or set data.format")
+        raise DataError(
+            f"{path}: unknown file type {path.suffix!r}; expected one of "
+            f"{', '.join(sorted(SUFFIX_FORMATS))} or set data.format"
+        )
     return fmt
 
 
@@ -289,7 +307,7 @@ def read_file(path: Path, opts: ReadOptions) -> Iterator[RawRecord | RecordProbl
         return
     raw = path.read_bytes()
     if raw[:4] == b"PAR1":
-        raise DataError(f"{path}: this is a Parquet file; name it .parquet or set data.format = \"parquet\"")
+        raise DataError(f'{path}: this is a Parquet file; name it .parquet or set data.format = "parquet"')
     text = _decode(path, raw)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
@@ -303,8 +321,9 @@ def read_file(path: Path, opts: ReadOptions) -> Iterator[RawRecord | RecordProbl
         yield from _read_delimited(path, text, opts)
 
 
-def read_raw(path: Path,
-             opts: ReadOptions = _DEFAULT_OPTIONS) -> tuple[list[RawRecord], list[RecordProblem], list[FileSummary]]:
+def read_raw(
+    path: Path, opts: ReadOptions = _DEFAULT_OPTIONS
+) -> tuple[list[RawRecord], list[RecordProblem], list[FileSummary]]:
     """Every record under ``path`` (a file or a folder), the problems found, and a summary per file."""
     files, skipped = data_files(path)
     records: list[RawRecord] = []

@@ -70,8 +70,7 @@ def raw_value(record: RawRecord, columns: Columns, role: str) -> Any:
     return record.fields[column]
 
 
-def read_text(record: RawRecord, columns: Columns, role: str, single_line: bool = False,
-              required: bool = True) -> str:
+def read_text(record: RawRecord, columns: Columns, role: str, single_line: bool = False, required: bool = True) -> str:
     """The cleaned text of ``role``'s column ("" when absent and not ``required``)."""
     column = columns[role]
     if column not in record.fields and not required:

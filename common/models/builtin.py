@@ -53,8 +53,14 @@ BUILTIN_WEIGHTS: dict[str, WheelWeights] = {
     ),
 }
 
-_HF_DIR_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "vocab.txt")
+_HF_DIR_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 
 def cache_root() -> Path:

@@ -37,8 +37,10 @@ def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
     if model.name in TINY_MODELS:
         return resolve_tiny(model.name, seed)
     known = sorted(BUILTIN_WEIGHTS) + list(TINY_MODELS)
-    raise ConfigError(f"model.name = {model.name!r} is not a built-in model (known: {', '.join(known)}); "
-                      "give a local Hugging Face model directory with model.path instead")
+    raise ConfigError(
+        f"model.name = {model.name!r} is not a built-in model (known: {', '.join(known)}); "
+        "give a local Hugging Face model directory with model.path instead"
+    )
 
 
 def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
@@ -46,7 +48,10 @@ def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
     from fedtune.common.data.federation_data import agreed_labels
 
     return BaseModelSpec(
-        resolve_model_dir(cfg.model, cfg.run.seed), cfg.data.task, cfg.model.dtype, tuple(agreed_labels(cfg)),
+        resolve_model_dir(cfg.model, cfg.run.seed),
+        cfg.data.task,
+        cfg.model.dtype,
+        tuple(agreed_labels(cfg)),
         cfg.model.pooling,
     )
 

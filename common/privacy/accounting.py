@@ -27,7 +27,11 @@ def epsilon_spent(history: Sequence[StepGroup], delta: float, accountant: str = 
 
 
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str = "rdp",
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str = "rdp",
     prior: Sequence[StepGroup] = (),
 ) -> float:
     """Smallest noise multiplier (to 0.01 in epsilon) whose ``total_steps`` stay within the target.
@@ -38,21 +42,35 @@ def calibrate_noise(
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
-    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(total_steps), accountant,
-                      tuple((float(s), float(q), int(n)) for s, q, n in prior))
+    return _calibrate(
+        float(target_epsilon),
+        float(delta),
+        float(sample_rate),
+        int(total_steps),
+        accountant,
+        tuple((float(s), float(q), int(n)) for s, q, n in prior),
+    )
 
 
 @lru_cache(maxsize=1024)
 def _calibrate(
-    target_epsilon: float, delta: float, sample_rate: float, total_steps: int, accountant: str,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str,
     prior: tuple[StepGroup, ...],
 ) -> float:
     if prior:
         return _calibrate_after(target_epsilon, delta, sample_rate, total_steps, accountant, list(prior))
     return float(
         get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-            steps=total_steps, accountant=accountant, epsilon_tolerance=0.01,
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=accountant,
+            epsilon_tolerance=0.01,
         )
     )
 

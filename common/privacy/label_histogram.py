@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def noisy_label_histogram(labels: Sequence[int], num_classes: int, noise: float,
-                          rng: np.random.Generator) -> np.ndarray:
+def noisy_label_histogram(
+    labels: Sequence[int], num_classes: int, noise: float, rng: np.random.Generator
+) -> np.ndarray:
     """Counts per class plus N(0, noise^2) each: the Gaussian mechanism at sensitivity 1."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
     return counts + rng.normal(0.0, noise, size=num_classes)

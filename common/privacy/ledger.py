@@ -56,8 +56,9 @@ class PrivacyLedger:
             entries = [LedgerEntry(**e) for e in raw["entries"]]
             stored_delta, stored_acc = float(raw["delta"]), raw["accountant"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise LedgerError(f"{path}: unreadable privacy ledger ({exc}); "
-                              "restore it from backup, never delete it") from exc
+            raise LedgerError(
+                f"{path}: unreadable privacy ledger ({exc}); restore it from backup, never delete it"
+            ) from exc
         if stored_delta != delta or stored_acc != accountant:
             raise LedgerError(
                 f"{path}: ledger was kept at delta={stored_delta} with the {stored_acc} accountant, "
@@ -92,17 +93,33 @@ class PrivacyLedger:
         return after
 
     def record(
-        self, run_id: str, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
+        self,
+        run_id: str,
+        round_: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
         mechanism: str = "dp-sgd",
     ) -> LedgerEntry:
         """Append a release that actually happened and persist the ledger atomically."""
         entry = LedgerEntry(
-            run_id=run_id, round=round_, steps=steps, sample_rate=sample_rate, noise_multiplier=noise_multiplier,
-            epsilon=self.epsilon_if(noise_multiplier, sample_rate, steps), mechanism=mechanism,
+            run_id=run_id,
+            round=round_,
+            steps=steps,
+            sample_rate=sample_rate,
+            noise_multiplier=noise_multiplier,
+            epsilon=self.epsilon_if(noise_multiplier, sample_rate, steps),
+            mechanism=mechanism,
         )
         self.entries.append(entry)
-        atomic_write_json(self.path, {
-            "version": LEDGER_VERSION, "delta": self.delta, "accountant": self.accountant,
-            "epsilon": entry.epsilon, "entries": [asdict(e) for e in self.entries],
-        })
+        atomic_write_json(
+            self.path,
+            {
+                "version": LEDGER_VERSION,
+                "delta": self.delta,
+                "accountant": self.accountant,
+                "epsilon": entry.epsilon,
+                "entries": [asdict(e) for e in self.entries],
+            },
+        )
         return entry

@@ -22,15 +22,19 @@ class KeyPair:
     def generate(cls) -> KeyPair:
         key = X25519PrivateKey.generate()
         return cls(
-            private=key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                      serialization.NoEncryption()),
+            private=key.private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+            ),
             public=key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
         )
 
 
 def public_key_of(private: bytes) -> bytes:
-    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
 
 
 def agree(private: bytes, peer_public: bytes, info: bytes) -> bytes:

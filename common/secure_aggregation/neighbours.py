@@ -31,10 +31,7 @@ def neighbour_graph(sites: Sequence[int], k: int, seed: int) -> dict[int, tuple[
     if k >= n - 1:
         return {s: tuple(sorted(t for t in order if t != s)) for s in order}
     half = k // 2
-    return {
-        order[p]: tuple(sorted({order[(p + d) % n] for d in range(-half, half + 1) if d != 0}))
-        for p in range(n)
-    }
+    return {order[p]: tuple(sorted({order[(p + d) % n] for d in range(-half, half + 1) if d != 0})) for p in range(n)}
 
 
 def reconstruction_threshold(k: int, fraction: float = 0.5) -> int:

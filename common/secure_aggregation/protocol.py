@@ -131,8 +131,9 @@ class ClientRound:
     def _check(self, params: RoundParameters) -> None:
         floor = max(2, self.min_survivors_floor)
         if params.min_survivors < floor:
-            raise ProtocolViolation(f"the server would reveal sums over {params.min_survivors} sites; "
-                                    f"this site requires at least {floor}")
+            raise ProtocolViolation(
+                f"the server would reveal sums over {params.min_survivors} sites; this site requires at least {floor}"
+            )
         if params.index in params.neighbours or not params.neighbours:
             raise ProtocolViolation("malformed neighbour list")
         if not 2 <= params.threshold <= len(params.neighbours) + 1:
@@ -156,8 +157,9 @@ class ClientRound:
         if unknown:
             raise ProtocolViolation(f"shares from sites that are not neighbours: {sorted(unknown)}")
         if len(ciphertexts) + 1 < p.threshold:
-            raise ProtocolViolation(f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} "
-                                    "could never be met")
+            raise ProtocolViolation(
+                f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} could never be met"
+            )
         opened = {}
         for j, blob in ciphertexts.items():
             key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", p.round_tag, j, p.index))
@@ -167,8 +169,9 @@ class ClientRound:
         self.held_shares.update(opened)
         self.alive = tuple(sorted(ciphertexts))
 
-    def masked_input(self, ciphertexts: Mapping[int, bytes] | None, update: np.ndarray,
-                     rng: np.random.Generator | None = None) -> np.ndarray:
+    def masked_input(
+        self, ciphertexts: Mapping[int, bytes] | None, update: np.ndarray, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """``update`` quantised and weighted, plus a clipped-value count, masked (uint32).
 
         ``ciphertexts`` are the neighbours' shares, or None when :meth:`receive_shares` has
@@ -207,8 +210,10 @@ class ClientRound:
             raise ProtocolViolation("this site sent its masked input but is not listed as finished")
         floor = max(p.min_survivors, self.min_survivors_floor, 2)
         if len(alive_survivors) < floor:
-            raise ProtocolViolation(f"only {len(alive_survivors)} sites finished; unmasking would reveal a sum "
-                                    f"over fewer than {floor} sites")
+            raise ProtocolViolation(
+                f"only {len(alive_survivors)} sites finished; unmasking would reveal a sum "
+                f"over fewer than {floor} sites"
+            )
         self.unmasked = True
         mine = set(self.alive) | {p.index}
         b_out = {j: self.held_shares[j][0] for j in sorted(mine & alive_survivors)}
@@ -219,12 +224,21 @@ class ClientRound:
 class ServerRound:
     """The server's side of one round: assigns the graph, relays shares, removes masks."""
 
-    def __init__(self, round_tag: bytes, advertised: Mapping[int, Advertisement], clip_range: float,
-                 min_survivors: int, vector_length: int, neighbours: int = 0, threshold_fraction: float = 0.5):
+    def __init__(
+        self,
+        round_tag: bytes,
+        advertised: Mapping[int, Advertisement],
+        clip_range: float,
+        min_survivors: int,
+        vector_length: int,
+        neighbours: int = 0,
+        threshold_fraction: float = 0.5,
+    ):
         self.round_tag, self.clip_range, self.min_survivors = round_tag, clip_range, max(2, min_survivors)
         if len(advertised) < self.min_survivors:
-            raise SecureAggregationError(f"{len(advertised)} sites advertised keys; secure aggregation needs at least "
-                                         f"{self.min_survivors}")
+            raise SecureAggregationError(
+                f"{len(advertised)} sites advertised keys; secure aggregation needs at least {self.min_survivors}"
+            )
         self.vector_length = vector_length
         self.nodes = sorted(advertised)
         self.index = {node: i + 1 for i, node in enumerate(self.nodes)}
@@ -240,18 +254,23 @@ class ServerRound:
     def share_keys_requests(self) -> dict[int, RoundParameters]:
         return {
             self.node_of[i]: RoundParameters(
-                round_tag=self.round_tag, index=i,
+                round_tag=self.round_tag,
+                index=i,
                 neighbours={j: (self.ads[j].c_public, self.ads[j].s_public) for j in self.graph[i]},
-                threshold=self.threshold, min_survivors=self.min_survivors, clip_range=self.clip_range,
-                num_participants=len(self.nodes), total_examples=self.total_examples,
+                threshold=self.threshold,
+                min_survivors=self.min_survivors,
+                clip_range=self.clip_range,
+                num_participants=len(self.nodes),
+                total_examples=self.total_examples,
             )
             for i in self.node_of
         }
 
     def _require(self, count: int, step: str) -> None:
         if count < self.min_survivors:
-            raise SecureAggregationError(f"{step}: only {count} sites remain, fewer than the {self.min_survivors} "
-                                         "needed; the round is abandoned")
+            raise SecureAggregationError(
+                f"{step}: only {count} sites remain, fewer than the {self.min_survivors} needed; the round is abandoned"
+            )
 
     def route_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
         """Each site that shared its keys gets the ciphertexts its neighbours addressed to it."""
@@ -288,15 +307,17 @@ class ServerRound:
     def dropped_nodes(self) -> list[int]:
         return [self.node_of[i] for i in sorted(set(self.node_of) - set(self.masked))]
 
-    def _combine(self, owner: int, kind: int,
-                 answers: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> bytes:
+    def _combine(
+        self, owner: int, kind: int, answers: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]
+    ) -> bytes:
         # A share of the wrong size (a faulty site) counts as missing, not as a crash.
         holders = [h for h in sorted(answers) if len(answers[h][kind].get(owner, b"")) == 4 * _SHARE_WORDS]
         if len(holders) < self.threshold:
             what = "self-mask seed" if kind == 0 else "mask key"
             raise SecureAggregationError(
                 f"unmask: only {len(holders)} shares of site {self.node_of[owner]}'s {what} came back, "
-                f"{self.threshold} are needed; the round is abandoned")
+                f"{self.threshold} are needed; the round is abandoned"
+            )
         rows = np.stack([_decode_share(answers[h][kind][owner]) for h in holders])
         return combine_shares(holders, rows, self.threshold, SEED_BYTES)
 
@@ -328,6 +349,12 @@ class ServerRound:
 
 
 __all__ = [
-    "Advertisement", "ClientRound", "ProtocolViolation", "RoundParameters", "SecureAggregationError",
-    "SecureSum", "ServerRound", "ShareDecryptionError",
+    "Advertisement",
+    "ClientRound",
+    "ProtocolViolation",
+    "RoundParameters",
+    "SecureAggregationError",
+    "SecureSum",
+    "ServerRound",
+    "ShareDecryptionError",
 ]

@@ -40,8 +40,9 @@ class QuantisationGrid:
         return self.clip_range / self.levels
 
 
-def quantise(update: np.ndarray, weight: float, grid: QuantisationGrid, rng: np.random.Generator,
-             out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+def quantise(
+    update: np.ndarray, weight: float, grid: QuantisationGrid, rng: np.random.Generator, out: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
     """``update * weight`` on the grid, as uint32 (two's complement), and how many coordinates were clipped.
 
     This runs on every site in every secure round, so it makes few passes over one float64

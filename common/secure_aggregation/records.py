@@ -32,8 +32,11 @@ SECAGG_NEXT = "secagg-next"
 
 
 def _wrong(what: str, key: str, value: ConfigRecordValues, expected: str) -> ValueError:
-    got = (f"a list of {', '.join(sorted({type(v).__name__ for v in value}))}" if isinstance(value, list)
-           else type(value).__name__)
+    got = (
+        f"a list of {', '.join(sorted({type(v).__name__ for v in value}))}"
+        if isinstance(value, list)
+        else type(value).__name__
+    )
     return ValueError(f"{what} record: field {key!r} is {got}, expected {expected}")
 
 
@@ -92,8 +95,9 @@ def round_tag(run_id: str, round_: int) -> bytes:
 
 
 def advertisement_record(ad: Advertisement, tag: bytes) -> ConfigRecord:
-    return ConfigRecord({"round-tag": tag, "c-public": ad.c_public, "s-public": ad.s_public,
-                         "num-examples": ad.num_examples})
+    return ConfigRecord(
+        {"round-tag": tag, "c-public": ad.c_public, "s-public": ad.s_public, "num-examples": ad.num_examples}
+    )
 
 
 def advertisement_from(record: ConfigRecord, tag: bytes) -> Advertisement:
@@ -125,12 +129,20 @@ def inbox_from(record: ConfigRecord) -> tuple[bytes, dict[int, bytes]]:
 
 def params_record(p: RoundParameters) -> ConfigRecord:
     ids = sorted(p.neighbours)
-    return ConfigRecord({
-        "round-tag": p.round_tag, "index": p.index, "neighbours": ids,
-        "c-publics": [p.neighbours[j][0] for j in ids], "s-publics": [p.neighbours[j][1] for j in ids],
-        "threshold": p.threshold, "min-survivors": p.min_survivors, "clip-range": float(p.clip_range),
-        "num-participants": p.num_participants, "total-examples": p.total_examples,
-    })
+    return ConfigRecord(
+        {
+            "round-tag": p.round_tag,
+            "index": p.index,
+            "neighbours": ids,
+            "c-publics": [p.neighbours[j][0] for j in ids],
+            "s-publics": [p.neighbours[j][1] for j in ids],
+            "threshold": p.threshold,
+            "min-survivors": p.min_survivors,
+            "clip-range": float(p.clip_range),
+            "num-participants": p.num_participants,
+            "total-examples": p.total_examples,
+        }
+    )
 
 
 def params_from(record: ConfigRecord) -> RoundParameters:
@@ -138,9 +150,11 @@ def params_from(record: ConfigRecord) -> RoundParameters:
     ids = int_list_field(record, "neighbours", what)
     c_publics, s_publics = bytes_list_field(record, "c-publics", what), bytes_list_field(record, "s-publics", what)
     return RoundParameters(
-        round_tag=bytes_field(record, "round-tag", what), index=int_field(record, "index", what),
+        round_tag=bytes_field(record, "round-tag", what),
+        index=int_field(record, "index", what),
         neighbours={j: (c, s) for j, c, s in zip(ids, c_publics, s_publics, strict=True)},
-        threshold=int_field(record, "threshold", what), min_survivors=int_field(record, "min-survivors", what),
+        threshold=int_field(record, "threshold", what),
+        min_survivors=int_field(record, "min-survivors", what),
         clip_range=float_field(record, "clip-range", what),
         num_participants=int_field(record, "num-participants", what),
         total_examples=int_field(record, "total-examples", what),
@@ -152,8 +166,9 @@ def indexed_bytes_record(values: Mapping[int, bytes], ids: str = "ids", data: st
     return ConfigRecord({ids: keys, data: [values[k] for k in keys]})
 
 
-def indexed_bytes_from(record: ConfigRecord, ids: str = "ids", data: str = "data",
-                       what: str = "share ciphertexts") -> dict[int, bytes]:
+def indexed_bytes_from(
+    record: ConfigRecord, ids: str = "ids", data: str = "data", what: str = "share ciphertexts"
+) -> dict[int, bytes]:
     """The bytes by index; a record without the two fields holds none."""
     keys = int_list_field(record, ids, what) if ids in record else []
     values = bytes_list_field(record, data, what) if data in record else []
@@ -166,13 +181,16 @@ def unmask_request_record(tag: bytes, survivors: list[int], dropped: list[int]) 
 
 def unmask_reply_record(b_shares: Mapping[int, bytes], s_shares: Mapping[int, bytes]) -> ConfigRecord:
     b, s = sorted(b_shares), sorted(s_shares)
-    return ConfigRecord({"b-owners": b, "b-shares": [b_shares[k] for k in b],
-                         "s-owners": s, "s-shares": [s_shares[k] for k in s]})
+    return ConfigRecord(
+        {"b-owners": b, "b-shares": [b_shares[k] for k in b], "s-owners": s, "s-shares": [s_shares[k] for k in s]}
+    )
 
 
 def unmask_reply_from(record: ConfigRecord) -> tuple[dict[int, bytes], dict[int, bytes]]:
-    return (indexed_bytes_from(record, "b-owners", "b-shares", "unmask reply"),
-            indexed_bytes_from(record, "s-owners", "s-shares", "unmask reply"))
+    return (
+        indexed_bytes_from(record, "b-owners", "b-shares", "unmask reply"),
+        indexed_bytes_from(record, "s-owners", "s-shares", "unmask reply"),
+    )
 
 
 def masked_record(vector: np.ndarray) -> ArrayRecord:

@@ -61,8 +61,9 @@ class TaskShape:
     def classifies(self) -> bool:
         return self.head.classifies
 
-    def example(self, record: RawRecord, columns: Columns, labels: Sequence[str],
-                group_field: str = "") -> Example | RecordProblem | None:
+    def example(
+        self, record: RawRecord, columns: Columns, labels: Sequence[str], group_field: str = ""
+    ) -> Example | RecordProblem | None:
         """The example in ``record``, None if it is empty after cleaning, or a RecordProblem if malformed."""
         try:
             group = str(record.fields.get(group_field, "")) if group_field else ""

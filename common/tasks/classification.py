@@ -75,13 +75,14 @@ def resolve_label(value: Any, column: str, labels: Sequence[str]) -> str:
     if isinstance(value, int):
         if 0 <= value < len(labels):
             return labels[value]
-        raise BadRecord(f"field {column!r}: label index {value} is outside the agreed label set "
-                        f"(0..{len(labels) - 1})")
+        raise BadRecord(f"field {column!r}: label index {value} is outside the agreed label set (0..{len(labels) - 1})")
     if value is None:
         raise SkipRecord
     shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "...'"
-    raise BadRecord(f"field {column!r}: label {shown} is not in the agreed label set ({len(labels)} labels, "
-                    "from data.labels or data.labels_file)")
+    raise BadRecord(
+        f"field {column!r}: label {shown} is not in the agreed label set ({len(labels)} labels, "
+        "from data.labels or data.labels_file)"
+    )
 
 
 def _classification(record: RawRecord, columns: Columns, labels: Sequence[str], group: str) -> Example:

@@ -54,8 +54,9 @@ class GeneratorHead:
         return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
 
 
-def _example(text: str, target: str, group: str, context: tuple[tuple[str, str], ...] = (),
-             templated: bool = True) -> Example:
+def _example(
+    text: str, target: str, group: str, context: tuple[tuple[str, str], ...] = (), templated: bool = True
+) -> Example:
     if not text or not target:
         raise SkipRecord
     return Example(text, target, group, context, templated)
@@ -93,14 +94,15 @@ def _messages(value: Any, column: str) -> list[tuple[str, str]]:
         except json.JSONDecodeError as exc:
             raise BadRecord(f"field {column!r}: not a JSON list of messages ({exc.msg})") from None
     if not isinstance(value, list) or not value:
-        raise BadRecord(f"field {column!r}: expected a non-empty list of {{\"role\": ..., \"content\": ...}} messages")
+        raise BadRecord(f'field {column!r}: expected a non-empty list of {{"role": ..., "content": ...}} messages')
     turns = []
     for i, msg in enumerate(value, start=1):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or not isinstance(msg.get("content"), str):
-            raise BadRecord(f"field {column!r}, message {i}: expected {{\"role\": str, \"content\": str}}")
+            raise BadRecord(f'field {column!r}, message {i}: expected {{"role": str, "content": str}}')
         if msg["role"] not in CHAT_ROLES:
-            raise BadRecord(f"field {column!r}, message {i}: role {msg['role']!r} is not one of "
-                            f"{', '.join(CHAT_ROLES)}")
+            raise BadRecord(
+                f"field {column!r}, message {i}: role {msg['role']!r} is not one of {', '.join(CHAT_ROLES)}"
+            )
         turns.append((msg["role"], normalise_text(msg["content"])))
     return turns
 
@@ -112,8 +114,9 @@ def _chat(record: RawRecord, columns: Columns, labels: Sequence[str], group: str
     if not turns:
         raise SkipRecord
     if turns[-1][0] != "assistant":
-        raise BadRecord(f"field {column!r}: the last message must be the assistant's (the reply to learn), "
-                        f"got {turns[-1][0]!r}")
+        raise BadRecord(
+            f"field {column!r}: the last message must be the assistant's (the reply to learn), got {turns[-1][0]!r}"
+        )
     if len(turns) < 2 or turns[-2][0] != "user":
         raise BadRecord(f"field {column!r}: the assistant's last reply must follow a user message")
     return _example(turns[-2][1], turns[-1][1], group, tuple(turns[:-2]))

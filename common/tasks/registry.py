@@ -17,8 +17,9 @@ from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.classification import CLASSIFICATION
 from fedtune.common.tasks.generative import CHAT, INSTRUCTION, PROMPT_COMPLETION, QUESTION_ANSWER
 
-TASKS: dict[str, TaskShape] = {t.name: t for t in (CLASSIFICATION, CHAT, PROMPT_COMPLETION, QUESTION_ANSWER,
-                                                   INSTRUCTION)}
+TASKS: dict[str, TaskShape] = {
+    t.name: t for t in (CLASSIFICATION, CHAT, PROMPT_COMPLETION, QUESTION_ANSWER, INSTRUCTION)
+}
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
 

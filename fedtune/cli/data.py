@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedtune.cli.config_options import add_config_options
 from fedtune.cli.exit_codes import ExitCode
 from fedtune.common.config import ConfigError, FedtuneConfig, config_from_dict, load_config, preset_path
 from fedtune.common.data.readers import DataError
@@ -15,21 +16,24 @@ from fedtune.common.tasks.registry import TASK_NAMES, task_for
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="site data tools").add_subparsers(dest="data_command", required=True)
     check = data.add_parser(
-        "check", help="validate a site's data before training: counts, labels, token lengths, malformed records",
+        "check",
+        help="validate a site's data before training: counts, labels, token lengths, malformed records",
         description="Reads PATH (a file or folder) exactly as a site would at start-up and prints a summary. "
-                    "Exit status: 0 trainable, 1 not trainable, 2 bad usage or config. Nothing is sent anywhere.",
+        "Exit status: 0 trainable, 1 not trainable, 2 bad usage or config. Nothing is sent anywhere.",
     )
     check.add_argument("path", type=Path, help="data file (.jsonl, .json, .csv, .tsv, .parquet) or folder")
-    check.add_argument("--task", choices=TASK_NAMES, help="the task, named by the record shape (default: the "
-                       "config's data.task)")
-    check_cfg = check.add_mutually_exclusive_group()
-    check_cfg.add_argument("--config", type=Path, help="take field mapping, labels, model and privacy from this TOML")
-    check_cfg.add_argument("--preset", help="take them from a built-in config")
+    check.add_argument(
+        "--task", choices=TASK_NAMES, help="the task, named by the record shape (default: the config's data.task)"
+    )
+    add_config_options(
+        check,
+        config_help="take field mapping, labels, model and privacy from this TOML",
+        preset_help="take them from a built-in config",
+        set_help="e.g. data.fields.label=category, data.delimiter=';'",
+    )
     check.add_argument("--labels", type=Path, help="JSON list of the agreed label names (classification)")
     check.add_argument("--model", help="tokenizer for token lengths: built-in name or local model directory")
     check.add_argument("--no-tokens", action="store_true", help="skip tokenisation (no length histogram)")
-    check.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="e.g. data.fields.label=category, data.delimiter=';'")
     check.set_defaults(run=run)
 
 
@@ -46,14 +50,16 @@ def _check_config(args: argparse.Namespace) -> FedtuneConfig:
         value = Path(args.model).resolve() if key == "model.path" else args.model
         overrides.append(f"{key}={_toml_str(value)}")
     if args.config or args.preset:
-        return load_config(args.config or preset_path(args.preset), overrides + ["partition.scheme=\"iid\""])
+        return load_config(args.config or preset_path(args.preset), overrides + ['partition.scheme="iid"'])
     if not args.task:
         raise ConfigError("fedtune data check: give --task (one of " + ", ".join(TASK_NAMES) + ") or --config")
     classify = task_for(args.task).classifies
     raw = {"model": {"name": "minilm-l6" if classify else "smollm2-135m"}}
     if classify and not args.labels and not any(o.startswith("data.labels") for o in args.set):
-        raise ConfigError("fedtune data check: classification needs the federation's agreed labels: "
-                          "--labels FILE (a JSON list of names) or --set data.labels='[\"a\", \"b\"]'")
+        raise ConfigError(
+            "fedtune data check: classification needs the federation's agreed labels: "
+            '--labels FILE (a JSON list of names) or --set data.labels=\'["a", "b"]\''
+        )
     return config_from_dict(raw, "the command line", Path.cwd(), overrides)
 
 

@@ -5,36 +5,37 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedtune.cli.config_options import add_config_options, config_from_args
 from fedtune.cli.exit_codes import ExitCode
-from fedtune.common.config import load_config, preset_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    deploy = sub.add_parser("deploy", help="set up a real federation").add_subparsers(dest="deploy_command",
-                                                                                      required=True)
+    deploy = sub.add_parser("deploy", help="set up a real federation").add_subparsers(
+        dest="deploy_command", required=True
+    )
     init = deploy.add_parser(
-        "init", help="write the CA, TLS certificate, site keys, signing key, app bundle and start scripts",
+        "init",
+        help="write the CA, TLS certificate, site keys, signing key, app bundle and start scripts",
         description="Writes OUT/operator (keep private: CA and signing keys) and OUT/sites/<site> (hand each "
-                    "folder to its site). Prints the commands each role runs.",
+        "folder to its site). Prints the commands each role runs.",
     )
     init.add_argument("out", type=Path, help="new folder for everything generated")
-    init_cfg = init.add_mutually_exclusive_group()
-    init_cfg.add_argument("--config", type=Path, help="the federation's TOML config")
-    init_cfg.add_argument("--preset", help="a built-in config")
+    add_config_options(init, config_help="the federation's TOML config", preset_help="a built-in config")
     init.add_argument("--host", default="127.0.0.1", help="address sites use to reach the SuperLink")
     init.add_argument("--port", type=int, default=8000, help="SuperLink port (Fleet, Control and Runtime APIs)")
     init.add_argument("--sites", nargs="+", metavar="SITE_ID", help="site names (default: site-0 .. site-N-1)")
-    init.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     sign = deploy.add_parser(
-        "sign", help="rebuild and sign the app bundle after editing OUT/operator/app (bump its version)",
+        "sign",
+        help="rebuild and sign the app bundle after editing OUT/operator/app (bump its version)",
         description="Builds OUT/operator/app into a Flower app bundle, signs it with the operator's key and "
-                    "stores it in OUT/operator/registry, where the app registry serves it to the SuperLink.",
+        "stores it in OUT/operator/registry, where the app registry serves it to the SuperLink.",
     )
     sign.add_argument("out", type=Path, help="the folder `fedtune deploy init` wrote")
     registry = deploy.add_parser(
-        "registry", help="serve the signed app bundles to the SuperLink (run beside it)",
+        "registry",
+        help="serve the signed app bundles to the SuperLink (run beside it)",
         description="A Hub-compatible endpoint on 127.0.0.1 for `flwr run @fedtune/fedtune-app==VERSION`. "
-                    "It holds no secret: sites check the signatures themselves.",
+        "It holds no secret: sites check the signatures themselves.",
     )
     registry.add_argument("out", type=Path, help="the folder `fedtune deploy init` wrote")
     init.set_defaults(run=_deploy_init)
@@ -45,15 +46,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _deploy_init(args: argparse.Namespace) -> ExitCode:
     from fedtune.deploy.bundle import init_deployment
 
-    cfg = load_config(args.config or (preset_path(args.preset) if args.preset else None), args.set)
+    cfg = config_from_args(args)
     d = init_deployment(args.out, cfg, args.host, args.port, args.sites)
     o = d.operator
-    print(f"wrote {d.root}\n\noperator (keep {o} private):\n  {o / 'start-registry.sh'}   # serves the signed app\n"
-          f"  {o / 'start-superlink.sh'}\n  {o / 'register-sites.sh'}   # once the SuperLink is up\n"
-          f"  {o / 'run-federation.sh'}\n  {o / 'sign-app.sh'}   # after editing {d.app}\n\neach site:")
+    print(
+        f"wrote {d.root}\n\noperator (keep {o} private):\n  {o / 'start-registry.sh'}   # serves the signed app\n"
+        f"  {o / 'start-superlink.sh'}\n  {o / 'register-sites.sh'}   # once the SuperLink is up\n"
+        f"  {o / 'run-federation.sh'}\n  {o / 'sign-app.sh'}   # after editing {d.app}\n\neach site:"
+    )
     for site in d.sites:
-        print(f"  give {d.site_dir(site)} to {site}; it edits policy.toml (data_path, limits) and runs "
-              f"start-supernode.sh")
+        print(
+            f"  give {d.site_dir(site)} to {site}; it edits policy.toml (data_path, limits) and runs start-supernode.sh"
+        )
     return ExitCode.OK
 
 
@@ -63,7 +67,8 @@ def _deploy_sign(args: argparse.Namespace) -> ExitCode:
 
     d = load_deployment(args.out)
     app = publish_app(d.app, d.operator / "signing.key", d.signing_key_id, d.registry)
-    print(f"signed {app.spec}: {app.fab}\nrun it with: flwr run {app.spec} --stream (see {d.operator / 'run-federation.sh'})")
+    script = d.operator / "run-federation.sh"
+    print(f"signed {app.spec}: {app.fab}\nrun it with: flwr run {app.spec} --stream (see {script})")
     return ExitCode.OK
 
 

@@ -32,8 +32,12 @@ COMMANDS = (simulate_command, config_command, data_command, deploy_command, mode
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated DP-LoRA fine-tuning with Flower.")
     parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show fedtune's INFO lines and Flower's and Ray's logs on the console")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show fedtune's INFO lines and Flower's and Ray's logs on the console",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

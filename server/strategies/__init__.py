@@ -19,8 +19,12 @@ def available_strategies() -> dict[str, type[Strategy]]:
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
         for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, Strategy) and value is not Strategy \
-                    and value.__module__ == module.__name__:
+            if (
+                isinstance(value, type)
+                and issubclass(value, Strategy)
+                and value is not Strategy
+                and value.__module__ == module.__name__
+            ):
                 # Annotated: where mypy cannot resolve fedtune.* (the editable install maps it), Strategy is
                 # Any to it and ``value`` stays a bare ``type``.
                 strategy: type[Strategy] = value
@@ -32,8 +36,9 @@ def build_strategy(federation: FederationConfig) -> Strategy:
     """The configured strategy, or a ConfigError naming the known ones."""
     known = available_strategies()
     if federation.strategy not in known:
-        raise ConfigError(f"federation.strategy = {federation.strategy!r} is not a known strategy; known: "
-                          f"{', '.join(sorted(known))}")
+        raise ConfigError(
+            f"federation.strategy = {federation.strategy!r} is not a known strategy; known: {', '.join(sorted(known))}"
+        )
     return known[federation.strategy]()
 
 

@@ -7,6 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedtune.common.config import load_config, preset_path
+from fedtune.common.wire import TrainReport
 from tests.benchmarks.scripts import load_benchmark_script
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -36,13 +37,14 @@ def test_wire_bytes_count_every_value_once():
     assert communication.values_in(_message(a=a, b=b).content) == 2000
 
 
+REPORT = TrainReport(num_examples=1, steps=1, epsilon_spent=1.0, noise_multiplier=1.0, sample_rate=0.1)
+
+
 def test_secure_round_measures_every_step_and_unmasks_the_true_mean():
     cfg = load_config(preset_path("banking77-minilm"))
     down = {"b": np.zeros((20, 10), np.float32), "head": np.zeros(7, np.float32)}
     rng = np.random.default_rng(1)
-    rounds = {
-        n: communication.secure_round(cfg, down, "fp", n, {"num-examples": 1}, {"loss": 1.0}, rng) for n in (3, 5)
-    }
+    rounds = {n: communication.secure_round(cfg, down, "fp", n, REPORT, {"loss": 1.0}, rng) for n in (3, 5)}
     for n, result in rounds.items():
         assert result.relative_error < 1e-6
         assert set(result.exchanges) and len(result.exchanges) == n

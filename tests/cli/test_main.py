@@ -31,8 +31,21 @@ def test_version(capsys):
 
 
 def test_an_unknown_built_in_model_is_a_usage_error(capsys):
-    code = main(["data", "check", str(BANKING / "train.csv"), "--task", "classification", "--labels",
-                 str(BANKING / "categories.json"), "--set", "data.fields.label='category'", "--model", "minilm-l12"])
+    code = main(
+        [
+            "data",
+            "check",
+            str(BANKING / "train.csv"),
+            "--task",
+            "classification",
+            "--labels",
+            str(BANKING / "categories.json"),
+            "--set",
+            "data.fields.label='category'",
+            "--model",
+            "minilm-l12",
+        ]
+    )
     assert code == ExitCode.USAGE
     line = _one_line_error(capsys)
     assert "model.name = 'minilm-l12' is not a built-in model" in line and "model.path" in line
@@ -73,8 +86,17 @@ def test_ctrl_c_says_how_to_resume(capsys, monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("flwr.simulation.run_simulation", interrupted)
-    code = main(["simulate", "--set", "federation.rounds=1", "--set", "model.name='tiny-bert'",
-                 "--set", f"run.output_dir='{tmp_path}'"])
+    code = main(
+        [
+            "simulate",
+            "--set",
+            "federation.rounds=1",
+            "--set",
+            "model.name='tiny-bert'",
+            "--set",
+            f"run.output_dir='{tmp_path}'",
+        ]
+    )
     assert code == ExitCode.INTERRUPTED
     line = _one_line_error(capsys)
     (run_dir,) = tmp_path.iterdir()

@@ -19,7 +19,9 @@ QA = [
     Example("Who gets gout?", "Mostly adult men; risk rises with age and uric acid levels."),
     Example("Is asthma curable?", "No, but it can be controlled with medicines and by avoiding triggers."),
     Example("What causes flu?", "Influenza viruses."),
-    Example("How is diabetes diagnosed?", "With blood tests such as fasting glucose and the A1C test, repeated to confirm."),
+    Example(
+        "How is diabetes diagnosed?", "With blood tests such as fasting glucose and the A1C test, repeated to confirm."
+    ),
     Example("What is a stroke?", "Brain damage caused by interrupted blood flow."),
 ]
 INTENTS = [
@@ -56,8 +58,12 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step(spec_name, ffa, req
     torch.manual_seed(0)  # same dropout masks in both runs
     train_adapter(model, data, task_for(spec.task), plan)
     torch.manual_seed(0)
-    train_adapter(twin, data, task_for(spec.task),
-                  LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": 1e6}))
+    train_adapter(
+        twin,
+        data,
+        task_for(spec.task),
+        LocalTrainPlan(**{**plan.__dict__, "noise_multiplier": 0.0, "max_grad_norm": 1e6}),
+    )
     plain, private = adapter_state(model, ffa=False), adapter_state(twin, ffa=False)
     moved = [k for k in plain if not torch.allclose(torch.from_numpy(plain[k]), torch.from_numpy(before[k]))]
     assert moved, "the plain step did not move any adapter weight"
@@ -74,7 +80,9 @@ def test_dp_step_clips_each_record_and_adds_calibrated_noise(tiny_bert_spec):
     model, data = _setup(tiny_bert_spec)
     before = {k: torch.from_numpy(v) for k, v in adapter_state(model, ffa=False).items()}
     clip, lr = 1e-3, 1.0
-    plan = LocalTrainPlan(steps=1, batch_size=6, lr=lr, optimizer="sgd", noise_multiplier=0.0, max_grad_norm=clip, seed=3)
+    plan = LocalTrainPlan(
+        steps=1, batch_size=6, lr=lr, optimizer="sgd", noise_multiplier=0.0, max_grad_norm=clip, seed=3
+    )
     noisy_model = copy.deepcopy(model)
     train_adapter(model, data, CLASSIFICATION, plan)
     after = {k: torch.from_numpy(v) for k, v in adapter_state(model, ffa=False).items()}
@@ -88,8 +96,9 @@ def test_dp_step_clips_each_record_and_adds_calibrated_noise(tiny_bert_spec):
 def test_training_touches_only_adapter_parameters(tiny_llama_spec):
     model, data = _setup(tiny_llama_spec)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    train_adapter(model, data, QUESTION_ANSWER,
-                  LocalTrainPlan(steps=2, batch_size=3, lr=0.1, noise_multiplier=1.0, seed=1))
+    train_adapter(
+        model, data, QUESTION_ANSWER, LocalTrainPlan(steps=2, batch_size=3, lr=0.1, noise_multiplier=1.0, seed=1)
+    )
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
@@ -106,8 +115,14 @@ def test_class_weights_scale_each_record_loss_in_private_and_plain_steps(tiny_be
         for weights in ((), (2.0, 2.0, 2.0)):
             twin = copy.deepcopy(model)
             torch.manual_seed(0)  # same dropout masks in every run
-            train_adapter(twin, data, CLASSIFICATION, LocalTrainPlan(
-                **{**plan.__dict__, "class_weights": weights, "noise_multiplier": private, "max_grad_norm": 1e6}))
+            train_adapter(
+                twin,
+                data,
+                CLASSIFICATION,
+                LocalTrainPlan(
+                    **{**plan.__dict__, "class_weights": weights, "noise_multiplier": private, "max_grad_norm": 1e6}
+                ),
+            )
             moved.append({k: torch.from_numpy(v) - before[k] for k, v in adapter_state(twin, ffa=False).items()})
         for key in before:
             torch.testing.assert_close(moved[1][key], 2 * moved[0][key], rtol=1e-4, atol=1e-7)

@@ -20,6 +20,7 @@ from fedtune.common.secure_aggregation.protocol import ProtocolViolation, Secure
 from fedtune.common.secure_aggregation.records import round_tag
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
 from fedtune.server.secure_rounds import set_up_round
+from tests.plans import train_plan
 from tests.secure_sites import EXAMPLES, NODES, SETTINGS, Sites, random_updates, secure_round, weighted_mean
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -112,7 +113,7 @@ def test_a_train_request_with_unusable_shares_is_refused_before_any_training(tmp
 
     from fedtune.client.app import build_client_app
     from fedtune.common.secure_aggregation.records import inbox_record
-    from fedtune.common.wire import ADAPTER, PLAN, SECAGG, SiteState, SiteStatus, TrainPlan, to_array_record
+    from fedtune.common.wire import ADAPTER, PLAN, SECAGG, SiteState, SiteStatus, to_array_record
 
     sites = Sites(tmp_path)
     tag = round_tag("run", 1)
@@ -122,10 +123,18 @@ def test_a_train_request_with_unusable_shares_is_refused_before_any_training(tmp
     inbox[sender] = inbox[sender][:-1] + bytes([inbox[sender][-1] ^ 1])  # tampered in transit
     site = SiteThatMustNotTrain(tmp_path)
     app = build_client_app(lambda context: site)
-    plan = TrainPlan(run_id="run", round=1, total_rounds=2, local_steps=1, batch_size=8, lr=0.1, optimizer="sgd",
-                     dp=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, secure_aggregation=True).to_record()
-    request = Message(RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, dtype=np.float32)}), PLAN: plan,
-                                  SECAGG: inbox_record(tag, inbox)}), message_type=MessageType.TRAIN, dst_node_id=11)
+    plan = train_plan(secure_aggregation=True).to_record()
+    request = Message(
+        RecordDict(
+            {
+                ADAPTER: to_array_record({"w": np.zeros(4, dtype=np.float32)}),
+                PLAN: plan,
+                SECAGG: inbox_record(tag, inbox),
+            }
+        ),
+        message_type=MessageType.TRAIN,
+        dst_node_id=11,
+    )
     request.metadata.__dict__["_message_id"] = request.object_id
     reply = app(request, sites.contexts[11])  # the site's context holds round 1, set up
     status = SiteStatus.from_content(reply.content)

@@ -25,8 +25,9 @@ def _request(record: ConfigRecord, message_type: str) -> Message:
 
 
 def test_a_malformed_request_is_refused_naming_the_field():
-    reply = secure_aggregation.advertise_step(_request(ConfigRecord({"round-tag": "not bytes"}), ADVERTISE),
-                                              _context(), "north", lambda context: (10, 2))
+    reply = secure_aggregation.advertise_step(
+        _request(ConfigRecord({"round-tag": "not bytes"}), ADVERTISE), _context(), "north", lambda context: (10, 2)
+    )
     status = SiteStatus.from_content(reply.content)
     assert status.state is SiteState.REFUSED
     assert status.reason == "advertise request record: field 'round-tag' is str, expected bytes"
@@ -44,8 +45,9 @@ def test_a_damaged_saved_round_is_an_error_naming_the_slot_and_field():
     context = _context()
     secure_aggregation.advertise(context, TAG, 10, 2)
     context.state.config_records["secagg-next"]["num-examples"] = "10"
-    with pytest.raises(ValueError, match="site state 'secagg-next' record: field 'num-examples' is str, "
-                                         "expected an integer"):
+    with pytest.raises(
+        ValueError, match="site state 'secagg-next' record: field 'num-examples' is str, expected an integer"
+    ):
         secure_aggregation.open_inbox(context, TAG, {})
     with pytest.raises(ProtocolViolation, match="this site holds"):
         secure_aggregation.open_inbox(context, b"fedtune/run/2", {})

@@ -14,6 +14,7 @@ from fedtune.common.data.federation_data import SiteSplit
 from fedtune.common.data.shapes import Example
 from fedtune.common.privacy.accounting import epsilon_spent
 from fedtune.common.wire import TrainPlan
+from tests.plans import train_plan
 
 SAMPLES = Path(__file__).resolve().parents[2] / "common" / "data" / "samples"
 
@@ -27,7 +28,7 @@ name = "tiny-llama"
 max_length = 32
 [data]
 task = "question-answer"
-path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
+path = "{SAMPLES / "medquad" / "medquad_sample.jsonl"}"
 """)
     cfg = load_config(toml)
     split = SiteSplit(
@@ -38,9 +39,8 @@ path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
 
 
 def _request(round_: int, **kw) -> TrainPlan:
-    base = dict(run_id="run-1", round=round_, total_rounds=2, local_steps=3, batch_size=8, lr=0.01,
-                optimizer="adam", dp=True, target_epsilon=3.0, delta=1e-3, max_grad_norm=1.0)
-    return TrainPlan(**{**base, **kw})
+    base = dict(run_id="run-1", round=round_, local_steps=3, lr=0.01, optimizer="adam", target_epsilon=3.0, delta=1e-3)
+    return train_plan(**{**base, **kw})
 
 
 def test_site_spends_within_budget_then_refuses(site):
@@ -95,7 +95,7 @@ def test_balanced_class_weights_come_from_a_dp_histogram_charged_once(tmp_path, 
 name = "tiny-bert"
 max_length = 16
 [data]
-path = "{SAMPLES / 'banking77' / 'train.csv'}"
+path = "{SAMPLES / "banking77" / "train.csv"}"
 labels = {json.dumps(labels)}
 [train]
 class_weighting = "balanced"
@@ -110,7 +110,10 @@ histogram_noise = 5.0
     site.train(_request(2, delta=1e-3), first.adapter)
     ledger = json.loads(site.ledger_path.read_text())
     assert [(e["mechanism"], e["round"]) for e in ledger["entries"]] == [
-        ("label-histogram", 1), ("dp-sgd", 1), ("dp-sgd", 2)]
+        ("label-histogram", 1),
+        ("dp-sgd", 1),
+        ("dp-sgd", 2),
+    ]
     assert (ledger["entries"][0]["noise_multiplier"], ledger["entries"][0]["sample_rate"]) == (5.0, 1.0)
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger["entries"]]
     assert 2.9 <= epsilon_spent(history, 1e-3) <= 3.0, "the histogram shares the budget; noise was calibrated for it"

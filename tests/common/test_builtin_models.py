@@ -37,8 +37,12 @@ def test_smollm2_gguf_is_dequantised_into_a_plain_bf16_directory(tmp_path, monke
     assert sum(p.numel() for p in model.parameters()) > 130e6
     tok = AutoTokenizer.from_pretrained(directory)
     assert tok.chat_template
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is diabetes?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is diabetes?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert "diabetes" in tok.decode(out[0]).lower()
 

@@ -105,8 +105,11 @@ def test_headerless_pipe_file_with_column_names(tmp_path, medquad):
     rows = _qa(medquad)
     path = _write_csv(tmp_path / "qa.txt", rows, delimiter="|", header=False)
     by_number = prepare(path, _data(None, "question-answer", fields=FieldMap(question="1", answer="2")), [])
-    named = prepare(path, _data(None, "question-answer", column_names=["q", "a", "src"],
-                                fields=FieldMap(question="q", answer="a")), [])
+    named = prepare(
+        path,
+        _data(None, "question-answer", column_names=["q", "a", "src"], fields=FieldMap(question="q", answer="a")),
+        [],
+    )
     assert _qa_pairs(by_number) == _qa_pairs(named) == _clean(rows)
 
 
@@ -122,14 +125,26 @@ def test_a_folder_of_mixed_files_is_read_in_name_order(tmp_path, medquad):
     got = prepare(folder, _data(None, "question-answer"), [])
     assert _qa_pairs(got) == _clean(rows)
     assert [(f.path.name, f.records) for f in got.report.files] == [
-        ("a.jsonl", 10), ("b.csv", 10), ("c.parquet", 10), ("LICENSE", 0)]
+        ("a.jsonl", 10),
+        ("b.csv", 10),
+        ("c.parquet", 10),
+        ("LICENSE", 0),
+    ]
     assert got.report.files[-1].file_format == "skipped"
 
 
 def test_medquad_as_chat_in_jsonl_csv_and_parquet(tmp_path, medquad):
     system = {"role": "system", "content": "You answer patients' questions."}
-    rows = [{"messages": [system, {"role": "user", "content": r["question"]},
-                          {"role": "assistant", "content": r["answer"]}]} for r in medquad]
+    rows = [
+        {
+            "messages": [
+                system,
+                {"role": "user", "content": r["question"]},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        }
+        for r in medquad
+    ]
     _write_jsonl(tmp_path / "chat.jsonl", rows)
     _write_csv(tmp_path / "chat.csv", [{"messages": json.dumps(r["messages"])} for r in rows])
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
@@ -140,8 +155,12 @@ def test_medquad_as_chat_in_jsonl_csv_and_parquet(tmp_path, medquad):
 
 
 def test_multi_turn_chat_learns_the_last_assistant_turn(tmp_path):
-    turns = [{"role": "user", "content": "What is gout?"}, {"role": "assistant", "content": "A form of arthritis."},
-             {"role": "user", "content": "Who gets it?"}, {"role": "assistant", "content": "Mostly older men."}]
+    turns = [
+        {"role": "user", "content": "What is gout?"},
+        {"role": "assistant", "content": "A form of arthritis."},
+        {"role": "user", "content": "Who gets it?"},
+        {"role": "assistant", "content": "Mostly older men."},
+    ]
     got = prepare(_write_jsonl(tmp_path / "c.jsonl", [{"messages": turns}]), _data(None, "chat"), [])
     (example,) = got.examples
     assert (example.text, example.target) == ("Who gets it?", "Mostly older men.")
@@ -152,8 +171,10 @@ def test_prompt_completion_is_raw_text_and_instruction_joins_input(tmp_path, med
     from fedtune.common.models.loading import load_tokenizer
 
     pc = [{"prompt": r["question"], "completion": r["answer"]} for r in medquad[:5]]
-    alpaca = [{"instruction": "Answer the patient's question.", "input": r["question"], "output": r["answer"]}
-              for r in medquad[:4]] + [{"instruction": medquad[4]["question"], "input": "", "output": medquad[4]["answer"]}]
+    alpaca = [
+        {"instruction": "Answer the patient's question.", "input": r["question"], "output": r["answer"]}
+        for r in medquad[:4]
+    ] + [{"instruction": medquad[4]["question"], "input": "", "output": medquad[4]["answer"]}]
     raw = prepare(_write_jsonl(tmp_path / "pc.jsonl", pc), _data(None, "prompt-completion"), [])
     inst = prepare(_write_jsonl(tmp_path / "alpaca.jsonl", alpaca), _data(None, "instruction"), [])
     assert [e.templated for e in raw.examples] == [False] * 5
@@ -168,7 +189,8 @@ def test_prompt_completion_is_raw_text_and_instruction_joins_input(tmp_path, med
     assert "Answer:" not in tok.decode(prompt_raw) and "Answer: " in tok.decode(prompt_inst)
     short = head.encode([Example("Gout is", "arthritis.", templated=False)], tok, [], 256)
     assert short.input_ids[0] == tok("Gout is")["input_ids"] + tok("arthritis.", add_special_tokens=False)[
-        "input_ids"] + [tok.eos_token_id]
+        "input_ids"
+    ] + [tok.eos_token_id]
 
 
 def test_banking77_classification_labels_by_name_index_or_digit_string(tmp_path, banking, labels):
@@ -177,8 +199,11 @@ def test_banking77_classification_labels_by_name_index_or_digit_string(tmp_path,
     index_rows = [{"text": r["text"], "category": labels.index(r["category"])} for r in banking]
     pq.write_table(pa.Table.from_pylist(index_rows), tmp_path / "ints.parquet")
     by_int = prepare(tmp_path / "ints.parquet", _data(None, "classification", fields=fields), labels)
-    by_digits = prepare(_write_csv(tmp_path / "digits.tsv", index_rows, delimiter="\t"),
-                        _data(None, "classification", fields=fields), labels)
+    by_digits = prepare(
+        _write_csv(tmp_path / "digits.tsv", index_rows, delimiter="\t"),
+        _data(None, "classification", fields=fields),
+        labels,
+    )
     expected = [(" ".join(r["text"].split()), r["category"]) for r in banking]
     for got in (by_name, by_int, by_digits):
         assert [(e.text, e.target) for e in got.examples] == expected
@@ -201,8 +226,10 @@ def test_cleaning_normalises_whitespace_and_drops_empty_and_duplicate_records(tm
         {"question": "Cafe\u0301?", "answer": "NFC"},
     ]
     got = prepare(_write_jsonl(tmp_path / "d.jsonl", rows), _data(None, "question-answer"), [])
-    assert [(e.text, e.target) for e in got.examples] == [("What is gout?", "Arthritis.\n\nPainful."),
-                                                          ("Caf\u00e9?", "NFC")]
+    assert [(e.text, e.target) for e in got.examples] == [
+        ("What is gout?", "Arthritis.\n\nPainful."),
+        ("Caf\u00e9?", "NFC"),
+    ]
     r = got.report
     assert (r.records_read, r.duplicates_dropped, r.empty_dropped, r.examples) == (5, 1, 2, 2)
 
@@ -220,7 +247,8 @@ def test_read_raw_keeps_file_and_line_of_every_record(tmp_path):
 
 def test_jsonl_lines_split_on_newline_only(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"question": "a\u2028b", "answer": "c\u0085d"}\r\n{"question": "e", "answer": "f"}\n',
-                    encoding="utf-8")
+    path.write_text(
+        '{"question": "a\u2028b", "answer": "c\u0085d"}\r\n{"question": "e", "answer": "f"}\n', encoding="utf-8"
+    )
     records, problems, _ = read_raw(path)
     assert not problems and [r.where for r in records] == [f"{path}, line 1", f"{path}, line 2"]

@@ -19,7 +19,9 @@ def test_banking77_preset_gives_disjoint_skewed_sites_and_a_separate_test_set():
     assert len(sites) == 3 and len(test) == cfg.data.max_eval_examples
     texts = [{(e.text, e.target) for e in s.train + s.val} for s in sites]
     assert not (texts[0] & texts[1]) and not (texts[1] & texts[2])
-    assert sum(len(s.train) + len(s.val) for s in sites) == len(read_raw(cfg.data.path)[0])  # the sample has no duplicates
+    assert sum(len(s.train) + len(s.val) for s in sites) == len(
+        read_raw(cfg.data.path)[0]
+    )  # the sample has no duplicates
 
 
 @pytest.mark.skipif(not (SHARED / "medquad" / "medquad.jsonl").exists(), reason="shared data not on this machine")
@@ -29,7 +31,7 @@ def test_full_medquad_split_by_source_is_nine_hospitals(tmp_path):
 [model]
 name = "tiny-llama"
 [data]
-path = "{SHARED / 'medquad' / 'medquad.jsonl'}"
+path = "{SHARED / "medquad" / "medquad.jsonl"}"
 task = "question-answer"
 [partition]
 scheme = "column"
@@ -92,7 +94,9 @@ num_clients = 2
     assert {e.text for e in site1.train + site1.val} == {f"qb{i}" for i in range(10)}
     assert [e.text for e in server_test_set(cfg)] == ["t"]
     (tmp_path / "g.toml").write_text(body.replace("num_clients = 2", "num_clients = 3"))
-    with pytest.raises(ConfigError, match="needs one data.site_paths entry per site: got 2 for partition.num_clients = 3"):
+    with pytest.raises(
+        ConfigError, match="needs one data.site_paths entry per site: got 2 for partition.num_clients = 3"
+    ):
         load_config(tmp_path / "g.toml")
     legacy = body.replace('name = "tiny-llama"', 'name = "tiny-llama"\ntask = "classification"')  # model.task
     (tmp_path / "h.toml").write_text(legacy)

@@ -12,8 +12,9 @@ from fedtune.common.losses import per_sample_causal_lm_loss
 def test_per_record_loss_ignores_other_records_and_prompt_tokens():
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11)
-    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX],
-                           [IGNORE_INDEX, 1, 2, 3, 4, 5]])
+    labels = torch.tensor(
+        [[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX, 1, 2, 3, 4, 5]]
+    )
     losses, counts = per_sample_causal_lm_loss(logits, labels)
     assert counts.tolist() == [2, 5]
     alone, _ = per_sample_causal_lm_loss(logits[:1], labels[:1])

@@ -55,7 +55,7 @@ def test_exported_classifier_keeps_its_pooling(tiny_bert_spec, tmp_path):
 
     model, _ = build_adapted_model(tiny_bert_spec, LoraSettings(rank=2, ffa=True))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     model.eval()
@@ -67,7 +67,11 @@ def test_exported_classifier_keeps_its_pooling(tiny_bert_spec, tmp_path):
 
     with torch.no_grad():
         loaded = load_exported_classifier(tmp_path)(input_ids=ids, attention_mask=mask).logits
-        plain = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()(input_ids=ids, attention_mask=mask).logits
+        plain = (
+            AutoModelForSequenceClassification.from_pretrained(tmp_path)
+            .eval()(input_ids=ids, attention_mask=mask)
+            .logits
+        )
     torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain, expected, atol=1e-3), "plain loading drops the pooling: the loader is needed"
 

@@ -157,7 +157,7 @@ def test_full_round_reveals_the_weighted_mean_and_masked_vectors_look_random():
     assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, sorted(updates))) < 1e-6
     for node, vector in masked.items():
         assert vector.dtype == np.uint32 and vector.shape == (5_001,), "32 bits a value, plus the clip count"
-        quantised = (updates[node].astype(np.float64) * counts[node])
+        quantised = updates[node].astype(np.float64) * counts[node]
         corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), quantised)[0, 1]
         assert abs(corr) < 5 / np.sqrt(5_000), f"masked vector of {node} correlates with its update ({corr:.3f})"
 

@@ -29,8 +29,16 @@ def _over_the_wire(record: ConfigRecord) -> ConfigRecord:
 
 
 def test_records_survive_flowers_serialisation():
-    params = RoundParameters(round_tag=TAG, index=2, neighbours={1: (b"c1", b"s1"), 3: (b"c3", b"s3")}, threshold=2,
-                             min_survivors=2, clip_range=0.5, num_participants=3, total_examples=750)
+    params = RoundParameters(
+        round_tag=TAG,
+        index=2,
+        neighbours={1: (b"c1", b"s1"), 3: (b"c3", b"s3")},
+        threshold=2,
+        min_survivors=2,
+        clip_range=0.5,
+        num_participants=3,
+        total_examples=750,
+    )
     assert params_from(_over_the_wire(params_record(params))) == params
     ad = Advertisement(b"c" * 32, b"s" * 32, 10)
     assert advertisement_from(_over_the_wire(advertisement_record(ad, TAG)), TAG) == ad
@@ -41,13 +49,16 @@ def test_records_survive_flowers_serialisation():
     assert indexed_bytes_from(ConfigRecord()) == {}
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("num-examples", "10", "advertisement record: field 'num-examples' is str, expected an integer"),
-    ("num-examples", True, "advertisement record: field 'num-examples' is bool, expected an integer"),
-    ("num-examples", 10.0, "advertisement record: field 'num-examples' is float, expected an integer"),
-    ("c-public", "c" * 32, "advertisement record: field 'c-public' is str, expected bytes"),
-    ("round-tag", [TAG], "advertisement record: field 'round-tag' is a list of bytes, expected bytes"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("num-examples", "10", "advertisement record: field 'num-examples' is str, expected an integer"),
+        ("num-examples", True, "advertisement record: field 'num-examples' is bool, expected an integer"),
+        ("num-examples", 10.0, "advertisement record: field 'num-examples' is float, expected an integer"),
+        ("c-public", "c" * 32, "advertisement record: field 'c-public' is str, expected bytes"),
+        ("round-tag", [TAG], "advertisement record: field 'round-tag' is a list of bytes, expected bytes"),
+    ],
+)
 def test_a_malformed_advertisement_names_the_field_and_the_type_expected(field, value, message):
     record = advertisement_record(Advertisement(b"c" * 32, b"s" * 32, 10), TAG)
     record[field] = value
@@ -57,12 +68,21 @@ def test_a_malformed_advertisement_names_the_field_and_the_type_expected(field, 
 
 
 def test_malformed_lists_and_missing_fields_are_refused():
-    params = RoundParameters(round_tag=TAG, index=2, neighbours={1: (b"c1", b"s1")}, threshold=2, min_survivors=2,
-                             clip_range=0.5, num_participants=2, total_examples=20)
+    params = RoundParameters(
+        round_tag=TAG,
+        index=2,
+        neighbours={1: (b"c1", b"s1")},
+        threshold=2,
+        min_survivors=2,
+        clip_range=0.5,
+        num_participants=2,
+        total_examples=20,
+    )
     record = params_record(params)
     record["neighbours"] = ["1"]
-    with pytest.raises(ValueError, match="round parameters record: field 'neighbours' is a list of str, "
-                                         "expected a list of integers"):
+    with pytest.raises(
+        ValueError, match="round parameters record: field 'neighbours' is a list of str, expected a list of integers"
+    ):
         params_from(record)
     record = params_record(params)
     record["clip-range"] = 1  # an integer is a number
@@ -80,6 +100,7 @@ def test_malformed_lists_and_missing_fields_are_refused():
         params_from(record)
     bad = indexed_bytes_record({1: b"x"})
     bad["data"] = [1]
-    with pytest.raises(ValueError, match="share ciphertexts record: field 'data' is a list of int, expected a list "
-                                         "of bytes"):
+    with pytest.raises(
+        ValueError, match="share ciphertexts record: field 'data' is a list of int, expected a list of bytes"
+    ):
         indexed_bytes_from(bad)

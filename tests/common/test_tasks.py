@@ -23,9 +23,19 @@ from fedtune.common.data.shapes import Example
 from fedtune.common.tasks.registry import TASK_NAMES, TASKS, task_for
 from tests.conftest import REPO, SAMPLES
 
-COLUMNS = {"text": "text", "label": "label", "prompt": "prompt", "completion": "completion", "question": "question",
-           "answer": "answer", "instruction": "instruction", "input": "input", "output": "output",
-           "messages": "messages", "system": ""}
+COLUMNS = {
+    "text": "text",
+    "label": "label",
+    "prompt": "prompt",
+    "completion": "completion",
+    "question": "question",
+    "answer": "answer",
+    "instruction": "instruction",
+    "input": "input",
+    "output": "output",
+    "messages": "messages",
+    "system": "",
+}
 LABELS = ["card_arrival", "card_linking"]
 MEDQUAD = SAMPLES / "medquad" / "medquad_sample.jsonl"
 
@@ -41,8 +51,11 @@ def test_the_registry_names_the_five_record_shapes_and_their_kind():
 
 
 def test_an_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown task 'causal-lm'; known tasks: classification, chat, "
-                                         "prompt-completion, question-answer, instruction"):
+    with pytest.raises(
+        ValueError,
+        match="unknown task 'causal-lm'; known tasks: classification, chat, "
+        "prompt-completion, question-answer, instruction",
+    ):
         task_for("causal-lm")
 
 
@@ -57,10 +70,16 @@ def test_generative_shapes_share_one_head_and_the_heads_say_how_they_are_judged(
     assert {TaskType(t.head.peft_task_type) for t in TASKS.values()} == {TaskType.SEQ_CLS, TaskType.CAUSAL_LM}
 
 
-@pytest.mark.parametrize(("task", "roles"), [
-    ("classification", ("text", "label")), ("chat", ("messages",)), ("prompt-completion", ("prompt", "completion")),
-    ("question-answer", ("question", "answer")), ("instruction", ("instruction", "output")),
-])
+@pytest.mark.parametrize(
+    ("task", "roles"),
+    [
+        ("classification", ("text", "label")),
+        ("chat", ("messages",)),
+        ("prompt-completion", ("prompt", "completion")),
+        ("question-answer", ("question", "answer")),
+        ("instruction", ("instruction", "output")),
+    ],
+)
 def test_each_shape_requires_its_roles(task, roles):
     assert task_for(task).roles == roles
     problem = _example(task, unrelated="x")
@@ -69,8 +88,9 @@ def test_each_shape_requires_its_roles(task, roles):
 
 
 def test_classification_reads_a_label_by_name_or_index_and_groups_by_it():
-    assert _example("classification", text="  where is   my card ", label="card_arrival") == \
-        Example("where is my card", "card_arrival", "card_arrival")
+    assert _example("classification", text="  where is   my card ", label="card_arrival") == Example(
+        "where is my card", "card_arrival", "card_arrival"
+    )
     assert _example("classification", text="link it", label=1).target == "card_linking"
     assert _example("classification", text="", label=0) is None
     bad = _example("classification", text="hi", label="refund")
@@ -89,12 +109,17 @@ def test_generative_shapes_build_prompt_and_target():
 
 
 def test_chat_learns_the_last_assistant_turn_with_earlier_turns_as_context():
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is gout?"},
-                {"role": "assistant", "content": "Arthritis."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What is gout?"},
+        {"role": "assistant", "content": "Arthritis."},
+    ]
     chat = _example("chat", messages=json.dumps(messages))
-    assert chat == Example("What is gout?", "Arthritis.", "",
-                           (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello.")))
+    assert chat == Example(
+        "What is gout?", "Arthritis.", "", (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello."))
+    )
     bad = _example("chat", messages=messages[:-1])
     assert isinstance(bad, RecordProblem) and "the last message must be the assistant's" in bad.message
 
@@ -119,9 +144,14 @@ def test_the_config_names_its_task_in_data_task_only():
         assert "task" not in load_config(preset_path(preset)).model_dump()["model"]
 
 
-@pytest.mark.parametrize(("legacy", "data_task", "expected"), [
-    ("causal-lm", None, "question-answer"), ("causal-lm", "chat", "chat"), ("causal-lm", "instruction", "instruction"),
-])
+@pytest.mark.parametrize(
+    ("legacy", "data_task", "expected"),
+    [
+        ("causal-lm", None, "question-answer"),
+        ("causal-lm", "chat", "chat"),
+        ("causal-lm", "instruction", "instruction"),
+    ],
+)
 def test_a_legacy_model_task_that_agrees_with_data_task_still_loads(legacy, data_task, expected):
     cfg = config_from_dict(_raw(legacy, data_task), "old.toml", Path.cwd())
     assert cfg.data.task == expected
@@ -129,8 +159,10 @@ def test_a_legacy_model_task_that_agrees_with_data_task_still_loads(legacy, data
 
 
 def test_a_legacy_classification_model_task_still_loads(tmp_path):
-    raw = {"model": {"name": "tiny-bert", "task": "classification"},
-           "data": {"path": str(MEDQUAD), "labels": ["a", "b"]}}
+    raw = {
+        "model": {"name": "tiny-bert", "task": "classification"},
+        "data": {"path": str(MEDQUAD), "labels": ["a", "b"]},
+    }
     assert config_from_dict(raw, "old.toml", tmp_path).task is task_for("classification")
 
 
@@ -160,7 +192,12 @@ def test_the_config_does_not_import_torch():
 
 def test_no_code_outside_the_registry_compares_task_names():
     pattern = re.compile(r"""task\s*[!=]=\s*["']""")
-    found = [f"{p.relative_to(REPO)}:{n}" for folder in ("common", "client", "server", "deploy", "fedtune")
-             for p in (REPO / folder).rglob("*.py") if "samples" not in p.parts
-             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    found = [
+        f"{p.relative_to(REPO)}:{n}"
+        for folder in ("common", "client", "server", "deploy", "fedtune")
+        for p in (REPO / folder).rglob("*.py")
+        if "samples" not in p.parts
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert found == []

@@ -31,10 +31,18 @@ from fedtune.common.wire import (
     WireError,
     to_array_record,
 )
+from tests.plans import train_plan
 
-PLAN_ = TrainPlan(run_id="run-1", round=2, total_rounds=5, local_steps=3, batch_size=8, lr=0.01, optimizer="adam",
-                  dp=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0, a_fingerprint="ab12",
-                  secure_aggregation=True)
+PLAN_ = train_plan(
+    run_id="run-1",
+    round=2,
+    total_rounds=5,
+    local_steps=3,
+    lr=0.01,
+    optimizer="adam",
+    a_fingerprint="ab12",
+    secure_aggregation=True,
+)
 
 
 def _over_the_wire(record: ConfigRecord | MetricRecord) -> ConfigRecord | MetricRecord:
@@ -44,13 +52,17 @@ def _over_the_wire(record: ConfigRecord | MetricRecord) -> ConfigRecord | Metric
     return config_record_from_proto(config_record_to_proto(record))
 
 
-@pytest.mark.parametrize("message", [
-    PLAN_,
-    EvaluatePlan(round=0, a_fingerprint="ab12"),
-    TrainReport(num_examples=60, steps=3, epsilon_spent=2.5, noise_multiplier=1.1, sample_rate=0.13),
-    SiteStatus("site-0", SiteState.TRAINED),
-    SiteStatus("site-1", SiteState.REFUSED, "privacy budget exhausted"),
-], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "message",
+    [
+        PLAN_,
+        EvaluatePlan(round=0, a_fingerprint="ab12"),
+        TrainReport(num_examples=60, steps=3, epsilon_spent=2.5, noise_multiplier=1.1, sample_rate=0.13),
+        SiteStatus("site-0", SiteState.TRAINED),
+        SiteStatus("site-1", SiteState.REFUSED, "privacy budget exhausted"),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_every_record_round_trips_through_flower(message):
     record = message.to_record()
     assert set(record) == set(type(message).keys())
@@ -79,18 +91,24 @@ def test_target_and_spent_epsilon_travel_under_different_keys():
 def test_a_missing_field_names_the_record_and_the_field():
     record = PLAN_.to_record()
     del record["local-steps"]
-    with pytest.raises(WireError, match=r"TrainPlan \('plan' record\): field 'local-steps' is missing, "
-                                        r"expected an integer"):
+    with pytest.raises(
+        WireError,
+        match=r"TrainPlan \('plan' record\): field 'local-steps' is missing, "
+        r"expected an integer",
+    ):
         TrainPlan.from_record(record)
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("dp", 1, "a boolean"),
-    ("local-steps", 2.5, "an integer"),
-    ("local-steps", True, "an integer"),
-    ("lr", "0.01", "a number"),
-    ("run-id", 7, "a string"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("dp", 1, "a boolean"),
+        ("local-steps", 2.5, "an integer"),
+        ("local-steps", True, "an integer"),
+        ("lr", "0.01", "a number"),
+        ("run-id", 7, "a string"),
+    ],
+)
 def test_a_wrongly_typed_field_is_refused(key, value, expected):
     record = PLAN_.to_record()
     record[key] = value
@@ -121,15 +139,19 @@ def test_a_message_without_the_record_is_refused():
         SiteStatus.from_content(RecordDict({"metrics": MetricRecord({"steps": 1})}))
 
 
-@pytest.mark.parametrize(("theirs", "upgrade"),
-                         [(PROTOCOL_VERSION + 1, "this site"), (PROTOCOL_VERSION - 1, "the server")])
+@pytest.mark.parametrize(
+    ("theirs", "upgrade"), [(PROTOCOL_VERSION + 1, "this site"), (PROTOCOL_VERSION - 1, "the server")]
+)
 def test_a_plan_of_another_protocol_version_says_which_side_to_upgrade(theirs, upgrade):
     for plan in (PLAN_, EvaluatePlan(round=1)):
         record = plan.to_record()
         record["protocol-version"] = theirs
         del record["round"]  # another version may lay its fields out differently: the version is checked first
-        with pytest.raises(ProtocolMismatch, match=f"server speaks fedtune wire protocol {theirs}, "
-                                                   f"this site {PROTOCOL_VERSION}: upgrade fedtune on {upgrade}"):
+        with pytest.raises(
+            ProtocolMismatch,
+            match=f"server speaks fedtune wire protocol {theirs}, "
+            f"this site {PROTOCOL_VERSION}: upgrade fedtune on {upgrade}",
+        ):
             type(plan).from_record(record)
 
 
@@ -155,15 +177,19 @@ class SiteThatMustNotRun:
 
 
 @pytest.mark.usefixtures("server_identity")
-@pytest.mark.parametrize(("message_type", "plan"),
-                         [(MessageType.TRAIN, PLAN_), (MessageType.EVALUATE, EvaluatePlan(round=1))])
+@pytest.mark.parametrize(
+    ("message_type", "plan"), [(MessageType.TRAIN, PLAN_), (MessageType.EVALUATE, EvaluatePlan(round=1))]
+)
 def test_a_site_refuses_a_plan_of_another_version_with_a_normal_reply(message_type, plan):
     from fedtune.client.app import build_client_app
 
     record = plan.to_record()
     record["protocol-version"] = PROTOCOL_VERSION + 1
-    request = Message(RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, np.float32)}), PLAN: record}),
-                      message_type=message_type, dst_node_id=11)
+    request = Message(
+        RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, np.float32)}), PLAN: record}),
+        message_type=message_type,
+        dst_node_id=11,
+    )
     request.metadata.__dict__["_message_id"] = request.object_id
     context = Context(run_id=1, node_id=11, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     reply = build_client_app(lambda context: SiteThatMustNotRun())(request, context)
@@ -171,5 +197,7 @@ def test_a_site_refuses_a_plan_of_another_version_with_a_normal_reply(message_ty
     assert list(reply.content.keys()) == [STATUS], "a refusal carries no tensors and no metrics"
     status = SiteStatus.from_content(reply.content)
     assert (status.site_id, status.state) == ("site-11", SiteState.REFUSED)
-    assert status.reason == (f"server speaks fedtune wire protocol {PROTOCOL_VERSION + 1}, this site "
-                             f"{PROTOCOL_VERSION}: upgrade fedtune on this site")
+    assert status.reason == (
+        f"server speaks fedtune wire protocol {PROTOCOL_VERSION + 1}, this site "
+        f"{PROTOCOL_VERSION}: upgrade fedtune on this site"
+    )

@@ -27,10 +27,15 @@ from tests.conftest import SAMPLES
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("signed")
-    cfg = config_from_dict({"model": {"name": "tiny-llama"},
-                            "data": {"task": "question-answer",
-                                     "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
-                            "partition": {"num_clients": 2}}, "test", tmp)
+    cfg = config_from_dict(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"task": "question-answer", "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
+            "partition": {"num_clients": 2},
+        },
+        "test",
+        tmp,
+    )
     return init_deployment(tmp / "fed", cfg, port=18123, site_ids=["north", "south"])
 
 
@@ -74,8 +79,9 @@ def test_the_registry_answers_the_superlinks_hub_requests(deployment):
     d = deployment
     registry = AppRegistry(d.registry).start()
     try:
-        url, verifications, _ = request_download_link("@fedtune/fedtune-app", "1.0.0", f"{registry.api_url}/hub/fetch-fab",
-                                                      "fab_url")
+        url, verifications, _ = request_download_link(
+            "@fedtune/fedtune-app", "1.0.0", f"{registry.api_url}/hub/fetch-fab", "fab_url"
+        )
         fab = requests.get(url, timeout=10).content
         assert fab == find_app(d.registry, "@fedtune/fedtune-app", "1.0.0").fab.read_bytes()
         assert _site_accepts(d, "south", fab, verifications)

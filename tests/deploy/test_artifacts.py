@@ -60,7 +60,8 @@ FLOWER_CHILDREN = {"flower-superexec", "flwr-serverapp", "flwr-clientapp"}
 # In the python:3.11-slim base image rather than in a Python distribution.
 BASE_IMAGE_PROGRAMS = {"bash", "python"}
 # The service keys of the Compose Specification (compose-spec/compose-spec, schema/compose-spec.json).
-COMPOSE_SERVICE_KEYS = set("""
+COMPOSE_SERVICE_KEYS = set(
+    """
     develop deploy annotations attach build blkio_config cap_add cap_drop cgroup cgroup_parent command configs
     container_name cpu_count cpu_percent cpu_shares cpu_quota cpu_period cpu_rt_period cpu_rt_runtime cpus cpuset
     credential_spec depends_on device_cgroup_rules devices dns dns_opt dns_search domainname entrypoint env_file
@@ -69,19 +70,37 @@ COMPOSE_SERVICE_KEYS = set("""
     memswap_limit network_mode models networks oom_kill_disable oom_score_adj pid pids_limit platform ports
     post_start pre_stop privileged profiles pull_policy pull_refresh_after read_only restart runtime scale
     security_opt shm_size secrets sysctls stdin_open stop_grace_period stop_signal storage_opt tmpfs tty ulimits
-    use_api_socket user uts userns_mode volumes volumes_from working_dir""".split())
+    use_api_socket user uts userns_mode volumes volumes_from working_dir""".split()
+)
 COMPOSE_SERVICE_NAME = re.compile(r"^[a-zA-Z0-9._-]+$")
-DOCKERFILE_INSTRUCTIONS = {"FROM", "ARG", "ENV", "RUN", "COPY", "WORKDIR", "USER", "HEALTHCHECK", "CMD",
-                           "ENTRYPOINT", "LABEL", "EXPOSE"}
+DOCKERFILE_INSTRUCTIONS = {
+    "FROM",
+    "ARG",
+    "ENV",
+    "RUN",
+    "COPY",
+    "WORKDIR",
+    "USER",
+    "HEALTHCHECK",
+    "CMD",
+    "ENTRYPOINT",
+    "LABEL",
+    "EXPOSE",
+}
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("artifacts")
-    cfg = config_from_dict({"model": {"name": "tiny-llama"},
-                            "data": {"task": "question-answer",
-                                     "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
-                            "partition": {"num_clients": 3}}, "test", tmp)
+    cfg = config_from_dict(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"task": "question-answer", "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
+            "partition": {"num_clients": 3},
+        },
+        "test",
+        tmp,
+    )
     # Runs outside the operator folder, so the SuperLink's unit must list them as writable.
     return init_deployment(tmp / "fed", cfg, port=18200, site_ids=list(SITES), output_dir=tmp / "runs")
 
@@ -91,8 +110,12 @@ def deployment(tmp_path_factory):
 
 def console_scripts() -> dict[str, str]:
     """Every console script of the installed distributions, name -> ``module:attr``."""
-    return {ep.name: ep.value for dist in importlib.metadata.distributions() for ep in dist.entry_points
-            if ep.group == "console_scripts"}
+    return {
+        ep.name: ep.value
+        for dist in importlib.metadata.distributions()
+        for ep in dist.entry_points
+        if ep.group == "console_scripts"
+    }
 
 
 def missing_executables(names: set[str]) -> set[str]:
@@ -139,7 +162,7 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 
 def dockerfile_exec_form(text: str, instruction: str) -> list[str]:
     args = [a for i, a in dockerfile_instructions(text) if i == instruction][-1]
-    return json.loads(args[args.index(" CMD ") + 5:] if instruction == "HEALTHCHECK" else args)
+    return json.loads(args[args.index(" CMD ") + 5 :] if instruction == "HEALTHCHECK" else args)
 
 
 def dockerignored(relative: str, patterns: list[str]) -> bool:
@@ -147,8 +170,9 @@ def dockerignored(relative: str, patterns: list[str]) -> bool:
     for i in range(1, len(parts) + 1):
         prefix = "/".join(parts[:i])
         for pattern in patterns:
-            if fnmatch.fnmatch(prefix, pattern) or (pattern.startswith("**/") and fnmatch.fnmatch(parts[i - 1],
-                                                                                                   pattern[3:])):
+            if fnmatch.fnmatch(prefix, pattern) or (
+                pattern.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pattern[3:])
+            ):
                 return True
     return False
 
@@ -162,8 +186,9 @@ def dockerfile_problems(text: str, repo: Path) -> list[str]:
     first = next((s for s in steps if s[0] != "ARG"), ("", ""))
     if first != ("FROM", "python:3.11-slim"):
         problems.append(f"the image must start FROM python:3.11-slim, not {first}")
-    ignore = [p.strip() for p in (repo / ".dockerignore").read_text().splitlines()
-              if p.strip() and not p.startswith("#")]
+    ignore = [
+        p.strip() for p in (repo / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     for instruction, args in steps:
         if instruction == "COPY":
             for source in shlex.split(args)[:-1]:
@@ -173,8 +198,11 @@ def dockerfile_problems(text: str, repo: Path) -> list[str]:
                     problems.append(f"COPY {source}: not in the repository")
                 elif dockerignored(source, ignore):
                     problems.append(f"COPY {source}: excluded by .dockerignore")
-    pins = [r for r in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]
-            if r.startswith("torch==")]
+    pins = [
+        r
+        for r in tomllib.loads((repo / "pyproject.toml").read_text())["project"]["dependencies"]
+        if r.startswith("torch==")
+    ]
     args = dict(a.split("=", 1) for i, a in steps if i == "ARG" and "=" in a)
     if [f"torch=={args.get('TORCH_VERSION')}"] != pins:
         problems.append(f"ARG TORCH_VERSION={args.get('TORCH_VERSION')} is not pyproject's pin {pins}")
@@ -219,8 +247,23 @@ def test_what_the_dockerfile_copies_builds_the_package_with_its_entry_points(tmp
                 else:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(REPO / source, dest)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path / "wheel"), str(context)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "wheel").glob("fedtune-*.whl")
     with zipfile.ZipFile(wheel) as zf:
@@ -229,23 +272,30 @@ def test_what_the_dockerfile_copies_builds_the_package_with_its_entry_points(tmp
     assert "fedtune = fedtune.cli:main" in entry_points
     health = dockerfile_exec_form(DOCKERFILE.read_text(), "HEALTHCHECK")[2]
     assert health.replace(".", "/") + ".py" in names
-    assert {"fedtune/cli/main.py", "fedtune/server/deployment.py", "fedtune/client/deployment.py",
-            "fedtune/deploy/bundle.py"} <= names
+    assert {
+        "fedtune/cli/main.py",
+        "fedtune/server/deployment.py",
+        "fedtune/client/deployment.py",
+        "fedtune/deploy/bundle.py",
+    } <= names
     assert any(n.startswith("fedtune/common/presets/") for n in names), "package data travels too"
 
 
-@pytest.mark.parametrize("broken, complaint", [
-    (("torch==${TORCH_VERSION}", "torch"), "CPU index"),
-    (("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"), "pyproject's pin"),
-    (("download.pytorch.org/whl/cpu", "download.pytorch.org/whl/cu128"), "not a CPU index"),
-    (("COPY deploy ./deploy", "COPY deploy ./deploy\nCOPY setup.py ./"), "not in the repository"),
-    (("COPY deploy ./deploy", "COPY deploy ./deploy\nCOPY runs ./runs"), "excluded by .dockerignore"),
-    (("USER fedtune\n", ""), "non-root USER"),
-    (("USER fedtune\n", "USER root\n"), "non-root USER"),
-    (("fedtune.deploy.healthcheck", "fedtune.deploy.health_check"), "HEALTHCHECK"),
-    (("FROM python:3.11-slim", "FROM python:3.12-slim"), "FROM python:3.11-slim"),
-    (("WORKDIR /fedtune", "WORKDIRR /fedtune"), "unknown instructions"),
-])
+@pytest.mark.parametrize(
+    "broken, complaint",
+    [
+        (("torch==${TORCH_VERSION}", "torch"), "CPU index"),
+        (("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"), "pyproject's pin"),
+        (("download.pytorch.org/whl/cpu", "download.pytorch.org/whl/cu128"), "not a CPU index"),
+        (("COPY deploy ./deploy", "COPY deploy ./deploy\nCOPY setup.py ./"), "not in the repository"),
+        (("COPY deploy ./deploy", "COPY deploy ./deploy\nCOPY runs ./runs"), "excluded by .dockerignore"),
+        (("USER fedtune\n", ""), "non-root USER"),
+        (("USER fedtune\n", "USER root\n"), "non-root USER"),
+        (("fedtune.deploy.healthcheck", "fedtune.deploy.health_check"), "HEALTHCHECK"),
+        (("FROM python:3.11-slim", "FROM python:3.12-slim"), "FROM python:3.11-slim"),
+        (("WORKDIR /fedtune", "WORKDIRR /fedtune"), "unknown instructions"),
+    ],
+)
 def test_a_broken_dockerfile_is_rejected(broken, complaint, tmp_path):
     old, new = broken
     text = DOCKERFILE.read_text()
@@ -296,7 +346,7 @@ def service_commands(service: dict) -> list[list[str]]:
 def interpolated_default(text: str) -> str:
     """``${VAR:-default}`` as compose reads it when VAR is unset."""
     if text.startswith("${") and ":-" in text:
-        return text[text.index(":-") + 2:text.rindex("}")]
+        return text[text.index(":-") + 2 : text.rindex("}")]
     return text
 
 
@@ -323,8 +373,9 @@ def container_paths(cmd: list[str]) -> list[str]:
     return paths
 
 
-def compose_problems(doc: dict, here: Path, expected: dict[str, list[list[str]]],
-                     writable: dict[str, set[str]]) -> list[str]:
+def compose_problems(
+    doc: dict, here: Path, expected: dict[str, list[list[str]]], writable: dict[str, set[str]]
+) -> list[str]:
     """What is wrong with a parsed compose file whose services should run ``expected``."""
     problems = []
     services = doc.get("services", {})
@@ -354,13 +405,16 @@ def compose_problems(doc: dict, here: Path, expected: dict[str, list[list[str]]]
         if name in expected and service_commands(service) != expected[name]:
             problems.append(f"{name}: command {service_commands(service)} is not the builders' {expected[name]}")
         user = service.get("user", "")
-        uid = user[:user.index("}") + 1] if user.startswith("${") else user.split(":")[0]
+        uid = user[: user.index("}") + 1] if user.startswith("${") else user.split(":")[0]
         if interpolated_default(uid) in ("", "0", "root"):
             problems.append(f"{name}: runs as root ({user!r})")
         mounts = []
         for volume in service.get("volumes", []):
-            source, target, *mode = volume.split(":") if not volume.startswith("${") else \
-                [volume[:volume.index("}") + 1], *volume[volume.index("}") + 2:].split(":")]
+            source, target, *mode = (
+                volume.split(":")
+                if not volume.startswith("${")
+                else [volume[: volume.index("}") + 1], *volume[volume.index("}") + 2 :].split(":")]
+            )
             source, target = unescape(interpolated_default(source)), unescape(target)
             if not target.startswith("/"):
                 problems.append(f"{name}: mount target {target} is not absolute")
@@ -438,15 +492,21 @@ def test_a_broken_compose_file_is_rejected(deployment):
     assert any("collide" in p for p in problems(lambda s: s["east"]["command"].__setitem__(10, "9094")))
     assert any("not the builders'" in p for p in problems(lambda s: s["north"]["command"].__setitem__(2, "x:1")))
     assert any("does not exist" in p for p in problems(lambda s: s["north"]["volumes"].append("./nowhere:/x:ro")))
-    assert any("writable" in p for p in problems(lambda s: s["north"]["volumes"].__setitem__(
-        0, s["north"]["volumes"][0].removesuffix(":ro"))))
+    assert any(
+        "writable" in p
+        for p in problems(lambda s: s["north"]["volumes"].__setitem__(0, s["north"]["volumes"][0].removesuffix(":ro")))
+    )
     assert any("reaches no host file" in p for p in problems(lambda s: s["north"]["volumes"].pop(0)))
     assert any("root" in p for p in problems(lambda s: s["south"].__setitem__("user", "0:0")))
     assert any("root" in p for p in problems(lambda s: s["south"].__setitem__("user", "${FEDTUNE_UID:-0}:0")))
     assert any("published" in p for p in problems(lambda s: s["north"].__setitem__("ports", ["18200:1"])))
     assert any("unknown keys" in p for p in problems(lambda s: s["north"].__setitem__("enviroment", {})))
-    assert any("depends on" in p for p in problems(lambda s: s["north"].__setitem__(
-        "depends_on", {"superlinc": {"condition": "service_healthy"}})))
+    assert any(
+        "depends on" in p
+        for p in problems(
+            lambda s: s["north"].__setitem__("depends_on", {"superlinc": {"condition": "service_healthy"}})
+        )
+    )
     assert any("service name" in p for p in problems(lambda s: s.__setitem__("east site", s.pop("east"))))
 
 
@@ -488,10 +548,16 @@ def test_the_operator_steps_are_the_builders_commands(deployment):
 
 def test_the_env_file_names_the_owner_of_the_keys(deployment):
     d = deployment
-    for folder, key in [(d.root, d.site_dir("north") / "auth"), (d.operator, d.operator / "superlink.key"),
-                        (d.site_dir("south"), d.site_dir("south") / "auth")]:
-        env = dict(line.split("=", 1) for line in (folder / ".env").read_text().splitlines()
-                   if line and not line.startswith("#"))
+    for folder, key in [
+        (d.root, d.site_dir("north") / "auth"),
+        (d.operator, d.operator / "superlink.key"),
+        (d.site_dir("south"), d.site_dir("south") / "auth"),
+    ]:
+        env = dict(
+            line.split("=", 1)
+            for line in (folder / ".env").read_text().splitlines()
+            if line and not line.startswith("#")
+        )
         assert int(env["FEDTUNE_UID"]) == key.stat().st_uid and int(env["FEDTUNE_GID"]) == key.stat().st_gid
 
 
@@ -499,8 +565,7 @@ def test_the_env_file_names_the_owner_of_the_keys(deployment):
 
 
 def script_commands(script: Path) -> list[list[str]]:
-    lines = [line for line in script.read_text().splitlines()
-             if line and not line.startswith(("#", "set ", "export "))]
+    lines = [line for line in script.read_text().splitlines() if line and not line.startswith(("#", "set ", "export "))]
     return [cmd[1:] if cmd[0] == "exec" else cmd for cmd in map(shlex.split, lines)]
 
 
@@ -551,8 +616,11 @@ def unit_problems(path: Path, writes: list[Path]) -> list[str]:
         problems.append(f"WorkingDirectory {service.get('WorkingDirectory')} is not a folder")
     writable = unit_paths(service.get("ReadWritePaths", ""))
     problems += [f"ReadWritePaths {p} does not exist" for p in writable if not p.exists()]
-    problems += [f"{p} is written but not in ReadWritePaths" for p in writes
-                 if not any(p == w or p.is_relative_to(w) for w in writable)]
+    problems += [
+        f"{p} is written but not in ReadWritePaths"
+        for p in writes
+        if not any(p == w or p.is_relative_to(w) for w in writable)
+    ]
     if unit["Install"].get("WantedBy") != "multi-user.target":
         problems.append("not WantedBy=multi-user.target")
     return problems
@@ -562,8 +630,7 @@ def written_by_superlink(d) -> list[Path]:
     script = d.operator / "start-superlink.sh"
     (cmd,) = script_commands(script)
     output_dir = tomllib.loads((d.app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]["output-dir"]
-    return [Path(cmd[cmd.index("--database") + 1]).parent, Path(script_exports(script)["FLWR_HOME"]),
-            Path(output_dir)]
+    return [Path(cmd[cmd.index("--database") + 1]).parent, Path(script_exports(script)["FLWR_HOME"]), Path(output_dir)]
 
 
 def written_by_site(d, site: str) -> list[Path]:
@@ -574,8 +641,10 @@ def written_by_site(d, site: str) -> list[Path]:
 
 
 def units(d) -> dict[Path, list[Path]]:
-    found = {d.operator / "systemd" / "fedtune-superlink.service": written_by_superlink(d),
-             d.operator / "systemd" / "fedtune-app-registry.service": []}
+    found = {
+        d.operator / "systemd" / "fedtune-superlink.service": written_by_superlink(d),
+        d.operator / "systemd" / "fedtune-app-registry.service": [],
+    }
     return found | {d.site_dir(s) / "systemd" / "fedtune-supernode.service": written_by_site(d, s) for s in d.sites}
 
 
@@ -610,8 +679,9 @@ def test_a_broken_unit_is_rejected(deployment, tmp_path):
     bad_script = tmp_path / "start.sh"
     bad_script.write_text("#!/usr/bin/env bash\nexec flower-supernode 'unclosed\n")
     bad_script.chmod(0o755)
-    assert any("ExecStart" in p for p in problems(f"ExecStart={path.parents[1]}/start-supernode.sh",
-                                                  f"ExecStart={bad_script}"))
+    assert any(
+        "ExecStart" in p for p in problems(f"ExecStart={path.parents[1]}/start-supernode.sh", f"ExecStart={bad_script}")
+    )
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -712,19 +782,26 @@ def wait_healthy(url: str, ca: Path | None, timeout: float) -> str | None:
 @pytest.mark.e2e
 def test_the_compose_probes_pass_against_a_real_superlink_and_supernode(tmp_path):
     """The probe URLs compose configures, with the container's bind address, against Flower itself."""
-    cfg = config_from_dict({"model": {"name": "tiny-llama"},
-                            "data": {"task": "question-answer",
-                                     "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
-                            "partition": {"num_clients": 2}}, "test", tmp_path)
-    d = init_deployment(tmp_path / "fed", cfg, port=free_port(), site_ids=["north", "south"],
-                        registry_port=free_port())
+    cfg = config_from_dict(
+        {
+            "model": {"name": "tiny-llama"},
+            "data": {"task": "question-answer", "path": str(SAMPLES / "medquad" / "medquad_sample.jsonl")},
+            "partition": {"num_clients": 2},
+        },
+        "test",
+        tmp_path,
+    )
+    d = init_deployment(tmp_path / "fed", cfg, port=free_port(), site_ids=["north", "south"], registry_port=free_port())
     services = yaml.safe_load((d.root / "compose.yaml").read_text())["services"]
     procs = []
 
     def start(cmd: list[str], home: Path, log: str) -> None:
         with open(tmp_path / log, "wb") as out:
-            procs.append(subprocess.Popen(cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
 
     try:
         start(superlink_command(replace(d, host="0.0.0.0")), d.operator / "flwr-home", "superlink.log")
@@ -732,8 +809,13 @@ def test_the_compose_probes_pass_against_a_real_superlink_and_supernode(tmp_path
         assert env["FEDTUNE_HEALTHCHECK_CA"] == str(CONTAINER / "operator" / "ca.crt")
         problem = wait_healthy(env["FEDTUNE_HEALTHCHECK_URL"], d.operator / "ca.crt", 90)
         assert problem is None, problem + (tmp_path / "superlink.log").read_text()[-2000:]
-        r = subprocess.run(register_command(d, "north"), env=flower_env(d.operator / "flwr-home"),
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            register_command(d, "north"),
+            env=flower_env(d.operator / "flwr-home"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         compose_port = flag(services["north"]["command"], "--port")
         assert services["north"]["environment"]["FEDTUNE_HEALTHCHECK_URL"] == f"http://127.0.0.1:{compose_port}/health"

@@ -18,14 +18,26 @@ BANKING = SAMPLES / "banking77"
 
 def _fedtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900
+    )
 
 
 def _tiny(tmp_path: Path, *extra: str) -> list[str]:
-    return ["simulate", "--set", "model.name='tiny-bert'", "--set", "federation.rounds=1",
-            "--set", "train.local_steps=2", "--set", "data.max_eval_examples=32",
-            "--set", f"run.output_dir='{tmp_path / 'runs'}'", *extra]
+    return [
+        "simulate",
+        "--set",
+        "model.name='tiny-bert'",
+        "--set",
+        "federation.rounds=1",
+        "--set",
+        "train.local_steps=2",
+        "--set",
+        "data.max_eval_examples=32",
+        "--set",
+        f"run.output_dir='{tmp_path / 'runs'}'",
+        *extra,
+    ]
 
 
 def test_the_console_shows_progress_and_summary_and_the_logs_go_to_the_run_directory(tmp_path):
@@ -45,8 +57,18 @@ def test_the_console_shows_progress_and_summary_and_the_logs_go_to_the_run_direc
 def test_a_federation_where_every_site_refuses_ends_with_one_line_and_status_1(tmp_path):
     bad = tmp_path / "site.csv"
     bad.write_text("foo,bar\n1,2\n3,4\n")  # no text or category column: every site's data is invalid
-    r = _fedtune(*_tiny(tmp_path, "--set", "partition.scheme='files'", "--set", "partition.num_clients=2",
-                        "--set", f"data.site_paths=['{bad}', '{bad}']"), cwd=tmp_path)
+    r = _fedtune(
+        *_tiny(
+            tmp_path,
+            "--set",
+            "partition.scheme='files'",
+            "--set",
+            "partition.num_clients=2",
+            "--set",
+            f"data.site_paths=['{bad}', '{bad}']",
+        ),
+        cwd=tmp_path,
+    )
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     # Warnings name the sites as rounds go; the run ends with one line that says why.
     last = r.stderr.strip().splitlines()[-1]

@@ -74,13 +74,15 @@ class Federation:
 
     def start(self, name: str, cmd: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(cmd, env=flower_env(home) | (env or {}), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen(
+            cmd, env=flower_env(home) | (env or {}), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         return self.procs[name]
 
     def cli(self, cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(cmd, env=flower_env(self.d.operator / "flwr-home"), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            cmd, env=flower_env(self.d.operator / "flwr-home"), capture_output=True, text=True, timeout=timeout
+        )
 
     def cli_in_background(self, name: str, cmd: list[str]) -> subprocess.Popen:
         return self.start(name, cmd, self.d.operator / "flwr-home")
@@ -129,21 +131,33 @@ class Federation:
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     paths, test = _site_data(tmp)
-    cfg = config_from_dict({
-        "run": {"name": "loopback"}, "model": {"name": "tiny-llama", "max_length": 48},
-        "lora": {"rank": 4, "ffa": True},
-        "data": {"task": "question-answer", "site_paths": [str(p) for p in paths], "test_path": str(test),
-                 "max_eval_examples": 16},
-        "partition": {"scheme": "files", "num_clients": 3}, "federation": {"rounds": 2, "min_clients": 2},
-        "train": {"local_steps": 2, "batch_size": 8}, "privacy": {"epsilon": 4.0, "delta": 1e-3},
-        # A killed site is noticed when Flower marks it offline (two missed 30 s heartbeats).
-        "secure_aggregation": {"record_masked_inputs": True, "stage_timeout_s": 120},
-    }, "test", tmp)
+    cfg = config_from_dict(
+        {
+            "run": {"name": "loopback"},
+            "model": {"name": "tiny-llama", "max_length": 48},
+            "lora": {"rank": 4, "ffa": True},
+            "data": {
+                "task": "question-answer",
+                "site_paths": [str(p) for p in paths],
+                "test_path": str(test),
+                "max_eval_examples": 16,
+            },
+            "partition": {"scheme": "files", "num_clients": 3},
+            "federation": {"rounds": 2, "min_clients": 2},
+            "train": {"local_steps": 2, "batch_size": 8},
+            "privacy": {"epsilon": 4.0, "delta": 1e-3},
+            # A killed site is noticed when Flower marks it offline (two missed 30 s heartbeats).
+            "secure_aggregation": {"record_masked_inputs": True, "stage_timeout_s": 120},
+        },
+        "test",
+        tmp,
+    )
     d = init_deployment(tmp / "fed", cfg, port=_free_port(), registry_port=_free_port())
     for site, path in zip(d.sites, paths, strict=False):
         policy = d.site_dir(site) / "policy.toml"
-        policy.write_text(policy.read_text().replace('# data_path = "/srv/fedtune/data/train.jsonl"',
-                                                     f'data_path = "{path}"'))
+        policy.write_text(
+            policy.read_text().replace('# data_path = "/srv/fedtune/data/train.jsonl"', f'data_path = "{path}"')
+        )
     fed = Federation(d, tmp / "logs")
     try:
         fed.start("registry", registry_command(d), d.operator / "flwr-home")
@@ -161,8 +175,7 @@ def deployment(tmp_path_factory):
 
 def test_sites_refuse_an_unsigned_app(deployment, tmp_path):
     fed, d = deployment, deployment.d
-    r = fed.cli(run_command(d, signed=False) + ["--run-config", f"output-dir={json.dumps(str(tmp_path))}"],
-                timeout=300)
+    r = fed.cli(run_command(d, signed=False) + ["--run-config", f"output-dir={json.dumps(str(tmp_path))}"], timeout=300)
     assert not (tmp_path / "loopback" / "result.json").exists(), "the unsigned run must not complete"
     for site in d.sites:
         assert "The FAB could not be verified" in fed.log(site), fed.log(site)[-2000:]
@@ -214,8 +227,9 @@ def test_two_signed_secure_dp_rounds_survive_a_site_killed_mid_round(deployment)
         assert abs(corr) < 5 / np.sqrt(dim), f"{site}'s masked vector correlates with its update ({corr:.3f})"
     total = sum(counts.values())
     expected = sum(counts[s] / total * true_updates[s].astype(np.float64) for s in received)
-    got = flatten_adapter({k: second[k] for k in released}).astype(np.float64) - \
-        flatten_adapter({k: first[k] for k in released})
+    got = flatten_adapter({k: second[k] for k in released}).astype(np.float64) - flatten_adapter(
+        {k: first[k] for k in released}
+    )
     assert np.max(np.abs(got - expected)) < 1e-6, "the unmasked mean is the survivors' true weighted mean"
 
 

@@ -50,7 +50,7 @@ def run(tmp_path_factory):
     (tmp / "c.toml").write_text(f"""
 [run]
 name = "secagg"
-output_dir = "{tmp / 'runs'}"
+output_dir = "{tmp / "runs"}"
 [model]
 name = "tiny-llama"
 max_length = 48
@@ -59,7 +59,7 @@ rank = 8
 ffa = true
 [data]
 task = "question-answer"
-path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
+path = "{SAMPLES / "medquad" / "medquad_sample.jsonl"}"
 max_records = 400
 max_eval_examples = 16
 [partition]
@@ -117,10 +117,21 @@ def test_dropouts_above_threshold_are_tolerated_below_it_the_round_fails_and_the
 def test_a_steady_round_costs_two_exchanges_its_set_up_rides_on_the_previous_round(run):
     _, _, seen, _ = run
     kinds = [req[0].metadata.message_type for req, _ in seen if req and req[0].metadata.message_type != "evaluate"]
-    assert kinds == [ADVERTISE, "train.secagg_share_keys", "train", UNMASK,  # round 1, set up first
-                     "train", UNMASK,  # round 2, set up by round 1's messages
-                     ADVERTISE, "train.secagg_share_keys", "train",  # round 3: new set-up, fails unmasked
-                     ADVERTISE, "train.secagg_share_keys", "train", UNMASK]  # round 4 (last: sets nothing up)
+    assert kinds == [
+        ADVERTISE,
+        "train.secagg_share_keys",
+        "train",
+        UNMASK,  # round 1, set up first
+        "train",
+        UNMASK,  # round 2, set up by round 1's messages
+        ADVERTISE,
+        "train.secagg_share_keys",
+        "train",  # round 3: new set-up, fails unmasked
+        ADVERTISE,
+        "train.secagg_share_keys",
+        "train",
+        UNMASK,
+    ]  # round 4 (last: sets nothing up)
     unmask_requests = [req for req, _ in _fanouts(seen, UNMASK)]
     assert all(SECAGG_NEXT in m.content for m in unmask_requests[0]), "round 1 sets round 2 up"
     assert all(SECAGG_NEXT in m.content for m in unmask_requests[1]), "round 2 sets round 3 up"
@@ -139,12 +150,13 @@ def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(
     _, run_dir, seen, _ = run
     trains = _fanouts(seen, "train")
     assert len(trains) == 4
-    for requests, replies in seen:
+    for _requests, replies in seen:
         for reply in replies:
             assert reply.has_error() or ADAPTER not in reply.content, "no site sends its adapter in the clear"
     for round_, (requests, replies) in enumerate(trains, start=1):
-        assert all(bytes(m.content[SECAGG]["round-tag"]).endswith(f"/{round_}".encode()) for m in requests), \
+        assert all(bytes(m.content[SECAGG]["round-tag"]).endswith(f"/{round_}".encode()) for m in requests), (
             "each train request carries the shares addressed to its site for that round"
+        )
         for reply in replies:
             if not reply.has_error():
                 assert set(reply.content.array_records) == {MASKED}

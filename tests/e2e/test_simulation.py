@@ -34,7 +34,7 @@ def _config(tmp_path: Path):
     toml.write_text(f"""
 [run]
 name = "e2e"
-output_dir = "{tmp_path / 'runs'}"
+output_dir = "{tmp_path / "runs"}"
 [model]
 name = "tiny-llama"
 max_length = 48
@@ -44,7 +44,7 @@ alpha = 16
 ffa = true
 [data]
 task = "question-answer"
-path = "{SAMPLES / 'medquad' / 'medquad_sample.jsonl'}"
+path = "{SAMPLES / "medquad" / "medquad_sample.jsonl"}"
 max_records = 360
 max_eval_examples = 24
 [partition]

@@ -55,7 +55,7 @@ def run(tmp_path_factory):
     (tmp / "c.toml").write_text(f"""
 [run]
 name = "byod"
-output_dir = "{tmp / 'runs'}"
+output_dir = "{tmp / "runs"}"
 [model]
 name = "tiny-llama"
 max_length = 48

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedtune.server.federation import RoundReplies
+from tests.plans import train_plan
 
 
 def test_a_site_that_sent_a_masked_vector_counts_as_a_contributor():
@@ -25,8 +26,9 @@ def test_every_site_refused_only_when_nobody_contributed_or_failed():
 def _msg(message_id: str = "", dst: int = 0, reply_to: str = "", src: int = 0):
     from types import SimpleNamespace
 
-    return SimpleNamespace(metadata=SimpleNamespace(message_id=message_id, dst_node_id=dst,
-                                                    reply_to_message_id=reply_to, src_node_id=src))
+    return SimpleNamespace(
+        metadata=SimpleNamespace(message_id=message_id, dst_node_id=dst, reply_to_message_id=reply_to, src_node_id=src)
+    )
 
 
 def test_a_reply_is_attributed_to_the_node_its_request_went_to_not_its_stated_sender():
@@ -38,17 +40,18 @@ def test_a_reply_is_attributed_to_the_node_its_request_went_to_not_its_stated_se
     assert [node for node, _ in by_node(requests, replies)] == [12, 11]
 
 
-
 def _exchange(node: int, reply_records: dict):
     """A train request to ``node`` and the reply it got, built as the Grid would hand them over."""
     from flwr.app import Message, MessageType, RecordDict
 
-    from fedtune.common.wire import ADAPTER, PLAN, TrainPlan, to_array_record
+    from fedtune.common.wire import ADAPTER, PLAN, to_array_record
 
-    plan = TrainPlan(run_id="run", round=1, total_rounds=1, local_steps=1, batch_size=8, lr=0.1, optimizer="sgd",
-                     dp=True, target_epsilon=8.0, delta=1e-4, max_grad_norm=1.0)
-    request = Message(RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, np.float32)}), PLAN: plan.to_record()}),
-                      message_type=MessageType.TRAIN, dst_node_id=node)
+    plan = train_plan(total_rounds=1)
+    request = Message(
+        RecordDict({ADAPTER: to_array_record({"w": np.zeros(4, np.float32)}), PLAN: plan.to_record()}),
+        message_type=MessageType.TRAIN,
+        dst_node_id=node,
+    )
     request.metadata.__dict__["_message_id"] = request.object_id
     return request, Message(RecordDict(reply_records), reply_to=request)
 
@@ -62,12 +65,19 @@ def test_train_replies_are_read_through_the_contract_and_a_broken_one_fails_only
 
     report = TrainReport(num_examples=60, steps=3, epsilon_spent=2.5, noise_multiplier=1.1, sample_rate=0.125)
     exchanges = [
-        _exchange(11, {ADAPTER: to_array_record({"w": np.ones(4, np.float32)}), METRICS: report.to_record(),
-                       STATUS: SiteStatus("site-0", SiteState.TRAINED).to_record()}),
+        _exchange(
+            11,
+            {
+                ADAPTER: to_array_record({"w": np.ones(4, np.float32)}),
+                METRICS: report.to_record(),
+                STATUS: SiteStatus("site-0", SiteState.TRAINED).to_record(),
+            },
+        ),
         _exchange(12, {STATUS: SiteStatus("site-1", SiteState.REFUSED, "privacy budget exhausted").to_record()}),
         _exchange(13, {STATUS: ConfigRecord({"site-id": "site-2", "state": "done", "reason": ""})}),
-        _exchange(14, {METRICS: MetricRecord({"steps": 3}),
-                       STATUS: SiteStatus("site-3", SiteState.TRAINED).to_record()}),
+        _exchange(
+            14, {METRICS: MetricRecord({"steps": 3}), STATUS: SiteStatus("site-3", SiteState.TRAINED).to_record()}
+        ),
     ]
     got = collect_train_replies([q for q, _ in exchanges], [r for _, r in exchanges])
     assert set(got.updates) == {"site-0"} and got.updates["site-0"][1] == 60.0
@@ -78,5 +88,10 @@ def test_train_replies_are_read_through_the_contract_and_a_broken_one_fails_only
     # metrics.jsonl keeps its keys: ``epsilon`` is what the site spent.
     entry = got.train["site-0"]
     assert {k: entry[k] for k in ("num-examples", "steps", "epsilon", "noise-multiplier", "sample-rate")} == {
-        "num-examples": 60, "steps": 3, "epsilon": 2.5, "noise-multiplier": 1.1, "sample-rate": 0.125}
+        "num-examples": 60,
+        "steps": 3,
+        "epsilon": 2.5,
+        "noise-multiplier": 1.1,
+        "sample-rate": 0.125,
+    }
     assert entry["bytes-sent"] > 0 and entry["bytes-received"] > 0

@@ -32,10 +32,13 @@ def corrupt(node: int, message_type: str, field: str):
     return mod
 
 
-@pytest.mark.parametrize("message_type, field, step, survivors", [
-    (records.SHARE_KEYS, "data", "secagg share keys", [11, 12]),  # ids and ciphertexts no longer pair up
-    (records.UNMASK, "b-owners", "secagg unmask", NODES),         # the same, in its unmask reply
-])
+@pytest.mark.parametrize(
+    "message_type, field, step, survivors",
+    [
+        (records.SHARE_KEYS, "data", "secagg share keys", [11, 12]),  # ids and ciphertexts no longer pair up
+        (records.UNMASK, "b-owners", "secagg unmask", NODES),  # the same, in its unmask reply
+    ],
+)
 def test_a_malformed_reply_drops_its_site_and_the_round_completes(tmp_path, message_type, field, step, survivors):
     updates = random_updates()
     sites = Sites(tmp_path, mods=[corrupt(13, message_type, field)])
@@ -64,13 +67,16 @@ def test_the_unmask_exchange_sets_the_next_round_up_and_its_train_request_uses_i
     masked, next_keys = {}, {}
     for n in NODES:
         masked[n] = secure_aggregation.mask_update(sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}")
-        next_keys[n] = records.advertisement_from(secure_aggregation.advertise(sites.contexts[n], next_tag, 10, 2),
-                                                  next_tag)
+        next_keys[n] = records.advertisement_from(
+            secure_aggregation.advertise(sites.contexts[n], next_tag, 10, 2), next_tag
+        )
     first, upcoming = finish_round(exchange, prepared, masked, SETTINGS, next_tag, next_keys)
     assert upcoming is not None and upcoming.tag == next_tag and upcoming.nodes == NODES
     # Round 2 needs no set-up exchange of its own: its shares are already routed.
-    steady = {n: secure_aggregation.mask_update(sites.contexts[n], next_tag, upcoming.inboxes[n], 2 * updates[n],
-                                                f"site-{n}") for n in NODES}
+    steady = {
+        n: secure_aggregation.mask_update(sites.contexts[n], next_tag, upcoming.inboxes[n], 2 * updates[n], f"site-{n}")
+        for n in NODES
+    }
     second, after = finish_round(exchange, upcoming, steady, SETTINGS)
     assert after is None
     assert np.max(np.abs(first.mean_update - weighted_mean(updates, NODES))) < 1e-6

@@ -15,8 +15,12 @@ from fedtune.server.strategies.mean_delta import mean_delta
 def weighted_mean_of_adapters(updates):
     """The server's FedAvg before the strategy seam (plain path): the weighted mean of whole adapters."""
     weights = np.asarray([w for _, w in updates], dtype=np.float64)
-    return {k: np.tensordot(weights / weights.sum(), np.stack([np.asarray(s[k], np.float64) for s, _ in updates]),
-                            axes=1).astype(np.float32) for k in sorted(updates[0][0])}
+    return {
+        k: np.tensordot(
+            weights / weights.sum(), np.stack([np.asarray(s[k], np.float64) for s, _ in updates]), axes=1
+        ).astype(np.float32)
+        for k in sorted(updates[0][0])
+    }
 
 
 def _adapters(rng, n):
