@@ -6,6 +6,12 @@ every record joins a step's batch independently with probability ``sample_rate``
 record's gradient is clipped to ``max_grad_norm``, Gaussian noise of std
 ``noise_multiplier * max_grad_norm`` is added to the sum, and the sum is divided by the
 expected batch size. Only the adapter's trainable tensors get gradients.
+
+FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020) adds
+``mu/2 * ||w - w_global||^2`` to the local objective, ``w_global`` being the trainable tensors
+as training starts (the global adapter the site has just loaded). Its gradient depends on no
+record, so under DP-SGD it is added after Opacus has clipped and noised the per-record
+gradients: post-processing, at no privacy cost, and not clipped per record.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ class LocalTrainPlan:
     max_grad_norm: float = 1.0
     seed: int = 0
     class_weights: tuple[float, ...] = ()
+    proximal_mu: float = 0.0  # FedProx: weight of mu/2 * ||w - w_global||^2 (0: off)
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson rate giving ``batch_size`` records per step on average."""
@@ -62,6 +69,17 @@ def poisson_batches(num_records: int, sample_rate: float, steps: int, generator:
         yield torch.nonzero(torch.rand(num_records, generator=generator) < sample_rate).flatten()
 
 
+def _add_proximal_gradient(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> None:
+    """FedProx: ``p.grad += mu * (p - w_global)``, the gradient of ``mu/2 * ||p - w_global||^2``."""
+    with torch.no_grad():
+        for p, anchor in zip(params, anchors, strict=True):
+            term = (p.detach() - anchor).mul_(mu)
+            if p.grad is None:
+                p.grad = term
+            else:
+                p.grad.add_(term)
+
+
 def train_adapter(
     model: Any,
     data: EncodedSet,
@@ -78,23 +96,45 @@ def train_adapter(
     q = plan.sample_rate(len(data))
     generator = torch.Generator().manual_seed(plan.seed)
     model.train()
+    # FedProx's w_global: the trainable tensors as training starts, i.e. the global adapter just loaded.
+    anchors = [p.detach().clone() for p in params] if plan.proximal_mu > 0 else None
     private = plan.noise_multiplier is not None
+    dp_optimizer: Any = None
     if private:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
         module = GradSampleModule(model, batch_first=True, loss_reduction="mean")
-        optimizer: torch.optim.Optimizer = DPOptimizer(
+        dp_optimizer = DPOptimizer(
             _make_optimizer(params, plan),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=plan.max_grad_norm,
             expected_batch_size=plan.batch_size,
             loss_reduction="mean",
         )
-        if hasattr(optimizer, "generator"):
-            optimizer.generator = torch.Generator().manual_seed(plan.seed + 1)
+        if hasattr(dp_optimizer, "generator"):
+            dp_optimizer.generator = torch.Generator().manual_seed(plan.seed + 1)
+        optimizer: torch.optim.Optimizer = dp_optimizer
     else:
         module, optimizer = model, _make_optimizer(params, plan)
+
+    def take_step() -> None:
+        if anchors is None:
+            optimizer.step()
+        elif private:
+            # DPOptimizer.step() is pre_step() (clip each record's gradient, add the noise, divide by the
+            # expected batch size) followed by the wrapped optimizer's step. Split here so that FedProx's
+            # proximal gradient mu * (w - w_global) joins p.grad AFTER the Gaussian mechanism: it depends
+            # on no record (only on w, itself already private, and the public w_global), so adding it is
+            # post-processing of the privatised gradient and costs no privacy. It must not go through the
+            # per-record clipping: it would use up each record's clipping norm and be distorted by it.
+            if dp_optimizer.pre_step():  # False only when Opacus was told to skip this step
+                _add_proximal_gradient(params, anchors, plan.proximal_mu)
+                dp_optimizer.original_optimizer.step()
+        else:
+            _add_proximal_gradient(params, anchors, plan.proximal_mu)
+            optimizer.step()
+
     weights = torch.tensor(plan.class_weights, dtype=torch.float32) if plan.class_weights else None
     if weights is not None and not task.classifies:
         raise ValueError("class weights apply to classification only")
@@ -103,11 +143,13 @@ def train_adapter(
         for step, idx in enumerate(poisson_batches(len(data), q, plan.steps, generator), start=1):
             optimizer.zero_grad(set_to_none=True)
             if len(idx) == 0:
-                # An empty Poisson batch is still a step of the mechanism: noise only (DP) or nothing.
+                # An empty Poisson batch is still a step of the mechanism: noise only (DP) or nothing (but FedProx).
                 if private:
                     for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
-                    optimizer.step()
+                    take_step()
+                elif anchors is not None:
+                    take_step()  # the proximal gradient alone: the records' part of the gradient is zero
                 continue
             batch = data.batch(idx)
             losses_each = task.head.per_sample_loss(module, batch)
@@ -121,7 +163,7 @@ def train_adapter(
                 for p in params:
                     if p.grad is not None:
                         p.grad.mul_(len(idx) / plan.batch_size)
-            optimizer.step()
+            take_step()
             losses.append(float(loss.detach()))
             seen += len(idx)
             if on_step is not None:

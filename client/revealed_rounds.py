@@ -6,8 +6,12 @@ the first time (no new privacy cost, see ``Site._replay``). If the second sum we
 over other survivors than the first (one site did not answer this time), the difference of
 the two sums would be that site's update: exactly what secure aggregation promises the
 server never learns. So a site helps reveal each round of a run at most once, across
-restarts of the server and of the site; a replayed round then fails at its unmask step,
-the global adapter stays as it was, and the next round proceeds.
+restarts of the server and of the site. A replayed round whose sum was revealed then fails at
+its unmask step, the global adapter stays as it was, and the next round proceeds. When the
+server stopped partway through the unmask step, the sites that had not answered yet may still
+hold enough shares to unmask the replay (their answers are disjoint from the first ones, and
+each reconstruction takes more than half the shares, so with the same sites set up only one
+attempt can succeed); the server's record says so (``server.secure_rounds.completed_round``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 from pathlib import Path
 
 from fedtune.common.atomic_files import atomic_write_json
-from fedtune.common.secure_aggregation.protocol import ProtocolViolation
+from fedtune.common.secure_aggregation.protocol import ALREADY_REVEALED, ProtocolViolation
 
 
 class AlreadyRevealed(ProtocolViolation):
@@ -47,7 +51,7 @@ class RevealedRounds:
         revealed = self.tags()
         if tag.hex() in revealed:
             raise AlreadyRevealed(
-                f"this site already released its unmasking shares for {tag!r} (a resumed server replaying the "
+                f"{ALREADY_REVEALED} for {tag!r} (a resumed server replaying the "
                 "round); a second sum of the same updates over other sites could reveal one site's update, so "
                 "it refuses"
             )

@@ -181,6 +181,7 @@ class Site:
             lr=request.lr,
             optimizer=request.optimizer,
             max_grad_norm=request.max_grad_norm,
+            proximal_mu=request.proximal_mu,  # w_global: the adapter _set_global has just loaded
             # Sampling and noise seeds come from the OS CSPRNG and never leave the site: noise
             # derived from anything the server knows could be subtracted again.
             seed=secrets.randbits(63),

@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedtune.common.models.builtin import BUILTIN_WEIGHTS
+from fedtune.common.models.directory import model_dir_problem
+from fedtune.common.models.tiny import TINY_MODELS
 from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import TASK_NAMES, task_for
 
@@ -24,6 +27,11 @@ log = logging.getLogger("fedtune.config")
 PRESETS_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "banking77-minilm"
 
+
+#: Every name model.name accepts: the fetched built-in models, then the tiny ones built locally for tests.
+MODEL_NAMES: tuple[str, ...] = (*sorted(BUILTIN_WEIGHTS), *TINY_MODELS)
+#: What a delimiter may be spelled as where a literal tab is awkward to type (``--set "data.delimiter='\t'"``).
+DELIMITER_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
 
 #: The deprecated ``model.task`` values, and the data.task each implied when data.task was not given.
 LEGACY_MODEL_TASKS = {"classification": "classification", "causal-lm": "question-answer"}
@@ -78,6 +86,24 @@ class ModelConfig(_Section):
         "encoders (see common/models/pooling.py).",
     )
 
+    @field_validator("path")
+    @classmethod
+    def _a_model_directory(cls, value: Path | None) -> Path | None:
+        """A missing directory, a non-model or a missing tokenizer is said now, before any data is read."""
+        problem = model_dir_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _known_name(self) -> ModelConfig:
+        if self.path is None and self.name not in MODEL_NAMES:
+            raise ValueError(
+                f"model.name = {self.name!r} is not a built-in model (known: {', '.join(MODEL_NAMES)}); "
+                "give a local Hugging Face model directory with model.path instead"
+            )
+        return self
+
 
 class LoraSettings(_Section):
     """The LoRA adapter (Hu et al., 2021): the only weights that are trained and travel."""
@@ -122,6 +148,12 @@ class FieldMap(_Section):
     )
     system: str = Field("", description="Optional column with a per-record system prompt (empty: none).")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _column_number(cls, value: Any) -> Any:
+        """A header-less file's columns are named 1, 2, ...: ``--set data.fields.text=1`` gives an integer."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 class DataConfig(_Section):
     """Where the records are, how to read them and which fields hold what."""
@@ -145,13 +177,31 @@ class DataConfig(_Section):
         "tune generation (see common/tasks).",
     )
     fields: FieldMap = Field(FieldMap(), description="Which column or key holds each part of a record.")
-    format: Literal["auto", "jsonl", "json", "csv", "parquet"] = Field(
-        "auto", description="File format; `auto` goes by the extension and content."
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto",
+        description="File format; `auto` goes by the extension (.jsonl, .json, .csv, .tsv, .txt, .parquet); "
+        "`tsv` is delimited text with a tab unless data.delimiter says otherwise.",
     )
-    header: Literal["auto", "yes", "no"] = Field("auto", description="CSV: whether the first row names the columns.")
-    delimiter: str = Field("", max_length=1, description="CSV: the field separator (empty: detected).")
+    header: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="CSV: whether the first row names the columns; `auto` weighs the evidence (mapped field "
+        "names, agreed labels, types, repeated values) and says which way it decided.",
+    )
+    delimiter: str = Field(
+        "",
+        max_length=1,
+        description="CSV: the field separator (empty: detected); `\\t` or `tab` for a tab.",
+    )
+    quoting: Literal["auto", "none", "csv"] = Field(
+        "auto",
+        description='CSV: `csv` reads "quoted" fields (RFC 4180, line breaks allowed inside); `none` takes quotes '
+        "as text, one record a line; `auto` is `csv` unless a quote would swallow whole lines as one field, "
+        "then `none`, with a warning naming the lines.",
+    )
     column_names: list[str] = Field(
-        default_factory=list, description="CSV without a header: names of the columns, in order."
+        default_factory=list,
+        description="CSV without a header: names of the columns, in order (one per column). Setting it means "
+        'the file has no header unless data.header = "yes" (then its first row is skipped).',
     )
     max_record_bytes: int = Field(1_000_000, gt=0, description="Records larger than this are malformed.")
     on_malformed: Literal["fail", "skip"] = Field(
@@ -176,6 +226,19 @@ class DataConfig(_Section):
     @classmethod
     def _known_task(cls, value: str) -> str:
         return task_for(value).name
+
+    @field_validator("delimiter", mode="before")
+    @classmethod
+    def _named_delimiter(cls, value: Any) -> Any:
+        """``'\\t'`` in TOML (a literal string) is a backslash and a t; the tab was meant."""
+        return DELIMITER_NAMES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("delimiter")
+    @classmethod
+    def _usable_delimiter(cls, value: str) -> str:
+        if value and value in '"\r\n':
+            raise ValueError(f"{value!r} cannot separate fields; use e.g. ',', ';', '|' or '\\t' (tab)")
+        return value
 
     @field_validator("path", "test_path", "labels_file")
     @classmethod
@@ -207,18 +270,54 @@ class PartitionConfig(_Section):
     min_examples: int = Field(20, gt=0, description="Fewest training records a simulated site may get.")
 
 
+class ServerOptimizerConfig(_Section):
+    """Hyperparameters of the server optimiser that ``federation.strategy`` names; each strategy reads its own.
+
+    The server optimises over the sites' example-weighted mean delta, taken as a pseudo-gradient
+    (Reddi et al., "Adaptive Federated Optimization", ICLR 2021), so every setting here works
+    unchanged under secure aggregation, where the server sees only the sum.
+    """
+
+    lr: float = Field(
+        0.0,
+        ge=0,
+        description="Server learning rate (eta). 0: the strategy's default, as in Flower: fedavgm 1.0, fedadam "
+        "0.1, fedadagrad 0.1, fedyogi 0.01. fedavg ignores it (eta = 1).",
+    )
+    momentum: float = Field(
+        0.9,
+        ge=0,
+        lt=1,
+        description="fedavgm: server momentum beta (Hsu et al. 2019); the steady-state step is about "
+        "lr / (1 - momentum) times the mean delta.",
+    )
+    beta1: float = Field(
+        0.9, ge=0, lt=1, description="fedadam, fedyogi: decay of the mean delta's first moment (fedadagrad keeps none)."
+    )
+    beta2: float = Field(0.99, ge=0, lt=1, description="fedadam, fedyogi: decay of the mean delta's second moment.")
+    tau: float = Field(
+        1e-3,
+        gt=0,
+        description="fedadam, fedyogi, fedadagrad: adaptivity tau, added to the square root of the second moment "
+        "(which starts at tau^2); smaller is more adaptive.",
+    )
+
+
 class FederationConfig(_Section):
-    """Rounds and how the server waits for sites."""
+    """Rounds, how the server waits for sites, and how it optimises."""
 
     rounds: int = Field(3, gt=0, description="Training rounds.")
     min_clients: int = Field(1, gt=0, description="Fewest contributing sites for a round to be aggregated.")
     strategy: str = Field(
         "fedavg",
-        description="How the server turns the sites' mean update into the "
-        "next global adapter (see server/strategies/).",
+        description="How the server turns the sites' mean update into the next global adapter: fedavg, "
+        "fedavgm, fedadam, fedyogi, fedadagrad (see server/strategies/). FedProx is fedavg with train.proximal_mu > 0.",
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation: CPUs Ray reserves for each site's actor.")
     round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
+    server_optimizer: ServerOptimizerConfig = Field(
+        ServerOptimizerConfig(), description="Hyperparameters of the server optimiser (federation.strategy)."
+    )
 
 
 class TrainConfig(_Section):
@@ -234,6 +333,13 @@ class TrainConfig(_Section):
         "none",
         description="Classification: `balanced` re-weights the loss by inverse class frequency (from a DP "
         "label histogram under DP); never oversampling.",
+    )
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        description="FedProx (Li et al., MLSys 2020): weight mu of the proximal term mu/2 * ||w - w_global||^2 in "
+        "each site's local objective (0: off). Under DP-SGD its gradient is added after clipping and noise (no "
+        "privacy cost). With train.optimizer = 'sgd' keep lr * mu below 1.",
     )
 
 
@@ -418,18 +524,23 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
-    lines = [f"invalid configuration in {source}:"]
+    """One line for one error (the command line prints it as is), a list for several."""
+    lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        field = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling against the README's config reference)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = e.get("input")
-        got_text = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  - {field}: {msg}{got_text}")
-    return "\n".join(lines)
+        named = isinstance(got, str | Path) and len(str(got)) > 2 and str(got) in msg  # the message names it
+        shown = e["type"] == "missing" or isinstance(got, dict) or named
+        names_itself = not field or msg.startswith((f"{field}.", f"{field} "))
+        lines.append(f"{'' if names_itself else f'{field}: '}{msg}{'' if shown else f' (got {got!r})'}")
+    if len(lines) == 1:
+        return f"invalid configuration in {source}: {lines[0]}"
+    return "\n".join([f"invalid configuration in {source}:", *(f"  - {line}" for line in lines)])
 
 
 def preset_path(name: str) -> Path:
@@ -468,7 +579,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedtuneConfig:
         raise ConfigError(
             "the app bundle has no fedtune-config in [tool.flwr.app.config]; rebuild it with `fedtune deploy init`"
         )
-    return FedtuneConfig.model_validate(json.loads(str(run_config["fedtune-config"])))
+    raw = json.loads(str(run_config["fedtune-config"]))
+    return config_from_dict(raw, "the app bundle's fedtune-config (rebuild it with `fedtune deploy init`)", Path.cwd())
 
 
 def config_to_toml_dict(cfg: FedtuneConfig) -> dict[str, Any]:

@@ -36,7 +36,7 @@ STATUS = "status"
 
 #: Bumped whenever a record's keys, types or meaning change, so that a server and a site of
 #: different releases refuse each other plainly instead of misreading a field.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: TrainPlan.proximal_mu (FedProx), which a site of version 1 would ignore
 
 
 class WireError(ValueError):
@@ -191,6 +191,7 @@ class TrainPlan(_Plan):
     max_grad_norm: float
     a_fingerprint: str = ""  # digest of the frozen A matrices under FFA-LoRA; "" when A trains
     secure_aggregation: bool = False
+    proximal_mu: float = 0.0  # FedProx: weight of mu/2 * ||w - w_global||^2 in the site's objective (0: off)
     protocol_version: int = PROTOCOL_VERSION
 
 

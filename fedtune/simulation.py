@@ -17,7 +17,7 @@ from flwr.clientapp.typing import Mod
 from fedtune.common.config import ConfigError, FedtuneConfig
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
 from fedtune.common.logs import add_log_file
-from fedtune.common.models.loading import model_spec
+from fedtune.common.models.lora import checked_model_spec
 from fedtune.server.messaging import FederationError
 from fedtune.server.run_directory import new_run_dir
 from fedtune.server.strategies import build_strategy
@@ -64,6 +64,10 @@ def simulate(
     from fedtune.client.app import build_client_app, simulated_site_factory
     from fedtune.server.app import build_server_app
 
+    build_strategy(cfg.federation)  # an unknown strategy fails here, before Ray starts
+    # The model is checked (and fetched once, so actors only read the cache) before any data is read
+    # or the run directory exists: a bad model.path or LoRA target is one line, not a site's traceback.
+    spec = checked_model_spec(cfg)
     if cfg.partition.scheme == "files":
         # Each site reads and validates its own files; the server never opens them.
         summary = "\n".join(
@@ -77,8 +81,6 @@ def simulate(
         sites, test = build_site_splits(cfg)
         check_privacy_feasible(cfg, sites)
         summary = partition_summary(sites, len(test))
-    build_strategy(cfg.federation)  # an unknown strategy fails here, before Ray starts
-    spec = model_spec(cfg)  # fetched once here, so actors only read the cache
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     print(summary, flush=True)
     print(f"run directory: {run_dir}", flush=True)

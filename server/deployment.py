@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.common.config import config_from_run_config
 from fedtune.common.logs import configure_logging
-from fedtune.common.models.loading import model_spec
+from fedtune.common.models.lora import checked_model_spec
 from fedtune.server.app import run_federation
 from fedtune.server.run_directory import named_run_dir
 
@@ -29,6 +29,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     configure_logging(service=True)
     cfg = config_from_run_config(context.run_config)
+    spec = checked_model_spec(cfg)  # a model problem stops here, before the run directory exists
     run_dir, resume = named_run_dir(cfg, Path(str(context.run_config.get("output-dir", cfg.run.output_dir))))
     log.info("federation %s: run directory %s%s", cfg.run.name, run_dir, " (resuming)" if resume else "")
-    run_federation(grid, cfg, model_spec(cfg), run_dir, resume)
+    run_federation(grid, cfg, spec, run_dir, resume)

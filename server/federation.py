@@ -42,12 +42,20 @@ from fedtune.common.wire import (
     to_array_record,
     unflatten_adapter,
 )
-from fedtune.server.checkpoints import CheckpointStore
+from fedtune.server.checkpoints import Checkpoint, CheckpointStore
 from fedtune.server.global_model import GlobalModel
 from fedtune.server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
 from fedtune.server.report import MetricsLog, plot_curves, summary_table, train_entry
-from fedtune.server.secure_rounds import PreparedRound, SecureExchange, SecureSettings, finish_round, set_up_round
-from fedtune.server.strategies import build_strategy
+from fedtune.server.secure_rounds import (
+    PreparedRound,
+    SecureExchange,
+    SecureSettings,
+    completed_round,
+    failed_round,
+    finish_round,
+    set_up_round,
+)
+from fedtune.server.strategies import Strategy, build_strategy
 from fedtune.server.strategies.mean_delta import mean_delta
 
 log = logging.getLogger("fedtune.server")
@@ -95,6 +103,7 @@ def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: s
         max_grad_norm=p.max_grad_norm,
         a_fingerprint=a_fingerprint,
         secure_aggregation=cfg.secure_aggregation.enabled,
+        proximal_mu=t.proximal_mu,
     ).to_record()
 
 
@@ -146,6 +155,24 @@ def collect_train_replies(
     return out
 
 
+def restore_strategy(strategy: Strategy, checkpoint: Checkpoint) -> None:
+    """The strategy's state (moments, say) as saved with ``checkpoint``, so a resumed run continues exactly.
+
+    A checkpoint written by another strategy (the config changed between runs) leaves it fresh, with a warning.
+    """
+    saved_by = checkpoint.info.get("strategy", strategy.name)
+    if saved_by != strategy.name:
+        log.warning(
+            "round %d was aggregated by strategy %r, the config names %r: %r starts from a fresh state",
+            checkpoint.round,
+            saved_by,
+            strategy.name,
+            strategy.name,
+        )
+        return
+    strategy.load_state_dict(checkpoint.strategy_state())
+
+
 class FederationServer:
     def __init__(self, cfg: FedtuneConfig, model: GlobalModel, test_set: EncodedSet, run_dir: Path) -> None:
         self.cfg, self.model, self.test_set, self.run_dir = cfg, model, test_set, Path(run_dir)
@@ -192,7 +219,7 @@ class FederationServer:
         latest = self.store.latest() if resume else None
         if latest is not None:
             self.model.restore(latest.directory)
-            self.strategy.load_state_dict(latest.strategy_state())
+            restore_strategy(self.strategy, latest)
             self.metrics.keep_through(latest.round)
             start = latest.round + 1
             log.info("resuming after round %d from %s", latest.round, latest.directory)
@@ -348,7 +375,7 @@ class FederationServer:
             )
         except SecureAggregationError as exc:
             log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
-            return f"failed: secure aggregation: {exc}", {"dropped": exchange.dropped, "error": str(exc)}
+            return failed_round(exchange, exc)
         current = self.model.state()
         mean = unflatten_adapter(result.mean_update, current)
         self._step(current, mean, round_)
@@ -362,13 +389,8 @@ class FederationServer:
         for site, received in exchange.bytes_received.items():
             if site in got.train:
                 got.train[site]["bytes-received"] += received
-        summary = {
-            "survivors": sorted(exchange.site(n) for n in result.survivors),
-            "dropped": dict(sorted(exchange.dropped.items())),
-            "clipped-values": result.clipped_values,
-            "clip-range": settings.clip_range,
-        }
-        return f"aggregated {len(result.survivors)} sites securely", summary
+        status, summary = completed_round(exchange, result)
+        return status, summary | {"clipped-values": result.clipped_values, "clip-range": settings.clip_range}
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Merged model from the newest checkpoint, plus the summary table and plot."""

@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 from fedtune.common.atomic_files import atomic_write_json
-from fedtune.common.config import ConfigError, FedtuneConfig, config_to_toml_dict
+from fedtune.common.config import ConfigError, FedtuneConfig, config_from_dict, config_to_toml_dict
 
 
 def start_run_dir(run_dir: Path, cfg: FedtuneConfig, run_id: str) -> Path:
@@ -39,4 +39,6 @@ def load_run_config(run_dir: Path) -> FedtuneConfig:
     path = Path(run_dir) / "config.json"
     if not path.exists():
         raise ConfigError(f"{run_dir} is not a fedtune run directory (no config.json); cannot resume")
-    return FedtuneConfig.model_validate(json.loads(path.read_text()))
+    # Validated as any config is, so a stored config that no longer holds (a model.path since
+    # removed, say) is one line naming the field, not a traceback.
+    return config_from_dict(json.loads(path.read_text()), str(path), Path(run_dir))

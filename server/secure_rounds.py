@@ -13,6 +13,8 @@ its masks could not be removed if it dropped): here every site masks only after 
 set-up is done, exactly as in SecAgg+. A site that errs, refuses or times out at any step
 counts as dropped; the protocol tolerates that while enough sites remain and otherwise
 raises :class:`SecureAggregationError`, leaving the global model to the caller untouched.
+A round's record (:func:`completed_round`, :func:`failed_round`) tells apart the sites whose
+masked input is not in the sum from the survivors that only missed the unmask step.
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedtune.common.secure_aggregation.protocol import Advertisement, SecureAggregationError, SecureSum, ServerRound
+from fedtune.common.secure_aggregation.protocol import (
+    ALREADY_REVEALED,
+    Advertisement,
+    SecureAggregationError,
+    SecureSum,
+    ServerRound,
+)
 from fedtune.common.secure_aggregation.records import (
     ADVERTISE,
     SECAGG_NEXT,
@@ -47,6 +55,9 @@ log = logging.getLogger("fedtune.server.secagg")
 
 Sender = Callable[[Grid, list[Message], str, float], list[Message]]
 T = TypeVar("T")
+
+UNMASK_STEP = "secagg unmask"
+NEXT_SET_UP_STEP = "secagg share keys (next round)"
 
 
 @dataclass(frozen=True)
@@ -77,7 +88,9 @@ class SecureExchange:
     def __init__(self, grid: Grid, sites: dict[int, str], timeout_s: float, send: Sender = send_and_collect):
         """``sites`` (node id -> site id) is updated in place as replies name their senders."""
         self.grid, self.sites, self.timeout_s, self.send = grid, sites, timeout_s, send
-        self.dropped: dict[str, str] = {}
+        self.dropped: dict[str, str] = {}  # site -> "step: reason"
+        self.steps: dict[str, str] = {}  # site -> the step it dropped at
+        self.reasons: dict[str, str] = {}  # site -> why, without the step
         self.failed: set[str] = set()  # dropped by an error or a timeout, not by a refusal
         self.refusals: dict[str, str] = {}  # site -> the reason it gave
         self.bytes_received: dict[str, int] = {}
@@ -139,6 +152,7 @@ class SecureExchange:
     def drop(self, node: int, step: str, reason: str) -> None:
         site = self.site(node)
         self.dropped[site] = f"{step}: {reason}"
+        self.steps[site], self.reasons[site] = step, reason
         log.warning("secure aggregation: %s dropped out at %s: %s", site, step, reason)
 
 
@@ -207,14 +221,14 @@ def finish_round(
         if node in next_params:
             content[SECAGG_NEXT] = params_record(next_params[node])
         records[node] = content
-    answers = exchange("secagg unmask", UNMASK, records)
+    answers = exchange(UNMASK_STEP, UNMASK, records)
     result = prepared.server.unmask(
-        exchange.parsed("secagg unmask", answers, lambda c: unmask_reply_from(c.config_records[SECAGG]))
+        exchange.parsed(UNMASK_STEP, answers, lambda c: unmask_reply_from(c.config_records[SECAGG]))
     )
     if upcoming is None or next_tag is None:  # next_tag is set whenever upcoming is; this says so to mypy
         return result, None
     shared = exchange.parsed(
-        "secagg share keys (next round)",
+        NEXT_SET_UP_STEP,
         {n: c for n, c in answers.items() if n in next_params and SECAGG_NEXT in c.config_records},
         lambda c: indexed_bytes_from(c.config_records[SECAGG_NEXT], what="share keys reply"),
     )
@@ -225,11 +239,65 @@ def finish_round(
         return result, None
 
 
+def _missing(exchange: SecureExchange) -> dict[str, dict[str, str]]:
+    """Who was missing from a round that got as far as its masked inputs, for its record.
+
+    ``dropped``: sites whose masked input is not in the sum ("step: reason"), as SecAgg+ means
+    the word. ``absent-at-unmask``: survivors (their masked input is in the sum, or would have
+    been) that did not answer the unmask step, with their reason: the other survivors' shares
+    removed their masks, or the round failed for want of them. A survivor whose part in the
+    *next* round's set-up went wrong is in neither: the log names it, and that round is set up anew.
+    """
+    out: dict[str, dict[str, str]] = {"dropped": {}, "absent-at-unmask": {}}
+    for site in sorted(exchange.dropped):
+        step = exchange.steps[site]
+        if step == UNMASK_STEP:
+            out["absent-at-unmask"][site] = exchange.reasons[site]
+        elif step != NEXT_SET_UP_STEP:
+            out["dropped"][site] = exchange.dropped[site]
+    return out
+
+
+def _absent_note(absent: Mapping[str, str]) -> str:
+    """What a status adds about the survivors that did not answer the unmask step ("" for none)."""
+    revealed = [site for site, reason in absent.items() if reason.startswith(ALREADY_REVEALED)]
+    silent = [site for site in absent if site not in revealed]
+    parts = []
+    if revealed:
+        parts.append(
+            f"{', '.join(revealed)} had already revealed this round before the server restarted and refused to again"
+        )
+    if silent:
+        parts.append(f"{', '.join(silent)} did not answer the unmask step")
+    return "; ".join(parts)
+
+
+def completed_round(exchange: SecureExchange, result: SecureSum) -> tuple[str, dict[str, Any]]:
+    """The status and record of a round whose sum was revealed: ``survivors`` are the sites in it."""
+    missing = _missing(exchange)
+    status = f"aggregated {len(result.survivors)} sites securely"
+    if note := _absent_note(missing["absent-at-unmask"]):
+        status += f"; {note}; the other sites' shares sufficed"
+    return status, {"survivors": sorted(exchange.site(n) for n in result.survivors), **missing}
+
+
+def failed_round(exchange: SecureExchange, error: SecureAggregationError) -> tuple[str, dict[str, Any]]:
+    """The status and record of a round that failed after training (too few masked inputs, or too
+    few shares to remove the masks): no sum was revealed."""
+    missing = _missing(exchange)
+    note = _absent_note(missing["absent-at-unmask"])
+    return f"failed: secure aggregation: {error}" + (f"; {note}" if note else ""), {**missing, "error": str(error)}
+
+
 __all__ = [
+    "NEXT_SET_UP_STEP",
+    "UNMASK_STEP",
     "PreparedRound",
     "SecureAggregationError",
     "SecureExchange",
     "SecureSettings",
+    "completed_round",
+    "failed_round",
     "finish_round",
     "set_up_round",
 ]

@@ -18,25 +18,28 @@ from fedtune.common.secure_aggregation.protocol import SecureSum
 from fedtune.server.secure_rounds import SecureExchange, SecureSettings, finish_round, set_up_round
 
 NODES = [11, 12, 13]
-EXAMPLES = {11: 100, 12: 250, 13: 400}
+EXAMPLES = {11: 100, 12: 250, 13: 400, 14: 300}  # node 14 only where a test asks for it
 DIM, CLIP = 500, 0.05
 SETTINGS = SecureSettings(CLIP, 2, DIM)
 
 
-def random_updates(seed: int = 0) -> dict[int, np.ndarray]:
+def random_updates(seed: int = 0, nodes: Sequence[int] = NODES) -> dict[int, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {n: rng.uniform(-CLIP / 4, CLIP / 4, DIM).astype(np.float32) for n in NODES}
+    return {n: rng.uniform(-CLIP / 4, CLIP / 4, DIM).astype(np.float32) for n in nodes}
 
 
 class Sites:
-    """Three sites; ``restart`` loses what they hold in memory (context.state), not what is on disk.
+    """Three sites (or ``nodes``); ``restart`` loses what they hold in memory (context.state), not what is on disk.
 
     Messages are built outside a Flower runtime, so a test using this needs TaskIdentity set
     (the ``server_identity`` fixture of tests/conftest.py).
     """
 
-    def __init__(self, state_dir: Path, keep_record: bool = True, mods: Sequence[Mod] = ()):
-        self.revealed = {n: RevealedRounds(Path(state_dir) / f"site-{n}" / "secagg_revealed.json") for n in NODES}
+    def __init__(
+        self, state_dir: Path, keep_record: bool = True, mods: Sequence[Mod] = (), nodes: Sequence[int] = NODES
+    ):
+        self.nodes = list(nodes)
+        self.revealed = {n: RevealedRounds(Path(state_dir) / f"site-{n}" / "secagg_revealed.json") for n in self.nodes}
         self.app = ClientApp(mods=list(mods))
         register_secure_aggregation(
             self.app,
@@ -48,7 +51,7 @@ class Sites:
     def restart(self) -> None:
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={"partition-id": n}, state=RecordDict(), run_config={})
-            for n in NODES
+            for n in self.nodes
         }
 
     def deliver(self, _grid, requests: list[Message], _step: str, _timeout: float) -> list[Message]:
@@ -59,7 +62,7 @@ class Sites:
         return replies
 
     def exchange(self) -> SecureExchange:
-        return SecureExchange(None, {n: f"site-{n}" for n in NODES}, 60.0, send=self.deliver)
+        return SecureExchange(None, {n: f"site-{n}" for n in self.nodes}, 60.0, send=self.deliver)
 
 
 def secure_round(
@@ -71,7 +74,7 @@ def secure_round(
 ) -> SecureSum:
     """Set round ``tag`` up with every site; only ``arriving`` sites' masked vectors reach the server."""
     exchange = exchange or sites.exchange()
-    prepared = set_up_round(exchange, tag, NODES, SETTINGS)
+    prepared = set_up_round(exchange, tag, sites.nodes, SETTINGS)
     masked = {
         n: secure_aggregation.mask_update(sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}")
         for n in arriving

@@ -15,6 +15,9 @@ from fedtune.common.config import FedtuneConfig
 from fedtune.common.data.federation_data import agreed_labels
 from fedtune.common.data.preparation import DataReport, prepare
 
+#: A share of truncated records above which the check warns: the model would see only their beginnings.
+TRUNCATION_WARNING = 0.9
+
 
 @dataclass
 class CheckResult:
@@ -44,8 +47,12 @@ def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> 
     data = cfg.data
     labels = agreed_labels(cfg)
     prepared = prepare(path, data, labels)
-    report, result = prepared.report, CheckResult(prepared.report)
-    if report.problems:
+    report, result = prepared.report, CheckResult(prepared.report, warnings=list(prepared.report.warnings))
+    if report.label_mismatch:
+        result.blockers.append(
+            "no record's label is in the agreed label set (data.labels or data.labels_file); see the labels above"
+        )
+    elif report.problems:
         if data.on_malformed == "skip":
             result.warnings.append(f"{len(report.problems)} malformed records will be skipped (data.on_malformed)")
         else:
@@ -53,7 +60,8 @@ def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> 
                 f'{len(report.problems)} malformed records; fix them or set data.on_malformed = "skip"'
             )
     if not prepared.examples:
-        result.blockers.append(f"no usable {report.task} records")
+        if not report.label_mismatch:
+            result.blockers.append(f"no usable {report.task} records")
         return result
     if tokenizer is not None:
         encoded = cfg.task.head.encode(prepared.examples, tokenizer, labels, cfg.model.max_length)
@@ -62,6 +70,14 @@ def check_data(cfg: FedtuneConfig, path: Path, tokenizer: Any | None = None) -> 
             encoded.truncated,
             cfg.model.max_length,
         )
+        share = report.truncated / max(len(report.token_lengths), 1)
+        if share >= TRUNCATION_WARNING:
+            lengths = sorted(report.token_lengths)
+            result.warnings.append(
+                f"{report.truncated} of {len(lengths)} records ({100 * share:.0f}%) are longer than model.max_length "
+                f"= {cfg.model.max_length} tokens and will be cut short (median {lengths[len(lengths) // 2]} tokens); "
+                "raise model.max_length if their ends matter"
+            )
     n_train = len(prepared.examples) - int(round(len(prepared.examples) * data.val_fraction))
     if cfg.privacy.enabled and cfg.privacy.delta >= 1.0 / max(n_train, 1):
         result.blockers.append(

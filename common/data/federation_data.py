@@ -7,6 +7,7 @@ so no raw record ever has to travel between processes.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from fedtune.common.data.partition import partition_by_column, partition_dirichl
 from fedtune.common.data.preparation import prepare
 from fedtune.common.data.readers import DataError
 from fedtune.common.data.shapes import Example
+
+log = logging.getLogger("fedtune.data")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ def _group_field(cfg: FedtuneConfig) -> str:
 def load_examples(path: Path, cfg: FedtuneConfig, group_field: str = "") -> list[Example]:
     """Clean examples from ``path``, or a DataError naming the first malformed records."""
     prepared = prepare(path, cfg.data, agreed_labels(cfg), group_field)
+    for warning in prepared.report.warnings:  # e.g. a file read without quoting: the site's log says so
+        log.warning("%s", warning)
     return prepared.require_usable(cfg.data.on_malformed)
 
 

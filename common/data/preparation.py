@@ -26,6 +26,7 @@ from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import task_for
 
 MAX_PROBLEMS_SHOWN = 10
+MAX_LABELS_SHOWN = 10
 
 
 @dataclass
@@ -38,6 +39,9 @@ class DataReport:
     records_read: int = 0
     problems: list[str] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    #: Set when not one record's label is in the agreed set: a mapping or label-set problem, said once.
+    label_mismatch: str = ""
     empty_dropped: int = 0
     duplicates_dropped: int = 0
     examples: int = 0
@@ -48,9 +52,11 @@ class DataReport:
     truncated: int = 0
 
     def problem_summary(self) -> str:
-        shown = self.problems[:MAX_PROBLEMS_SHOWN]
-        more = len(self.problems) - len(shown)
-        lines = [*self.hints, *shown] + ([f"... and {more} more"] if more > 0 else [])
+        listed = [p for p in self.problems if not (self.label_mismatch and "agreed label set" in p)]
+        shown = listed[:MAX_PROBLEMS_SHOWN]
+        more = len(listed) - len(shown)
+        hints = [self.label_mismatch] if self.label_mismatch else []
+        lines = [*hints, *self.hints, *shown] + ([f"... and {more} more"] if more > 0 else [])
         return "\n".join("  " + line for line in lines)
 
     def format(self) -> str:
@@ -61,6 +67,7 @@ class DataReport:
                 if f.file_format != "skipped"
                 else f"  {f.path}: skipped ({f.detail})"
             )
+            out += [f"    {note.removeprefix(f'{f.path}: ')}" for note in f.notes]
         out += [
             f"records read:          {self.records_read}",
             f"malformed:             {len(self.problems)}",
@@ -113,6 +120,8 @@ class PreparedData:
     def require_usable(self, on_malformed: str = "fail") -> list[Example]:
         """The examples, or a DataError naming the first malformed records (unless told to skip them)."""
         r = self.report
+        if r.label_mismatch:
+            raise DataError(r.label_mismatch)
         if r.problems and on_malformed != "skip":
             raise DataError(
                 f"{len(r.problems)} malformed record(s) in {r.source}; fix them, or set "
@@ -126,15 +135,17 @@ class PreparedData:
         return self.examples
 
 
-def read_options(data: DataConfig, task: TaskShape) -> ReadOptions:
+def read_options(data: DataConfig, task: TaskShape, labels: list[str] | None = None) -> ReadOptions:
     roles = task.roles
     return ReadOptions(
         file_format=data.format,
         header=data.header,
         delimiter=data.delimiter,
+        quoting=data.quoting,
         column_names=tuple(data.column_names),
         max_record_bytes=data.max_record_bytes,
         expected_fields=tuple(getattr(data.fields, r) for r in roles),
+        labels=tuple(labels or ()),
     )
 
 
@@ -142,7 +153,7 @@ def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = 
     """Read, map, clean and de-duplicate every record under ``path`` (a file or folder)."""
     task = task_for(data.task)
     columns = data.fields.model_dump()
-    records, problems, files = read_raw(path, read_options(data, task))
+    records, problems, files = read_raw(path, read_options(data, task, labels))
     if data.max_records:
         records = records[: data.max_records]
     report = DataReport(
@@ -151,15 +162,19 @@ def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = 
         files=files,
         records_read=len(records) + len(problems),
         problems=[p.message for p in problems],
+        warnings=[w for f in files for w in f.warnings],
         labels_agreed=len(labels),
     )
     examples, seen = [], set()
+    unknown_labels: Counter[str] = Counter()
     for record in records:
         result = task.example(record, columns, labels, group_field)
         if result is None:
             report.empty_dropped += 1
         elif isinstance(result, RecordProblem):
             report.problems.append(result.message)
+            if result.label is not None:
+                unknown_labels[result.label] += 1
         elif result.key in seen:
             report.duplicates_dropped += 1
         else:
@@ -168,8 +183,30 @@ def prepare(path: Path, data: DataConfig, labels: list[str], group_field: str = 
     report.examples = len(examples)
     if task.classifies:
         report.label_counts = dict(Counter(e.target for e in examples))
+        if unknown_labels and not report.label_counts:
+            report.label_mismatch = _label_mismatch(report.source, unknown_labels, labels, data.fields.label)
     _explain_missing_fields(report, len(records))
     return PreparedData(examples, report)
+
+
+def _shown(names: list[str], limit: int = MAX_LABELS_SHOWN) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(map(repr, names[:limit])) + more
+
+
+def _label_mismatch(source: Path, found: Counter[str], agreed: list[str], column: str) -> str:
+    """No record's label is agreed: one line with the data's labels beside the agreed ones.
+
+    Skipping malformed records would drop every record, so that is not what to suggest.
+    """
+    in_data = [f"{name!r} ({count})" for name, count in found.most_common(MAX_LABELS_SHOWN)]
+    more = f", ... ({len(found) - MAX_LABELS_SHOWN} more)" if len(found) > MAX_LABELS_SHOWN else ""
+    return (
+        f"{source}: none of the data's labels is in the agreed label set. In column {column!r} "
+        f"(data.fields.label): {', '.join(in_data)}{more}; agreed (data.labels or data.labels_file): "
+        f"{_shown(agreed)}. Check that data.fields.label names the label column, and that the site and "
+        "the federation agreed the same label names"
+    )
 
 
 def _explain_missing_fields(report: DataReport, total: int) -> None:

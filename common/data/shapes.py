@@ -61,6 +61,14 @@ class BadRecord(Exception):
     """A malformed record; the message names the field."""
 
 
+class UnknownLabel(BadRecord):
+    """A record whose label is outside the agreed set; ``label`` is that label, for the site's summary."""
+
+    def __init__(self, message: str, label: str) -> None:
+        super().__init__(message)
+        self.label = label
+
+
 def raw_value(record: RawRecord, columns: Columns, role: str) -> Any:
     """The uncleaned value of ``role``'s column; a missing column is a malformed record that says what is there."""
     column = columns[role]

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedtune.common.config import ConfigError, FedtuneConfig, ModelConfig
+from fedtune.common.config import MODEL_NAMES, ConfigError, FedtuneConfig, ModelConfig
 from fedtune.common.models.builtin import BUILTIN_WEIGHTS, resolve_builtin
+from fedtune.common.models.directory import model_dir_problem
 from fedtune.common.models.tiny import TINY_MODELS, resolve_tiny
 from fedtune.common.tasks.registry import task_for
 
@@ -27,18 +28,16 @@ def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
     """Local directory of the configured base model, fetching or building it once if needed."""
     if model.path is not None:
         directory = Path(model.path)
-        if not (directory / "config.json").exists():
-            raise FileNotFoundError(
-                f"model.path = {directory}: no config.json there; expected a Hugging Face model directory"
-            )
+        problem = model_dir_problem(directory)  # checked at validation too; the directory may have changed since
+        if problem:
+            raise ConfigError(f"model.path: {problem}")
         return directory
     if model.name in BUILTIN_WEIGHTS:
         return resolve_builtin(model.name)
     if model.name in TINY_MODELS:
         return resolve_tiny(model.name, seed)
-    known = sorted(BUILTIN_WEIGHTS) + list(TINY_MODELS)
     raise ConfigError(
-        f"model.name = {model.name!r} is not a built-in model (known: {', '.join(known)}); "
+        f"model.name = {model.name!r} is not a built-in model (known: {', '.join(MODEL_NAMES)}); "
         "give a local Hugging Face model directory with model.path instead"
     )
 

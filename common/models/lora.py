@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.common.config import LoraSettings
-from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer
+from fedtune.common.config import ConfigError, FedtuneConfig, LoraSettings
+from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer, model_spec
 from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import task_for
 
@@ -38,6 +38,70 @@ def default_target_modules(model_type: str) -> list[str]:
     raise ValueError(
         f"no default LoRA target modules for model type {model_type!r}; set lora.target_modules in the config"
     )
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct last names of a model's linear layers, in order: what lora.target_modules may name."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    names: list[str] = []
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear | Conv1D) and leaf not in names:
+            names.append(leaf)
+    return names
+
+
+def _skeleton(spec: BaseModelSpec) -> Any:
+    """The task's model class built from the directory's config on the meta device: its modules, no weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task_for(spec.task).classifies else AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(spec.directory)
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except (ValueError, KeyError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"the base model in {spec.directory} cannot be built for {spec.task} ({auto.__name__}): {reason}"
+        ) from None
+
+
+def check_target_modules(spec: BaseModelSpec, settings: LoraSettings) -> None:
+    """Every LoRA target must be a module of the base model; else one line listing the model's linear modules.
+
+    peft would otherwise stop a site with ``NoMatchingPeftModuleError`` (no target found) or
+    silently adapt fewer matrices (some found), after data was read and rounds had begun.
+    """
+    model = _skeleton(spec)
+    model_type = model.config.model_type
+    linear = ", ".join(linear_module_names(model))
+    try:
+        targets = list(settings.target_modules) or default_target_modules(model_type)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; its linear modules are: {linear}") from None
+    names = [name for name, _ in model.named_modules() if name]
+    absent = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if absent:
+        source = "lora.target_modules" if settings.target_modules else f"the default LoRA targets of {model_type!r}"
+        raise ConfigError(
+            f"{source}: no module named {', '.join(map(repr, absent))} in the base model ({spec.directory}, "
+            f"model type {model_type!r}); its linear modules are: {linear}. Set lora.target_modules to some of them"
+        )
+
+
+def checked_model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
+    """The configured base model (fetched or built once) with LoRA's targets checked against it.
+
+    For the start of a run, before any data is read or run directory written: a model problem
+    is then one line naming the setting to change.
+    """
+    spec = model_spec(cfg)
+    check_target_modules(spec, cfg.lora)
+    return spec
 
 
 def build_lora_config(settings: LoraSettings, task: TaskShape, model_type: str):

@@ -36,6 +36,10 @@ from fedtune.common.secure_aggregation.share_transport import ShareDecryptionErr
 SEED_BYTES = 32
 _SHARE_WORDS = 11  # 3-byte chunks of a 32-byte secret
 
+#: How a site's refusal to unmask a round it already helped reveal begins (``client.revealed_rounds``),
+#: so that the server can say so in the round's status.
+ALREADY_REVEALED = "this site already released its unmasking shares"
+
 
 class SecureAggregationError(RuntimeError):
     """A secure round that cannot complete; the message says which step and why."""
@@ -349,6 +353,7 @@ class ServerRound:
 
 
 __all__ = [
+    "ALREADY_REVEALED",
     "Advertisement",
     "ClientRound",
     "ProtocolViolation",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedtune.common.data.readers import RawRecord, RecordProblem
-from fedtune.common.data.shapes import BadRecord, Columns, Example, SkipRecord
+from fedtune.common.data.shapes import BadRecord, Columns, Example, SkipRecord, UnknownLabel
 
 if TYPE_CHECKING:
     import torch
@@ -71,4 +71,4 @@ class TaskShape:
         except SkipRecord:
             return None
         except BadRecord as exc:
-            return RecordProblem(f"{record.where}, {exc}")
+            return RecordProblem(f"{record.where}, {exc}", exc.label if isinstance(exc, UnknownLabel) else None)

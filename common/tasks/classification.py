@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.common.data.readers import RawRecord
-from fedtune.common.data.shapes import BadRecord, Columns, Example, SkipRecord, normalise_text, raw_value, read_text
+from fedtune.common.data.shapes import (
+    BadRecord,
+    Columns,
+    Example,
+    SkipRecord,
+    UnknownLabel,
+    normalise_text,
+    raw_value,
+    read_text,
+)
 from fedtune.common.tasks.base import TaskShape
 
 if TYPE_CHECKING:
@@ -75,13 +84,16 @@ def resolve_label(value: Any, column: str, labels: Sequence[str]) -> str:
     if isinstance(value, int):
         if 0 <= value < len(labels):
             return labels[value]
-        raise BadRecord(f"field {column!r}: label index {value} is outside the agreed label set (0..{len(labels) - 1})")
+        raise UnknownLabel(
+            f"field {column!r}: label index {value} is outside the agreed label set (0..{len(labels) - 1})", str(value)
+        )
     if value is None:
         raise SkipRecord
     shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "...'"
-    raise BadRecord(
+    raise UnknownLabel(
         f"field {column!r}: label {shown} is not in the agreed label set ({len(labels)} labels, "
-        "from data.labels or data.labels_file)"
+        "from data.labels or data.labels_file)",
+        normalise_text(value, single_line=True) if isinstance(value, str) else str(value),
     )
 
 

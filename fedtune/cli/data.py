@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from fedtune.cli.config_options import add_config_options
 from fedtune.cli.exit_codes import ExitCode
 from fedtune.common.config import ConfigError, FedtuneConfig, config_from_dict, load_config, preset_path
-from fedtune.common.data.readers import DataError
+from fedtune.common.data.readers import DataError, DataUsageError
 from fedtune.common.tasks.registry import TASK_NAMES, task_for
 
 
@@ -45,10 +46,12 @@ def _check_config(args: argparse.Namespace) -> FedtuneConfig:
         overrides.append(f"data.task={_toml_str(args.task)}")
     if args.labels:
         overrides.append(f"data.labels_file={_toml_str(args.labels.expanduser().resolve())}")
-    if args.model:
-        key = "model.path" if Path(args.model).is_dir() else "model.name"
-        value = Path(args.model).resolve() if key == "model.path" else args.model
-        overrides.append(f"{key}={_toml_str(value)}")
+    if args.model:  # a path (even one that does not exist) is a directory to check, not a built-in name
+        is_path = "/" in args.model or os.sep in args.model or args.model.startswith((".", "~"))
+        if is_path or Path(args.model).exists():
+            overrides.append(f"model.path={_toml_str(Path(args.model).expanduser().resolve())}")
+        else:
+            overrides.append(f"model.name={_toml_str(args.model)}")
     if args.config or args.preset:
         return load_config(args.config or preset_path(args.preset), overrides + ['partition.scheme="iid"'])
     if not args.task:
@@ -72,12 +75,15 @@ def run(args: argparse.Namespace) -> ExitCode:
 
     cfg = _check_config(args)
     tokenizer = None
-    if not args.no_tokens:
-        from fedtune.common.models.loading import load_tokenizer, model_spec
+    if not args.no_tokens:  # the model is checked before any data is read
+        from fedtune.common.models.loading import load_tokenizer
+        from fedtune.common.models.lora import checked_model_spec
 
-        tokenizer = load_tokenizer(model_spec(cfg))
+        tokenizer = load_tokenizer(checked_model_spec(cfg))
     try:
         result = check_data(cfg, args.path, tokenizer)
+    except DataUsageError:
+        raise  # the settings do not fit the file: a usage error (exit 2), said as one line
     except DataError as exc:
         print(f"NOT TRAINABLE: {exc}", file=sys.stderr)
         return ExitCode.FAILED

@@ -1,7 +1,9 @@
 """Server strategies, one module each; ``federation.strategy`` names one.
 
 A new strategy is one new module in this folder defining a :class:`Strategy` subclass
-with a ``name``, plus its tests: it is found here by that name, without a list to edit.
+with a ``name``, plus its tests: it is found here by that name, without a list to edit, and
+built with :meth:`Strategy.from_config`, which reads its hyperparameters from the config.
+A shared base that sets no ``name`` of its own (``fedopt.FedOpt``) is not selectable.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def available_strategies() -> dict[str, type[Strategy]]:
                 and issubclass(value, Strategy)
                 and value is not Strategy
                 and value.__module__ == module.__name__
+                and "name" in vars(value)
             ):
                 # Annotated: where mypy cannot resolve fedtune.* (the editable install maps it), Strategy is
                 # Any to it and ``value`` stays a bare ``type``.
@@ -39,7 +42,7 @@ def build_strategy(federation: FederationConfig) -> Strategy:
         raise ConfigError(
             f"federation.strategy = {federation.strategy!r} is not a known strategy; known: {', '.join(sorted(known))}"
         )
-    return known[federation.strategy]()
+    return known[federation.strategy].from_config(federation)
 
 
 __all__ = ["Strategy", "available_strategies", "build_strategy"]

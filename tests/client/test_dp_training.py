@@ -128,3 +128,46 @@ def test_class_weights_scale_each_record_loss_in_private_and_plain_steps(tiny_be
             torch.testing.assert_close(moved[1][key], 2 * moved[0][key], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="classification only"):
         train_adapter(model, data, QUESTION_ANSWER, LocalTrainPlan(**{**plan.__dict__, "class_weights": (1.0,)}))
+
+
+def _run(setup, plan, **changes):
+    """A copy of the model trained under ``plan`` with ``changes``, as named tensors (same dropout masks every run)."""
+    model, data = setup
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)
+    train_adapter(twin, data, CLASSIFICATION, LocalTrainPlan(**{**plan.__dict__, **changes}))
+    return {k: torch.from_numpy(v) for k, v in adapter_state(twin, ffa=False).items()}
+
+
+def test_fedprox_dp_step_without_noise_or_clipping_equals_the_plain_proximal_step(tiny_bert_spec):
+    """mu > 0: DP-SGD at sigma = 0 with no effective clipping moves the weights as plain SGD with the proximal term."""
+    setup = _setup(tiny_bert_spec)
+    plan = LocalTrainPlan(steps=4, batch_size=4, lr=0.5, optimizer="sgd", seed=7, proximal_mu=1.0)
+    plain = _run(setup, plan)
+    private = _run(setup, plan, noise_multiplier=0.0, max_grad_norm=1e6)
+    without = _run(setup, plan, proximal_mu=0.0)
+    for key in plain:
+        torch.testing.assert_close(private[key], plain[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(plain[k], without[k]) for k in plain), "the proximal term changed nothing"
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_the_proximal_gradient_is_mu_times_the_distance_from_the_global_adapter(tiny_bert_spec, private):
+    """Full batches, SGD: step 1 starts at w_global (no proximal pull), so a second step with mu differs from one
+    without by exactly -lr * mu * (w1 - w_global). Under DP the clip bound is tiny and the noise large: w1 is far
+    from w_global, and the proximal gradient, added after clipping and noise, is not cut down to the clip bound.
+    """
+    setup = _setup(tiny_bert_spec)
+    lr, mu, clip = 0.5, 0.8, 1e-4
+    dp = dict(noise_multiplier=1e3, max_grad_norm=clip) if private else {}
+    plan = LocalTrainPlan(steps=1, batch_size=len(setup[1]), lr=lr, optimizer="sgd", seed=3, **dp)
+    start = {k: torch.from_numpy(v) for k, v in adapter_state(setup[0], ffa=False).items()}
+    one, one_without = _run(setup, plan, proximal_mu=mu), _run(setup, plan)
+    assert all(torch.equal(one[k], one_without[k]) for k in one), "w1 does not depend on mu"
+    two_with, two_without = _run(setup, plan, steps=2, proximal_mu=mu), _run(setup, plan, steps=2)
+    pull = {k: -lr * mu * (one[k] - start[k]) for k in start}
+    for key in start:
+        torch.testing.assert_close(two_with[key] - two_without[key], pull[key], rtol=1e-4, atol=1e-6)
+    if private:
+        norm = torch.sqrt(sum((v**2).sum() for v in pull.values()))
+        assert norm > 100 * lr * clip, "the proximal gradient was clipped with the records' gradients"

@@ -119,3 +119,23 @@ histogram_noise = 5.0
     assert 2.9 <= epsilon_spent(history, 1e-3) <= 3.0, "the histogram shares the budget; noise was calibrated for it"
     weights = json.loads((tmp_path / "site-0" / "class_weights.json").read_text())["weights"]
     assert weights[0] < weights[2]
+
+
+def test_the_plans_proximal_mu_reaches_training_and_w_global_is_the_servers_adapter(site, monkeypatch):
+    """FedProx on the site: train_adapter gets the plan's mu while the model holds the adapter the server sent."""
+    from fedtune.client import site as site_module
+    from fedtune.client.dp_training import LocalTrainResult
+    from fedtune.common.models.lora import adapter_state
+
+    seen = {}
+
+    def fake_train(model, data, task, plan):
+        seen["plan"], seen["start"] = plan, adapter_state(model, ffa=False)
+        return LocalTrainResult(steps=plan.steps, mean_loss=0.0, records_seen=0, sample_rate=0.1)
+
+    monkeypatch.setattr(site_module, "train_adapter", fake_train)
+    sent = {k: v + 0.25 for k, v in adapter_state(site.model, ffa=False).items()}
+    site.train(_request(1, proximal_mu=0.05), sent)
+    assert seen["plan"].proximal_mu == 0.05 and seen["plan"].noise_multiplier is not None
+    for key, value in sent.items():
+        np.testing.assert_array_equal(seen["start"][key], value)

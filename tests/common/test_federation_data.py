@@ -49,7 +49,7 @@ num_clients = 9
 
 def test_config_errors_reach_the_site_loader_with_file_line_and_field(tmp_path):
     csv = tmp_path / "d.csv"
-    csv.write_text("text,category\nhello,not_a_label\n")
+    csv.write_text("text,category\nhello,not_a_label\nmy card is late,card_arrival\n")  # one label agreed
     toml = tmp_path / "c.toml"
     toml.write_text(f"""
 [model]

@@ -42,6 +42,7 @@ PLAN_ = train_plan(
     optimizer="adam",
     a_fingerprint="ab12",
     secure_aggregation=True,
+    proximal_mu=0.01,
 )
 
 

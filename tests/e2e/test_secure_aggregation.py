@@ -206,10 +206,18 @@ def test_a_round_replayed_after_its_sum_was_revealed_fails_and_the_run_goes_on(r
 
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
-    assert records[4]["status"].startswith("failed: secure aggregation: unmask: only 0 shares"), records[4]["status"]
-    dropped = records[4]["secure-aggregation"]["dropped"]
-    assert sorted(dropped) == [f"site-{i}" for i in range(4)]
-    assert all("already released its unmasking shares" in reason for reason in dropped.values()), dropped
+    status = records[4]["status"]
+    assert status.startswith("failed: secure aggregation: unmask: only 0 shares"), status
+    assert status.endswith(
+        "; site-0, site-1, site-2, site-3 had already revealed this round before the server restarted "
+        "and refused to again"
+    ), status
+    # Every site's masked input arrived: none dropped out of the sum, all refused to unmask it again.
+    record = records[4]["secure-aggregation"]
+    assert record["dropped"] == {}
+    absent = record["absent-at-unmask"]
+    assert sorted(absent) == [f"site-{i}" for i in range(4)]
+    assert all(reason.startswith("this site already released its unmasking shares") for reason in absent.values())
     third = load_file(str(resumed / "checkpoints" / "round-0003" / "adapter_model.safetensors"))
     fourth = load_file(str(resumed / "checkpoints" / "round-0004" / "adapter_model.safetensors"))
     for key in third:

@@ -52,8 +52,12 @@ def test_fedavg_on_the_secure_path_adds_the_unmasked_mean_as_before():
 def test_strategies_are_found_by_name_and_unknown_names_are_refused():
     assert available_strategies()["fedavg"] is FedAvg
     assert isinstance(build_strategy(FederationConfig(strategy="fedavg")), FedAvg)
-    with pytest.raises(ConfigError, match="federation.strategy = 'fedadam' is not a known strategy; known: fedavg"):
-        build_strategy(FederationConfig(strategy="fedadam"))
+    with pytest.raises(
+        ConfigError,
+        match="federation.strategy = 'fedsgd' is not a known strategy; "
+        "known: fedadagrad, fedadam, fedavg, fedavgm, fedyogi",
+    ):
+        build_strategy(FederationConfig(strategy="fedsgd"))
 
 
 def test_a_stateless_strategy_refuses_a_checkpoint_that_holds_state():

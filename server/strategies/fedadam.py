@@ -1,0 +1,49 @@
+"""FedAdam (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Algorithm 2): Adam on the
+server over the mean delta, with the second moment ``v_t = beta2 * v_{t-1} + (1 - beta2) * delta_t^2``
+(the rest is :mod:`fedopt`'s). Hyperparameters: ``federation.server_optimizer.lr`` (default 0.1),
+``.beta1``, ``.beta2``, ``.tau``; state: m and v per tensor, saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedtune.server.strategies.base import AdapterState
+from fedtune.server.strategies.fedopt import FedOpt, Moments, fedopt_step
+
+
+def adam_second_moment(v: np.ndarray, delta_squared: np.ndarray, beta2: float) -> np.ndarray:
+    return beta2 * v + (1.0 - beta2) * delta_squared
+
+
+def fedadam_step(
+    current: AdapterState,
+    mean_delta: AdapterState,
+    m: AdapterState,
+    v: AdapterState,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[dict[str, np.ndarray], Moments, Moments]:
+    """One FedAdam round: (next adapter, m_t, v_t); empty ``m`` and ``v`` start the optimiser."""
+    return fedopt_step(
+        current,
+        mean_delta,
+        m,
+        v,
+        lr=lr,
+        beta1=beta1,
+        tau=tau,
+        second_moment=lambda v_, d2: adam_second_moment(v_, d2, beta2),
+        name=FedAdam.name,
+    )
+
+
+class FedAdam(FedOpt):
+    name = "fedadam"
+    default_lr = 0.1
+
+    def second_moment(self, v: np.ndarray, delta_squared: np.ndarray) -> np.ndarray:
+        return adam_second_moment(v, delta_squared, self.beta2)
