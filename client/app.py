@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedtune.client import secure_aggregation
-from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.client.revealed_rounds import AlreadyMasked, MaskedRounds, RevealedRounds
 from fedtune.client.site import Site, SiteRefusal
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
@@ -116,9 +116,10 @@ def register_secure_aggregation(
         return secure_aggregation.unmask(msg, context, site_id_of(context), revealed)
 
 
-def _secure_round(msg: Message, request: TrainPlan, context: Context) -> ClientRound:
+def _secure_round(msg: Message, request: TrainPlan, context: Context, masked: MaskedRounds) -> ClientRound:
     """The round set up with this site, its neighbours' shares opened: checked before any
-    training (and budget) is spent."""
+    training (and budget) is spent, as is ``masked``, the site's record of the rounds it already
+    sent a masked input for (a resumed server's retry of such a round is refused)."""
     if SECAGG not in msg.content.config_records:
         raise SiteRefusal("secure aggregation requested but the train request carries no shares")
     try:
@@ -128,7 +129,9 @@ def _secure_round(msg: Message, request: TrainPlan, context: Context) -> ClientR
     if tag != round_tag(request.run_id, request.round):
         raise SiteRefusal(f"secure aggregation: shares for {tag!r} in the request for round {request.round}")
     try:
-        return secure_aggregation.open_inbox(context, tag, inbox)
+        return secure_aggregation.open_inbox(context, tag, inbox, masked)
+    except AlreadyMasked as exc:  # its reason begins with ALREADY_MASKED, for the server's record
+        raise SiteRefusal(str(exc)) from exc
     except (ProtocolViolation, ShareDecryptionError, ValueError) as exc:
         raise SiteRefusal(f"secure aggregation: {exc}") from exc
 
@@ -146,14 +149,18 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
         try:
             request = decode_request(msg.content)
             if request.secure_aggregation:
-                secure_round = _secure_round(msg, request, context)
+                secure_round = _secure_round(msg, request, context, site.masked_rounds)
             global_adapter = from_array_record(msg.content.array_records[ADAPTER])
             outcome = site.train(request, global_adapter)
             if request.secure_aggregation:
                 # The update leaves the site only masked; its keys for the next round ride along.
                 update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
                 try:
-                    vector = secure_aggregation.mask_opened(context, secure_round, update, site.site_id)
+                    vector = secure_aggregation.mask_opened(
+                        context, secure_round, update, site.site_id, site.masked_rounds
+                    )
+                except AlreadyMasked as exc:
+                    raise SiteRefusal(str(exc)) from exc
                 except (ProtocolViolation, ValueError) as exc:
                     raise SiteRefusal(f"secure aggregation: {exc}") from exc
         except SiteRefusal as exc:

@@ -1,17 +1,22 @@
-"""The secure rounds whose sum a site has helped reveal, kept on disk beside its ledger.
+"""The secure rounds a site has masked its update for, and those whose sum it helped reveal,
+kept on disk beside its ledger.
 
-A server that crashes after unmasking round r, but before its checkpoint of round r is
-written, resumes by running round r again, and every site replays the very update it sent
-the first time (no new privacy cost, see ``Site._replay``). If the second sum were revealed
-over other survivors than the first (one site did not answer this time), the difference of
-the two sums would be that site's update: exactly what secure aggregation promises the
-server never learns. So a site helps reveal each round of a run at most once, across
-restarts of the server and of the site. A replayed round whose sum was revealed then fails at
-its unmask step, the global adapter stays as it was, and the next round proceeds. When the
-server stopped partway through the unmask step, the sites that had not answered yet may still
-hold enough shares to unmask the replay (their answers are disjoint from the first ones, and
-each reconstruction takes more than half the shares, so with the same sites set up only one
-attempt can succeed); the server's record says so (``server.secure_rounds.completed_round``).
+A server that crashes partway through round r, before its checkpoint of round r is written,
+resumes by setting round r up again with fresh keys, and every site would replay the very
+update it sent the first time (no new privacy cost, see ``Site._replay``). Two sums of the
+same updates, unmasked over different sets of sites, would give away the difference: a few
+sites' updates, exactly what secure aggregation promises the server never learns. A server
+that kept the first attempt's unmask answers can unmask both attempts when different sites
+set them up. So a site sends a masked input for each round of a run at most once, across
+restarts of the server and of the site (:class:`MaskedRounds`, claimed before the masked
+vector leaves and checked before any training or replay): every masked input the server ever
+holds for a round belongs to one attempt, and no two sums share a site's update. A secure
+round cut short after its sites sent their masked inputs therefore fails when resumed; the
+global adapter stays as it was, and the next round proceeds.
+
+A site also helps reveal each round at most once (:class:`RevealedRounds`, claimed before any
+unmasking share leaves); with the record above a second request can come only from a server
+that lost or ignores it, and is refused all the same.
 """
 
 from __future__ import annotations
@@ -20,15 +25,23 @@ import json
 from pathlib import Path
 
 from fedtune.common.atomic_files import atomic_write_json
-from fedtune.common.secure_aggregation.protocol import ALREADY_REVEALED, ProtocolViolation
+from fedtune.common.secure_aggregation.protocol import ALREADY_MASKED, ALREADY_REVEALED, ProtocolViolation
 
 
 class AlreadyRevealed(ProtocolViolation):
     """This site already revealed its shares for the round; a second sum could expose one update."""
 
 
-class RevealedRounds:
-    """Round tags (``round_tag(run_id, round)``) this site has released unmasking shares for."""
+class AlreadyMasked(ProtocolViolation):
+    """This site already sent a masked input for the round; a second one could expose its update."""
+
+
+class _RoundRecord:
+    """Round tags (hex) kept under ``key`` in a JSON file, written atomically."""
+
+    key = ""
+    done = ""  # what the recorded rounds are: "rounds this site <done>"
+    doing = ""  # what the site refuses to do while the file is unreadable
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -38,13 +51,22 @@ class RevealedRounds:
             return set()
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return {str(t) for t in data["revealed"]}
+            return {str(t) for t in data[self.key]}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            # Unreadable means unknown: refuse to unmask rather than risk a second sum.
+            # Unreadable means unknown: refuse rather than risk a second sum.
             raise ProtocolViolation(
-                f"{self.path}: cannot read the record of rounds this site unmasked ({exc}); "
-                "it refuses to unmask until the file is restored or removed by its operator"
+                f"{self.path}: cannot read the record of rounds this site {self.done} ({exc}); "
+                f"it refuses to {self.doing} until the file is restored or removed by its operator"
             ) from exc
+
+    def _add(self, tag: bytes, known: set[str]) -> None:
+        atomic_write_json(self.path, {self.key: sorted(known | {tag.hex()})})
+
+
+class RevealedRounds(_RoundRecord):
+    """Round tags (``round_tag(run_id, round)``) this site has released unmasking shares for."""
+
+    key, done, doing = "revealed", "unmasked", "unmask"
 
     def claim(self, tag: bytes) -> None:
         """Record, before any share leaves, that this site reveals round ``tag``; refuse a second time."""
@@ -55,7 +77,28 @@ class RevealedRounds:
                 "round); a second sum of the same updates over other sites could reveal one site's update, so "
                 "it refuses"
             )
-        atomic_write_json(self.path, {"revealed": sorted(revealed | {tag.hex()})})
+        self._add(tag, revealed)
 
 
-__all__ = ["AlreadyRevealed", "RevealedRounds"]
+class MaskedRounds(_RoundRecord):
+    """Round tags (``round_tag(run_id, round)``) this site has sent a masked input for."""
+
+    key, done, doing = "masked", "sent a masked update for", "mask any update"
+
+    def check(self, tag: bytes) -> set[str]:
+        """Refuse round ``tag`` if this site already sent its masked input for it (called before
+        training, so a refused round spends nothing); returns the rounds recorded."""
+        masked = self.tags()
+        if tag.hex() in masked:
+            raise AlreadyMasked(
+                f"{ALREADY_MASKED} for {tag!r} (a resumed server retrying the round); a second masking "
+                "under other keys could reveal its update by difference: the round is abandoned"
+            )
+        return masked
+
+    def claim(self, tag: bytes) -> None:
+        """Record, before the masked vector leaves, that this site masked round ``tag``; refuse a second time."""
+        self._add(tag, self.check(tag))
+
+
+__all__ = ["AlreadyMasked", "AlreadyRevealed", "MaskedRounds", "RevealedRounds"]

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, public_key_of
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from fedtune.common.secure_aggregation.records import (
@@ -129,13 +129,18 @@ def _share_keys(context: Context, params_rec: ConfigRecord) -> dict[int, bytes]:
     return ciphertexts
 
 
-def open_inbox(context: Context, tag: bytes, inbox: Mapping[int, bytes]) -> ClientRound:
+def open_inbox(
+    context: Context, tag: bytes, inbox: Mapping[int, bytes], masked: MaskedRounds | None = None
+) -> ClientRound:
     """Round ``tag``, set up with this site, with the shares its neighbours sent opened.
 
     Called before training: raises ProtocolViolation (or ShareDecryptionError) when the
-    round was not set up with this site or the shares are unusable, so no privacy budget is
-    spent on an update that could not be sent.
+    round was not set up with this site, when ``masked`` (the site's on-disk record of the
+    rounds it sent a masked input for) says it already masked round ``tag`` (AlreadyMasked),
+    or the shares are unusable, so no privacy budget is spent on an update that could not be sent.
     """
+    if masked is not None:
+        masked.check(tag)
     state = _load(context, NEXT, tag)
     if state.params is None:
         raise ProtocolViolation(f"this site never shared its keys for {tag!r}")
@@ -143,12 +148,20 @@ def open_inbox(context: Context, tag: bytes, inbox: Mapping[int, bytes]) -> Clie
     return state
 
 
-def mask_opened(context: Context, state: ClientRound, update: np.ndarray, site_id: str) -> np.ndarray:
-    """The masked vector of an opened round (:func:`open_inbox`); the round moves to ``current``."""
+def mask_opened(
+    context: Context, state: ClientRound, update: np.ndarray, site_id: str, masked: MaskedRounds | None = None
+) -> np.ndarray:
+    """The masked vector of an opened round (:func:`open_inbox`); the round moves to ``current``.
+
+    The round is claimed in ``masked`` (on disk) before the vector is returned: a site sends a
+    masked input for each round at most once, and a second claim raises AlreadyMasked.
+    """
     params = state.params
     if params is None:  # not a round open_inbox returned
         raise ProtocolViolation("masked input requested for a round whose keys were never shared")
     vector = state.masked_input(None, update)
+    if masked is not None:
+        masked.claim(params.round_tag)
     if state.clipped:
         log.warning(
             "%s: %d update values exceeded secure_aggregation.clip_range = %g and were clipped",
@@ -163,10 +176,15 @@ def mask_opened(context: Context, state: ClientRound, update: np.ndarray, site_i
 
 
 def mask_update(
-    context: Context, tag: bytes, inbox: Mapping[int, bytes], update: np.ndarray, site_id: str
+    context: Context,
+    tag: bytes,
+    inbox: Mapping[int, bytes],
+    update: np.ndarray,
+    site_id: str,
+    masked: MaskedRounds | None = None,
 ) -> np.ndarray:
     """:func:`open_inbox` then :func:`mask_opened`, for an update that is already at hand."""
-    return mask_opened(context, open_inbox(context, tag, inbox), update, site_id)
+    return mask_opened(context, open_inbox(context, tag, inbox, masked), update, site_id, masked)
 
 
 def _refuse(msg: Message, site_id: str, reason: str) -> Message:

@@ -21,7 +21,7 @@ import torch
 
 from fedtune.client.dp_training import LocalTrainPlan, train_adapter
 from fedtune.client.policy import PolicyViolation, SitePolicy
-from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.atomic_files import atomic_write_bytes, atomic_write_json
 from fedtune.common.config import FedtuneConfig
 from fedtune.common.data.encoding import EncodedSet
@@ -86,6 +86,7 @@ class Site:
         self.val_set: EncodedSet = head.encode(split.val, self.tokenizer, labels, cfg.model.max_length)
         self.ledger_path = self.state_dir / "privacy_ledger.json"
         self.revealed_rounds = RevealedRounds(self.state_dir / "secagg_revealed.json")
+        self.masked_rounds = MaskedRounds(self.state_dir / "secagg_masked.json")
 
     @property
     def num_examples(self) -> int:

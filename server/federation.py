@@ -50,6 +50,8 @@ from fedtune.server.secure_rounds import (
     PreparedRound,
     SecureExchange,
     SecureSettings,
+    already_masked,
+    already_masked_note,
     completed_round,
     failed_round,
     finish_round,
@@ -288,6 +290,11 @@ class FederationServer:
             current = self.model.state()
             self._step(current, mean_delta([got.updates[site] for site in sorted(got.updates)], current), round_)
             status = f"aggregated {len(got.updates)} sites"
+        elif prepared is not None and (masked_before := already_masked(got.refused)):
+            # A resumed round whose sites had sent their masked inputs before the restart: it is
+            # abandoned (a second masking could reveal an update by difference), the run goes on.
+            status = f"failed: secure aggregation: no masked input; {already_masked_note(masked_before)}"
+            log.error("round %d %s; the global adapter is unchanged", round_, status)
         elif got.every_site_refused:
             status = EVERY_SITE_REFUSED
         else:

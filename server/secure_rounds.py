@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedtune.common.secure_aggregation.protocol import (
+    ALREADY_MASKED,
     ALREADY_REVEALED,
     Advertisement,
     SecureAggregationError,
@@ -272,10 +273,31 @@ def _absent_note(absent: Mapping[str, str]) -> str:
     return "; ".join(parts)
 
 
+def already_masked(refusals: Mapping[str, str]) -> list[str]:
+    """The sites that refused a round because they had sent their masked input for it before a restart."""
+    return sorted(site for site, reason in refusals.items() if reason.startswith(ALREADY_MASKED))
+
+
+def already_masked_note(sites: list[str]) -> str:
+    """What a status says of the sites :func:`already_masked` found ("" for none)."""
+    if not sites:
+        return ""
+    return (
+        f"{', '.join(sites)} had already sent {'its' if len(sites) == 1 else 'their'} masked update for this "
+        "round before the server restarted and refused to mask it again"
+    )
+
+
+def _masked_note(exchange: SecureExchange) -> str:
+    return already_masked_note(already_masked({s: exchange.reasons.get(s, "") for s in exchange.dropped}))
+
+
 def completed_round(exchange: SecureExchange, result: SecureSum) -> tuple[str, dict[str, Any]]:
     """The status and record of a round whose sum was revealed: ``survivors`` are the sites in it."""
     missing = _missing(exchange)
     status = f"aggregated {len(result.survivors)} sites securely"
+    if note := _masked_note(exchange):
+        status += f"; {note}"
     if note := _absent_note(missing["absent-at-unmask"]):
         status += f"; {note}; the other sites' shares sufficed"
     return status, {"survivors": sorted(exchange.site(n) for n in result.survivors), **missing}
@@ -285,8 +307,9 @@ def failed_round(exchange: SecureExchange, error: SecureAggregationError) -> tup
     """The status and record of a round that failed after training (too few masked inputs, or too
     few shares to remove the masks): no sum was revealed."""
     missing = _missing(exchange)
-    note = _absent_note(missing["absent-at-unmask"])
-    return f"failed: secure aggregation: {error}" + (f"; {note}" if note else ""), {**missing, "error": str(error)}
+    notes = [n for n in (_masked_note(exchange), _absent_note(missing["absent-at-unmask"])) if n]
+    status = "; ".join([f"failed: secure aggregation: {error}", *notes])
+    return status, {**missing, "error": str(error)}
 
 
 __all__ = [
@@ -296,6 +319,8 @@ __all__ = [
     "SecureAggregationError",
     "SecureExchange",
     "SecureSettings",
+    "already_masked",
+    "already_masked_note",
     "completed_round",
     "failed_round",
     "finish_round",

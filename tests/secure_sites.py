@@ -13,7 +13,7 @@ from flwr.clientapp.typing import Mod
 
 from fedtune.client import secure_aggregation
 from fedtune.client.app import register_secure_aggregation
-from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.secure_aggregation.protocol import SecureSum
 from fedtune.server.secure_rounds import SecureExchange, SecureSettings, finish_round, set_up_round
 
@@ -31,15 +31,26 @@ def random_updates(seed: int = 0, nodes: Sequence[int] = NODES) -> dict[int, np.
 class Sites:
     """Three sites (or ``nodes``); ``restart`` loses what they hold in memory (context.state), not what is on disk.
 
+    ``keep_record``: each site records the rounds it unmasked (``secagg_revealed.json``);
+    ``mask_once``: each site records the rounds it masked (``secagg_masked.json``), and
+    :func:`secure_round` hands that record to ``mask_update`` (``masked_for``).
+
     Messages are built outside a Flower runtime, so a test using this needs TaskIdentity set
     (the ``server_identity`` fixture of tests/conftest.py).
     """
 
     def __init__(
-        self, state_dir: Path, keep_record: bool = True, mods: Sequence[Mod] = (), nodes: Sequence[int] = NODES
+        self,
+        state_dir: Path,
+        keep_record: bool = True,
+        mods: Sequence[Mod] = (),
+        nodes: Sequence[int] = NODES,
+        mask_once: bool = True,
     ):
         self.nodes = list(nodes)
         self.revealed = {n: RevealedRounds(Path(state_dir) / f"site-{n}" / "secagg_revealed.json") for n in self.nodes}
+        self.masked = {n: MaskedRounds(Path(state_dir) / f"site-{n}" / "secagg_masked.json") for n in self.nodes}
+        self.mask_once = mask_once
         self.app = ClientApp(mods=list(mods))
         register_secure_aggregation(
             self.app,
@@ -53,6 +64,10 @@ class Sites:
             n: Context(run_id=1, node_id=n, node_config={"partition-id": n}, state=RecordDict(), run_config={})
             for n in self.nodes
         }
+
+    def masked_for(self, node: int) -> MaskedRounds | None:
+        """The site's record of the rounds it masked, as its train handler uses it (None: no record)."""
+        return self.masked[node] if self.mask_once else None
 
     def deliver(self, _grid, requests: list[Message], _step: str, _timeout: float) -> list[Message]:
         replies = []
@@ -76,7 +91,9 @@ def secure_round(
     exchange = exchange or sites.exchange()
     prepared = set_up_round(exchange, tag, sites.nodes, SETTINGS)
     masked = {
-        n: secure_aggregation.mask_update(sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}")
+        n: secure_aggregation.mask_update(
+            sites.contexts[n], tag, prepared.inboxes[n], updates[n], f"site-{n}", sites.masked_for(n)
+        )
         for n in arriving
         if n in prepared.inboxes
     }

@@ -39,6 +39,9 @@ _SHARE_WORDS = 11  # 3-byte chunks of a 32-byte secret
 #: How a site's refusal to unmask a round it already helped reveal begins (``client.revealed_rounds``),
 #: so that the server can say so in the round's status.
 ALREADY_REVEALED = "this site already released its unmasking shares"
+#: How a site's refusal to mask a round it already sent a masked input for begins
+#: (``client.revealed_rounds.MaskedRounds``), so that the server can say so in the round's status.
+ALREADY_MASKED = "this site already sent its masked update"
 
 
 class SecureAggregationError(RuntimeError):
@@ -353,6 +356,7 @@ class ServerRound:
 
 
 __all__ = [
+    "ALREADY_MASKED",
     "ALREADY_REVEALED",
     "Advertisement",
     "ClientRound",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedtune.client import secure_aggregation
-from fedtune.client.revealed_rounds import RevealedRounds
+from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.secure_aggregation.protocol import ProtocolViolation, SecureAggregationError, SecureSum
 from fedtune.common.secure_aggregation.records import round_tag
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
@@ -37,7 +37,7 @@ def weighted_sum(result: SecureSum) -> np.ndarray:
 
 
 def test_without_the_record_a_replayed_round_gives_one_update_away(tmp_path, updates):
-    sites = Sites(tmp_path, keep_record=False)
+    sites = Sites(tmp_path, keep_record=False, mask_once=False)
     tag = round_tag("run", 3)
     first = secure_round(sites, tag, updates, NODES)
     sites.restart()  # the server crashed before its checkpoint; it resumes and runs round 3 again
@@ -47,7 +47,9 @@ def test_without_the_record_a_replayed_round_gives_one_update_away(tmp_path, upd
 
 
 def test_a_site_refuses_to_unmask_a_replayed_round_so_it_fails(tmp_path, updates):
-    sites = Sites(tmp_path, keep_record=True)
+    """The second line of defence alone: sites that did mask the round again (no masked-rounds
+    record, tests/client/test_masked_rounds.py) still never reveal it twice."""
+    sites = Sites(tmp_path, keep_record=True, mask_once=False)
     tag = round_tag("run", 3)
     first = secure_round(sites, tag, updates, NODES)
     assert first.survivors == NODES
@@ -101,6 +103,7 @@ class SiteThatMustNotTrain:
 
     def __init__(self, state_dir):
         self.revealed_rounds = RevealedRounds(state_dir / "secagg_revealed.json")
+        self.masked_rounds = MaskedRounds(state_dir / "secagg_masked.json")
         self.trained = 0
 
     def train(self, request, adapter):

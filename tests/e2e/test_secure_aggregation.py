@@ -8,7 +8,7 @@ fails loudly and the global adapter stays exactly as it was. Round 4: everyone s
 server's view is recorded message by message: it never holds an adapter, each masked vector
 is unrelated to its site's update, and the unmasked mean equals the sites' true weighted
 mean within the quantisation error. Last, the run is resumed as if the server had crashed
-after unmasking round 4: the sites refuse to reveal round 4 a second time.
+after unmasking round 4: the sites refuse to mask round 4 a second time, so it fails.
 """
 
 from __future__ import annotations
@@ -189,10 +189,11 @@ def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(
     assert np.max(np.abs(got - expected)) < 1e-6
 
 
-def test_a_round_replayed_after_its_sum_was_revealed_fails_and_the_run_goes_on(run, tmp_path):
+def test_a_round_resumed_after_its_masked_inputs_were_sent_fails_and_the_run_goes_on(run, tmp_path):
     """The server crashed after unmasking round 4 but before writing its checkpoint. Resumed, it
-    runs round 4 again: the sites replay their round-4 updates (no new privacy cost) but refuse
-    to reveal a second sum of them, which over other survivors would give one update away."""
+    sets round 4 up again with fresh keys: every site had sent its masked input for round 4
+    already and refuses to mask it again (a second sum of its update, under other keys and over
+    other sites, could give it away by difference), before training or replaying anything."""
     from safetensors.numpy import load_file
 
     from fedtune.simulation import simulate
@@ -206,18 +207,15 @@ def test_a_round_replayed_after_its_sum_was_revealed_fails_and_the_run_goes_on(r
 
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2, 3, 4]
-    status = records[4]["status"]
-    assert status.startswith("failed: secure aggregation: unmask: only 0 shares"), status
-    assert status.endswith(
-        "; site-0, site-1, site-2, site-3 had already revealed this round before the server restarted "
-        "and refused to again"
-    ), status
-    # Every site's masked input arrived: none dropped out of the sum, all refused to unmask it again.
-    record = records[4]["secure-aggregation"]
-    assert record["dropped"] == {}
-    absent = record["absent-at-unmask"]
-    assert sorted(absent) == [f"site-{i}" for i in range(4)]
-    assert all(reason.startswith("this site already released its unmasking shares") for reason in absent.values())
+    sites = [f"site-{i}" for i in range(4)]
+    assert records[4]["status"] == (
+        "failed: secure aggregation: no masked input; site-0, site-1, site-2, site-3 had already sent their "
+        "masked update for this round before the server restarted and refused to mask it again"
+    )
+    refused = records[4]["refused"]
+    assert sorted(refused) == sites
+    assert all(reason.startswith("this site already sent its masked update for ") for reason in refused.values())
+    assert all((resumed / "sites" / s / "secagg_masked.json").exists() for s in sites)
     third = load_file(str(resumed / "checkpoints" / "round-0003" / "adapter_model.safetensors"))
     fourth = load_file(str(resumed / "checkpoints" / "round-0004" / "adapter_model.safetensors"))
     for key in third:
