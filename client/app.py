@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -22,6 +23,7 @@ from fedtune.client.site import Site, SiteRefusal
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
+from fedtune.common.update_checks import adapter_update_problem
 from fedtune.common.wire import (
     ADAPTER,
     MASKED,
@@ -136,6 +138,16 @@ def _secure_round(msg: Message, request: TrainPlan, context: Context, masked: Ma
         raise SiteRefusal(f"secure aggregation: {exc}") from exc
 
 
+def check_outgoing_update(
+    adapter: dict[str, np.ndarray], global_adapter: dict[str, np.ndarray], max_norm: float
+) -> None:
+    """Refuse the round unless the update (``adapter`` minus ``global_adapter``) is finite, has the
+    global adapter's names and shapes and a norm within ``max_norm`` (0: none): checked before it
+    leaves the site, plain or masked, so nothing is sent (``common.update_checks``)."""
+    if (problem := adapter_update_problem(adapter, global_adapter, max_norm)) is not None:
+        raise SiteRefusal(f"update check failed, nothing sent: the update {problem}")
+
+
 def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientApp:
     """A ClientApp whose site (data, model, ledger) is found by ``site_for(context)``."""
     app = ClientApp(mods=list(mods))
@@ -152,6 +164,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
                 secure_round = _secure_round(msg, request, context, site.masked_rounds)
             global_adapter = from_array_record(msg.content.array_records[ADAPTER])
             outcome = site.train(request, global_adapter)
+            check_outgoing_update(outcome.adapter, global_adapter, site.max_update_norm)
             if request.secure_aggregation:
                 # The update leaves the site only masked; its keys for the next round ride along.
                 update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)

@@ -89,6 +89,11 @@ class Site:
         self.masked_rounds = MaskedRounds(self.state_dir / "secagg_masked.json")
 
     @property
+    def max_update_norm(self) -> float:
+        """The bound this site's code enforces on its update's L2 norm (``train.max_update_norm``, 0: none)."""
+        return self.cfg.train.max_update_norm
+
+    @property
     def num_examples(self) -> int:
         """This site's weight in the federated mean: the size of its training split."""
         return len(self.train_set)

@@ -341,6 +341,15 @@ class TrainConfig(_Section):
         "each site's local objective (0: off). Under DP-SGD its gradient is added after clipping and noise (no "
         "privacy cost). With train.optimizer = 'sgd' keep lr * mu below 1.",
     )
+    max_update_norm: float = Field(
+        0.0,
+        ge=0,
+        description="Bound on the L2 norm of a site's update (trained adapter minus the global one), checked "
+        "by the site before it sends (it refuses the round otherwise) and by the server on the mean it applies "
+        "(the round is discarded otherwise) and, without secure aggregation, on each site's update (0: no norm "
+        "bound; non-finite values and wrong shapes are always refused). Under DP-SGD the noise makes "
+        "lr * local_steps * max_grad_norm no hard bound, so it is a setting: leave generous headroom.",
+    )
 
 
 class PrivacyConfig(_Section):

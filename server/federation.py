@@ -25,6 +25,7 @@ from fedtune.common.data.encoding import EncodedSet
 from fedtune.common.secure_aggregation.protocol import Advertisement, SecureAggregationError
 from fedtune.common.secure_aggregation.quantisation import auto_clip_range
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_from, round_tag
+from fedtune.common.update_checks import adapter_update_problem, update_problem, vector_problem
 from fedtune.common.wire import (
     ADAPTER,
     MASKED,
@@ -64,6 +65,9 @@ log = logging.getLogger("fedtune.server")
 
 #: The round status that ends a federation early: no site was willing to train.
 EVERY_SITE_REFUSED = "stopped: every site refused"
+
+#: How the status of a round begins whose mean update failed its check (the global adapter is kept).
+DISCARDED = "discarded"
 
 
 @dataclass
@@ -279,17 +283,15 @@ class FederationServer:
         got.failed = {**{s: r for s, r in exchange.dropped.items() if s in exchange.failed}, **got.failed}
         for site, reason in {**got.refused, **got.failed}.items():
             log.warning("round %d: %s did not contribute: %s", round_, site, reason)
-        contributed = got.contributors
-        if got.failed and not contributed and not got.refused:
+        if got.failed and not got.contributors and not got.refused:
             raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
+        self._reject_bad_updates(got, round_)
+        contributed = got.contributors
         summary: dict[str, Any] = {}
         if prepared is not None and got.masked:
             status, summary = self._aggregate_securely(exchange, prepared, got, round_, settings, next_tag)
         elif len(got.updates) >= self.cfg.federation.min_clients:
-            # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
-            current = self.model.state()
-            self._step(current, mean_delta([got.updates[site] for site in sorted(got.updates)], current), round_)
-            status = f"aggregated {len(got.updates)} sites"
+            status = self._aggregate_plainly(got, round_)
         elif prepared is not None and (masked_before := already_masked(got.refused)):
             # A resumed round whose sites had sent their masked inputs before the restart: it is
             # abandoned (a second masking could reveal an update by difference), the run goes on.
@@ -331,6 +333,36 @@ class FederationServer:
             "status": status,
             "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)},
         }
+
+    def _reject_bad_updates(self, got: RoundReplies, round_: int) -> None:
+        """Secure aggregation off: each site's update (adapter minus the global one) must be finite,
+        have the global adapter's names and shapes and a norm within ``train.max_update_norm``; a site
+        whose update is not is dropped from the round and listed in ``failed``, by name."""
+        if not got.updates:
+            return
+        current = self.model.state()
+        for site in sorted(got.updates):
+            problem = adapter_update_problem(got.updates[site][0], current, self.cfg.train.max_update_norm)
+            if problem is not None:
+                del got.updates[site]
+                got.failed[site] = f"update rejected: {problem}"
+                got.train.pop(site, None)
+                log.error("round %d: %s's update rejected, left out of the mean: %s", round_, site, problem)
+
+    def _aggregate_plainly(self, got: RoundReplies, round_: int) -> str:
+        """The mean of the sites' (checked) updates, applied only if it passes the same check."""
+        # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
+        current = self.model.state()
+        mean = mean_delta([got.updates[site] for site in sorted(got.updates)], current)
+        if (problem := update_problem(mean, current, self.cfg.train.max_update_norm)) is not None:
+            return self._discard(round_, f"the mean update of {len(got.updates)} sites {problem}")
+        self._step(current, mean, round_)
+        return f"aggregated {len(got.updates)} sites"
+
+    def _discard(self, round_: int, why: str) -> str:
+        status = f"{DISCARDED}: {why}; the global adapter is unchanged"
+        log.error("round %d %s", round_, status)
+        return status
 
     def _step(self, current: dict[str, np.ndarray], delta: dict[str, np.ndarray], round_: int) -> None:
         """Both aggregation paths end here: the strategy turns the mean delta into the next adapter."""
@@ -383,9 +415,15 @@ class FederationServer:
         except SecureAggregationError as exc:
             log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
             return failed_round(exchange, exc)
-        current = self.model.state()
-        mean = unflatten_adapter(result.mean_update, current)
-        self._step(current, mean, round_)
+        # Each coordinate of the revealed mean is off by at most a few grid steps of the fixed-point
+        # encoding (clip_range / 2**31 a site): allowed for on top of the bound's relative slack.
+        rounding = np.sqrt(settings.vector_length) * len(result.survivors) * settings.clip_range / 2**30
+        problem = vector_problem(
+            result.mean_update, settings.vector_length, self.cfg.train.max_update_norm, slack=rounding
+        )
+        if problem is None:
+            current = self.model.state()
+            self._step(current, unflatten_adapter(result.mean_update, current), round_)
         if result.clipped_values:
             log.warning(
                 "round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",
@@ -397,7 +435,11 @@ class FederationServer:
             if site in got.train:
                 got.train[site]["bytes-received"] += received
         status, summary = completed_round(exchange, result)
-        return status, summary | {"clipped-values": result.clipped_values, "clip-range": settings.clip_range}
+        summary |= {"clipped-values": result.clipped_values, "clip-range": settings.clip_range}
+        if problem is not None:
+            why = f"the unmasked mean update of {len(result.survivors)} sites {problem}"
+            return self._discard(round_, why), summary | {"discarded": why}
+        return status, summary
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         """Merged model from the newest checkpoint, plus the summary table and plot."""

@@ -36,6 +36,7 @@ class CountingSite:
 
     site_id, num_examples = "site-11", EXAMPLES[11]
     policy = SimpleNamespace(min_aggregation_sites=2)
+    max_update_norm = 0.0
 
     def __init__(self, state_dir):
         self.revealed_rounds = RevealedRounds(state_dir / "secagg_revealed.json")
