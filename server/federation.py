@@ -285,13 +285,14 @@ class FederationServer:
             log.warning("round %d: %s did not contribute: %s", round_, site, reason)
         if got.failed and not got.contributors and not got.refused:
             raise FederationError(f"round {round_}: every site failed; first error: {next(iter(got.failed.values()))}")
-        self._reject_bad_updates(got, round_)
+        current = self.model.state()  # the global adapter this round's updates started from
+        self._reject_bad_updates(got, current, round_)
         contributed = got.contributors
         summary: dict[str, Any] = {}
         if prepared is not None and got.masked:
-            status, summary = self._aggregate_securely(exchange, prepared, got, round_, settings, next_tag)
+            status, summary = self._aggregate_securely(exchange, prepared, got, current, round_, settings, next_tag)
         elif len(got.updates) >= self.cfg.federation.min_clients:
-            status = self._aggregate_plainly(got, round_)
+            status = self._aggregate_plainly(got, current, round_)
         elif prepared is not None and (masked_before := already_masked(got.refused)):
             # A resumed round whose sites had sent their masked inputs before the restart: it is
             # abandoned (a second masking could reveal an update by difference), the run goes on.
@@ -334,13 +335,10 @@ class FederationServer:
             "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)},
         }
 
-    def _reject_bad_updates(self, got: RoundReplies, round_: int) -> None:
+    def _reject_bad_updates(self, got: RoundReplies, current: dict[str, np.ndarray], round_: int) -> None:
         """Secure aggregation off: each site's update (adapter minus the global one) must be finite,
         have the global adapter's names and shapes and a norm within ``train.max_update_norm``; a site
         whose update is not is dropped from the round and listed in ``failed``, by name."""
-        if not got.updates:
-            return
-        current = self.model.state()
         for site in sorted(got.updates):
             problem = adapter_update_problem(got.updates[site][0], current, self.cfg.train.max_update_norm)
             if problem is not None:
@@ -349,10 +347,9 @@ class FederationServer:
                 got.train.pop(site, None)
                 log.error("round %d: %s's update rejected, left out of the mean: %s", round_, site, problem)
 
-    def _aggregate_plainly(self, got: RoundReplies, round_: int) -> str:
+    def _aggregate_plainly(self, got: RoundReplies, current: dict[str, np.ndarray], round_: int) -> str:
         """The mean of the sites' (checked) updates, applied only if it passes the same check."""
         # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
-        current = self.model.state()
         mean = mean_delta([got.updates[site] for site in sorted(got.updates)], current)
         if (problem := update_problem(mean, current, self.cfg.train.max_update_norm)) is not None:
             return self._discard(round_, f"the mean update of {len(got.updates)} sites {problem}")
@@ -383,6 +380,7 @@ class FederationServer:
         exchange: SecureExchange,
         prepared: PreparedRound,
         got: RoundReplies,
+        current: dict[str, np.ndarray],
         round_: int,
         settings: SecureSettings,
         next_tag: bytes | None,
@@ -422,7 +420,6 @@ class FederationServer:
             result.mean_update, settings.vector_length, self.cfg.train.max_update_norm, slack=rounding
         )
         if problem is None:
-            current = self.model.state()
             self._step(current, unflatten_adapter(result.mean_update, current), round_)
         if result.clipped_values:
             log.warning(

@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtune.server.strategies.base import AdapterState
-from fedtune.server.strategies.fedopt import FedOpt, Moments, fedopt_step
+from fedtune.server.strategies.fedopt import FedOpt
 
 
 def adagrad_second_moment(v: np.ndarray, delta_squared: np.ndarray) -> np.ndarray:
     return v + delta_squared
-
-
-def fedadagrad_step(
-    current: AdapterState, mean_delta: AdapterState, v: AdapterState, *, lr: float, tau: float
-) -> tuple[dict[str, np.ndarray], Moments]:
-    """One FedAdagrad round: (next adapter, v_t); an empty ``v`` starts the optimiser."""
-    new, _, v_next = fedopt_step(
-        current, mean_delta, {}, v, lr=lr, beta1=0.0, tau=tau, second_moment=adagrad_second_moment, name=FedAdagrad.name
-    )
-    return new, v_next
 
 
 class FedAdagrad(FedOpt):

@@ -10,37 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedtune.server.strategies.base import AdapterState
-from fedtune.server.strategies.fedopt import FedOpt, Moments, fedopt_step
+from fedtune.server.strategies.fedopt import FedOpt
 
 
 def yogi_second_moment(v: np.ndarray, delta_squared: np.ndarray, beta2: float) -> np.ndarray:
     return v - (1.0 - beta2) * delta_squared * np.sign(v - delta_squared)
-
-
-def fedyogi_step(
-    current: AdapterState,
-    mean_delta: AdapterState,
-    m: AdapterState,
-    v: AdapterState,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    tau: float,
-) -> tuple[dict[str, np.ndarray], Moments, Moments]:
-    """One FedYogi round: (next adapter, m_t, v_t); empty ``m`` and ``v`` start the optimiser."""
-    return fedopt_step(
-        current,
-        mean_delta,
-        m,
-        v,
-        lr=lr,
-        beta1=beta1,
-        tau=tau,
-        second_moment=lambda v_, d2: yogi_second_moment(v_, d2, beta2),
-        name=FedYogi.name,
-    )
 
 
 class FedYogi(FedOpt):

@@ -57,7 +57,7 @@ def _secure_round(server: FederationServer, tmp_path, updates: dict[int, np.ndar
             sites.contexts[n], TAG, prepared.inboxes[n], updates[n], f"site-{n}", sites.masked_for(n)
         )
         got.masked[n] = (f"site-{n}", vector)
-    return server._aggregate_securely(exchange, prepared, got, 1, SETTINGS, None)
+    return server._aggregate_securely(exchange, prepared, got, server.model.state(), 1, SETTINGS, None)
 
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -115,22 +115,22 @@ def test_with_secure_aggregation_off_a_bad_site_is_dropped_by_name_and_the_rest_
         }
     )
     with caplog.at_level(logging.ERROR, logger="fedtune.server"):
-        server._reject_bad_updates(got, 1)
+        server._reject_bad_updates(got, server.model.state(), 1)
     assert sorted(got.updates) == ["site-a", "site-b"] and sorted(got.train) == ["site-a", "site-b"]
     assert "NaN" in got.failed["site-nan"] and got.failed["site-nan"].startswith("update rejected: ")
     assert "shape (501,)" in got.failed["site-shape"]
     assert "exceeds train.max_update_norm = 0.2" in got.failed["site-big"]
     assert "site-big's update rejected" in caplog.text
-    assert server._aggregate_plainly(got, 1) == "aggregated 2 sites"
+    assert server._aggregate_plainly(got, server.model.state(), 1) == "aggregated 2 sites"
     np.testing.assert_allclose(server.model.adapter["w"], (good[11] + good[12]) / 2, rtol=1e-5, atol=1e-9)
 
 
 def test_without_the_per_site_check_the_outlier_would_have_entered_the_mean():
     server = _server(0.0, secure=False)
     got = _plain({"site-a": np.zeros(DIM, dtype=np.float32), "site-big": np.full(DIM, CLIP, dtype=np.float32)})
-    server._reject_bad_updates(got, 1)
+    server._reject_bad_updates(got, server.model.state(), 1)
     assert sorted(got.updates) == ["site-a", "site-big"] and not got.failed
-    assert server._aggregate_plainly(got, 1) == "aggregated 2 sites"
+    assert server._aggregate_plainly(got, server.model.state(), 1) == "aggregated 2 sites"
     assert server.model.adapter["w"][0] == pytest.approx(CLIP / 2)
 
 
@@ -140,5 +140,5 @@ def test_a_plain_mean_above_the_bound_is_discarded():
     w = np.full(DIM, 0.008, dtype=np.float32)
     got = _plain({"site-a": w, "site-b": w})
     got.updates["site-b"] = ({"w": w * 3}, 100.0)  # norm 0.54: over the bound; the mean, 0.36, too
-    status = server._aggregate_plainly(got, 1)
+    status = server._aggregate_plainly(got, server.model.state(), 1)
     assert status.startswith(f"{DISCARDED}: the mean update of 2 sites its L2 norm") and server.model.updates == 0

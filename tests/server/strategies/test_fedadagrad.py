@@ -7,7 +7,8 @@ import pytest
 
 from fedtune.common.config import FederationConfig, ServerOptimizerConfig
 from fedtune.server.strategies import build_strategy
-from fedtune.server.strategies.fedadagrad import FedAdagrad, fedadagrad_step
+from fedtune.server.strategies.fedadagrad import FedAdagrad, adagrad_second_moment
+from fedtune.server.strategies.fedopt import fedopt_step
 from tests.server.strategies.tiny import DELTAS, LR, TAU, X0, assert_adapter, assert_state, two_rounds
 
 
@@ -27,8 +28,9 @@ def test_two_rounds_by_hand():
 
 
 def test_the_pure_step_is_the_strategy():
-    x1, v = fedadagrad_step(X0, DELTAS[0], {}, lr=LR, tau=TAU)
-    x2, v = fedadagrad_step(x1, DELTAS[1], v, lr=LR, tau=TAU)
+    step = dict(lr=LR, beta1=0.0, tau=TAU, second_moment=adagrad_second_moment)
+    x1, _, v = fedopt_step(X0, DELTAS[0], {}, {}, **step)
+    x2, _, v = fedopt_step(x1, DELTAS[1], {}, v, **step)
     _, expected, state = two_rounds(FedAdagrad(lr=LR, tau=TAU))
     for key in X0:
         np.testing.assert_array_equal(x2[key], expected[key])

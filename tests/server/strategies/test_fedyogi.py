@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from fedtune.common.config import FederationConfig
 from fedtune.server.strategies import build_strategy
-from fedtune.server.strategies.fedyogi import FedYogi, fedyogi_step
+from fedtune.server.strategies.fedopt import fedopt_step
+from fedtune.server.strategies.fedyogi import FedYogi, yogi_second_moment
 from tests.server.strategies.tiny import BETA1, BETA2, DELTAS, LR, TAU, X0, assert_adapter, assert_state, two_rounds
 
 
@@ -28,10 +31,10 @@ def test_two_rounds_by_hand():
 
 
 def test_the_pure_step_is_the_strategy():
-    kw = dict(lr=LR, beta1=BETA1, beta2=BETA2, tau=TAU)
-    x1, m, v = fedyogi_step(X0, DELTAS[0], {}, {}, **kw)
-    x2, m, v = fedyogi_step(x1, DELTAS[1], m, v, **kw)
-    _, expected, state = two_rounds(FedYogi(**kw))
+    step = dict(lr=LR, beta1=BETA1, tau=TAU, second_moment=partial(yogi_second_moment, beta2=BETA2))
+    x1, m, v = fedopt_step(X0, DELTAS[0], {}, {}, **step)
+    x2, m, v = fedopt_step(x1, DELTAS[1], m, v, **step)
+    _, expected, state = two_rounds(FedYogi(lr=LR, beta1=BETA1, beta2=BETA2, tau=TAU))
     for key in X0:
         np.testing.assert_array_equal(x2[key], expected[key])
         np.testing.assert_array_equal(v[key], state[f"v/{key}"])
