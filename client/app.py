@@ -20,6 +20,7 @@ from flwr.clientapp.typing import Mod
 from fedtune.client import secure_aggregation
 from fedtune.client.revealed_rounds import AlreadyMasked, MaskedRounds, RevealedRounds
 from fedtune.client.site import Site, SiteRefusal
+from fedtune.client.site_level import adapter_with_update, protect_update
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
@@ -33,6 +34,7 @@ from fedtune.common.wire import (
     STATUS,
     EvaluatePlan,
     EvaluationReport,
+    SiteNoise,
     SiteState,
     SiteStatus,
     TrainPlan,
@@ -165,9 +167,16 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             global_adapter = from_array_record(msg.content.array_records[ADAPTER])
             outcome = site.train(request, global_adapter)
             check_outgoing_update(outcome.adapter, global_adapter, site.max_update_norm)
+            # Site-level DP (when the plan asks): clipped, plus this site's noise share if the noise is distributed.
+            update = protect_update(
+                flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter),
+                request,
+                secure_round.params if request.secure_aggregation else None,
+                site.policy.min_aggregation_sites,
+                site.site_id,
+            )
             if request.secure_aggregation:
                 # The update leaves the site only masked; its keys for the next round ride along.
-                update = flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter)
                 try:
                     vector = secure_aggregation.mask_opened(
                         context, secure_round, update, site.site_id, site.masked_rounds
@@ -195,16 +204,21 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
                 content[SECAGG_NEXT] = secure_aggregation.advertise(
                     context,
                     round_tag(request.run_id, request.round + 1),
-                    outcome.num_examples,
+                    # Its weight in the next round: 1 under site-level DP (as Site.aggregation_weight).
+                    1 if request.site_noise is not SiteNoise.OFF else outcome.num_examples,
                     site.policy.min_aggregation_sites,
                 )
         else:
-            content[ADAPTER] = to_array_record(outcome.adapter)
+            # Under site-level DP the global adapter plus the clipped update, not the trained adapter.
+            clipped = request.site_noise is not SiteNoise.OFF
+            content[ADAPTER] = to_array_record(
+                adapter_with_update(global_adapter, update) if clipped else outcome.adapter
+            )
         return _reply(msg, site.site_id, SiteState.TRAINED, content=content)
 
     def declare(context: Context) -> tuple[int, int]:
         site = site_for(context)
-        return site.num_examples, site.policy.min_aggregation_sites
+        return site.aggregation_weight, site.policy.min_aggregation_sites
 
     register_secure_aggregation(app, declare, lambda context: site_for(context).revealed_rounds)
 
@@ -250,7 +264,8 @@ def simulated_site_factory(cfg, spec, run_dir: Path, verbose: bool = False) -> S
             except DataError as exc:
                 log.error("site-%d: data invalid, not joining the federation:\n%s", pid, exc)
                 raise SiteNotReady(DATA_INVALID) from exc
-            cache[pid] = Site(site_id_of(context), cfg, spec, split, Path(run_dir) / "sites" / f"site-{pid}")
+            state_dir = Path(run_dir) / "sites" / f"site-{pid}"
+            cache[pid] = Site(site_id_of(context), cfg, spec, split, state_dir, lora_rank=cfg.lora.site_rank(pid))
         return cache[pid]
 
     return site_for

@@ -60,7 +60,9 @@ def deployed_site(context: Context) -> Site:
         log.error("%s: data invalid, not joining the federation:\n%s", site_id, exc)
         raise SiteNotReady(DATA_INVALID) from exc
     state_dir = Path(str(nc.get("state-dir", Path.home() / ".fedtune" / site_id)))
-    _SITES[key] = Site(site_id, cfg, model_spec(cfg), split, state_dir, policy)
+    # The site's own policy sets its LoRA rank; else the run's lora.site_ranks entry for its partition id.
+    rank = policy.lora_rank or cfg.lora.site_rank(index)
+    _SITES[key] = Site(site_id, cfg, model_spec(cfg), split, state_dir, policy, lora_rank=rank)
     return _SITES[key]
 
 

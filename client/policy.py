@@ -30,12 +30,24 @@ class SitePolicy(BaseModel):
     max_epsilon: float | None = Field(None, gt=0)
     max_delta: float | None = Field(None, gt=0, lt=1)
     min_noise_multiplier: float = Field(0.0, ge=0)
+    min_site_noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        description="Above 0: refuse plans without site-level DP by distributed noise of at least this "
+        "noise multiplier (privacy.site_level.noise_multiplier).",
+    )
     require_dp: bool = False
     require_secure_aggregation: bool = False
     min_aggregation_sites: int = Field(2, ge=2)
     accepted_run_ids: list[str] = Field(default_factory=list)
     allow_site_metrics: bool = True
     data_path: Path | None = None
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        description="LoRA rank this site trains at, from its compute (0: the federation's lora.rank). Above "
+        "lora.rank it trains at lora.rank; below, only the global adapter's first lora_rank components.",
+    )
     source: str = "default policy"
 
     def check_plan(self, run_id: str, dp: bool, epsilon: float, delta: float, secure_aggregation: bool) -> None:
@@ -62,6 +74,19 @@ class SitePolicy(BaseModel):
             raise PolicyViolation(
                 f"the plan needs noise multiplier {noise_multiplier:.3f}, below min_noise_multiplier = "
                 f"{self.min_noise_multiplier:g} (local policy {self.source}); ask for a smaller epsilon or fewer steps"
+            )
+
+    def check_site_level(self, noise: str, noise_multiplier: float) -> None:
+        """With ``min_site_noise_multiplier`` set, refuse a plan without site-level DP by distributed noise
+        (``noise``: the plan's site_noise) of at least that multiplier: server-added noise protects the
+        site from whoever sees the model, not from the operator."""
+        if self.min_site_noise_multiplier <= 0:
+            return
+        if noise != "distributed" or noise_multiplier < self.min_site_noise_multiplier:
+            raise PolicyViolation(
+                f"the plan's site-level DP is noise = {noise!r} with multiplier {noise_multiplier:g}; this site "
+                f"requires distributed noise with at least min_site_noise_multiplier = "
+                f"{self.min_site_noise_multiplier:g} (local policy {self.source})"
             )
 
 

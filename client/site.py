@@ -34,6 +34,8 @@ from fedtune.common.models.lora import (
     frozen_a_fingerprint,
     load_adapter_state,
 )
+from fedtune.common.models.lora_ranks import effective_rank, embed_adapter, truncate_adapter
+from fedtune.common.models.lora_resize import lora_a_rows, set_lora_rank
 from fedtune.common.privacy.accounting import calibrate_noise
 from fedtune.common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
 from fedtune.common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
@@ -56,16 +58,31 @@ class TrainOutcome:
     sample_rate: float
 
 
-_MODELS: dict[tuple, tuple[Any, Any]] = {}
+@dataclass(frozen=True)
+class _AdaptedModel:
+    """The process's adapted model, built at the federation's rank, with what resizing it needs."""
+
+    model: Any
+    tokenizer: Any
+    a_rows: dict  # every LoRA A as built: the rows a layer regains when a site of higher rank is served
+    a_fingerprint: str  # of A at the full rank, as the server computes it (FFA-LoRA)
 
 
-def _cached_model(spec: BaseModelSpec, cfg: FedtuneConfig) -> tuple[Any, Any]:
-    """One adapted model per process (a simulation actor serves many sites); weights are reset per request."""
+_MODELS: dict[tuple, _AdaptedModel] = {}
+
+
+def _cached_model(spec: BaseModelSpec, cfg: FedtuneConfig) -> _AdaptedModel:
+    """One adapted model per process (a simulation actor serves many sites); weights are reset per request,
+    and its LoRA layers are set to the requesting site's rank (cheap: no rebuild; ``lora_resize``)."""
     key = (spec, cfg.lora.model_dump_json())
     if key not in _MODELS:
         _MODELS.clear()
-        _MODELS[key] = build_adapted_model(spec, cfg.lora)
-    return _MODELS[key]
+        model, tokenizer = build_adapted_model(spec, cfg.lora)
+        fingerprint = frozen_a_fingerprint(model) if cfg.lora.ffa else ""
+        _MODELS[key] = _AdaptedModel(model, tokenizer, lora_a_rows(model), fingerprint)
+    cached = _MODELS[key]
+    set_lora_rank(cached.model, cfg.lora.rank, cached.a_rows)  # as built, until a request sets a site's rank
+    return cached
 
 
 class Site:
@@ -77,10 +94,22 @@ class Site:
         split: SiteSplit,
         state_dir: Path,
         policy: SitePolicy | None = None,
+        lora_rank: int = 0,
     ):
         self.site_id, self.cfg, self.spec, self.state_dir = site_id, cfg, spec, Path(state_dir)
         self.policy = policy or SitePolicy()
-        self.model, self.tokenizer = _cached_model(spec, cfg)
+        self._adapted = _cached_model(spec, cfg)
+        self.model, self.tokenizer = self._adapted.model, self._adapted.tokenizer
+        #: The LoRA rank this site trains at (``lora_rank``, 0: the global adapter's lora.rank).
+        self.lora_rank = effective_rank(lora_rank, cfg.lora.rank)
+        if lora_rank > cfg.lora.rank:
+            log.warning(
+                "%s: LoRA rank %d asked for, but the federation's adapter has lora.rank = %d: training at %d",
+                site_id,
+                lora_rank,
+                cfg.lora.rank,
+                self.lora_rank,
+            )
         labels, head = agreed_labels(cfg), cfg.task.head
         self.train_set: EncodedSet = head.encode(split.train, self.tokenizer, labels, cfg.model.max_length)
         self.val_set: EncodedSet = head.encode(split.val, self.tokenizer, labels, cfg.model.max_length)
@@ -95,13 +124,22 @@ class Site:
 
     @property
     def num_examples(self) -> int:
-        """This site's weight in the federated mean: the size of its training split."""
+        """The size of this site's training split (its weight in the mean, unless site-level DP is on)."""
         return len(self.train_set)
 
+    @property
+    def aggregation_weight(self) -> int:
+        """What this site declares as its weight when it sets a secure round up: its example count, or
+        1 under site-level DP, where every site counts alike (DP-FedAvg) so one site moves the sum by at
+        most the clip norm."""
+        return 1 if self.cfg.privacy.site_level.enabled else self.num_examples
+
     def _set_global(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> None:
-        if self.cfg.lora.ffa and fingerprint and fingerprint != frozen_a_fingerprint(self.model):
+        """Load the global adapter, truncated to this site's first ``lora_rank`` components (HetLoRA)."""
+        if self.cfg.lora.ffa and fingerprint and fingerprint != self._adapted.a_fingerprint:
             raise SiteRefusal("FFA-LoRA frozen A matrices differ from the server's: check lora.init_seed and model")
-        load_adapter_state(self.model, adapter, self.cfg.lora.ffa)
+        set_lora_rank(self.model, self.lora_rank, self._adapted.a_rows)
+        load_adapter_state(self.model, truncate_adapter(adapter, self.lora_rank), self.cfg.lora.ffa)
 
     def _replay_path(self) -> Path:
         return self.state_dir / "last_update.npz"
@@ -172,6 +210,7 @@ class Site:
             self.policy.check_plan(
                 request.run_id, request.dp, request.target_epsilon, request.delta, request.secure_aggregation
             )
+            self.policy.check_site_level(request.site_noise.value, request.site_noise_multiplier)
         except PolicyViolation as exc:
             raise SiteRefusal(str(exc)) from exc
         input_digest = adapter_digest(adapter)
@@ -241,7 +280,8 @@ class Site:
             time.time() - start,
         )
         outcome = TrainOutcome(
-            adapter=adapter_state(self.model, self.cfg.lora.ffa),
+            # The global adapter, this site's components replaced: its update is zero in the others.
+            adapter=embed_adapter(adapter_state(self.model, self.cfg.lora.ffa), adapter),
             num_examples=n,
             steps=result.steps,
             epsilon_spent=eps_after,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -125,6 +126,23 @@ class LoraSettings(_Section):
         description="Seed of the adapter's initial weights; identical on every site and the "
         "server (FFA-LoRA's shared A).",
     )
+    site_ranks: list[int] = Field(
+        default_factory=list,
+        description="Each site's own LoRA rank, 1..lora.rank, by partition id (empty: every site at lora.rank). "
+        "A site trains the global adapter's first components and sends zeros for the rest (HetLoRA); "
+        "without FFA the server then re-factorises the adapter by SVD each round (README: sites of "
+        "different ranks). In deployment a site's policy lora_rank wins over its entry here.",
+    )
+
+    @property
+    def svd_refactorisation(self) -> bool:
+        """Some site trains fewer components than the global adapter holds, and A is trained: the server
+        re-orders each layer's components by singular value after every round (``common.models.lora_ranks``)."""
+        return not self.ffa and any(r < self.rank for r in self.site_ranks)
+
+    def site_rank(self, partition_id: int) -> int:
+        """The rank ``lora.site_ranks`` gives the site of this partition id (``lora.rank`` where it names none)."""
+        return self.site_ranks[partition_id] if 0 <= partition_id < len(self.site_ranks) else self.rank
 
 
 class FieldMap(_Section):
@@ -308,15 +326,64 @@ class FederationConfig(_Section):
 
     rounds: int = Field(3, gt=0, description="Training rounds.")
     min_clients: int = Field(1, gt=0, description="Fewest contributing sites for a round to be aggregated.")
+    sites_per_round: int = Field(
+        0,
+        ge=0,
+        description="Sites sampled to train in each round, uniformly from those connected (0: use "
+        "fraction_per_round). A site not sampled neither trains nor spends privacy budget that round.",
+    )
+    fraction_per_round: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Fraction of the connected sites sampled to train in each round (rounded up, at least "
+        "min_clients); used when sites_per_round = 0.",
+    )
+    min_sites_to_start: int = Field(
+        0,
+        ge=0,
+        description="Sites that must be connected before round 1 starts (0: every site, partition.num_clients). "
+        "A site that connects later receives the global adapter and takes part from the next round.",
+    )
     strategy: str = Field(
         "fedavg",
         description="How the server turns the sites' mean update into the next global adapter: fedavg, "
         "fedavgm, fedadam, fedyogi, fedadagrad (see server/strategies/). FedProx is fedavg with train.proximal_mu > 0.",
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation: CPUs Ray reserves for each site's actor.")
-    round_timeout_s: float = Field(3600.0, gt=0, description="Seconds the server waits for a round's replies.")
+    round_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Each round's deadline in seconds: a site that has not replied by then is a dropout "
+        "for that round (under secure aggregation, handled as one) and is asked again in later rounds.",
+    )
     server_optimizer: ServerOptimizerConfig = Field(
         ServerOptimizerConfig(), description="Hyperparameters of the server optimiser (federation.strategy)."
+    )
+    aggregation_rule: Literal["mean", "trimmed_mean", "krum"] = Field(
+        "mean",
+        description="How the sites' updates become the delta federation.strategy applies: `mean` (example-weighted); "
+        "with secure_aggregation.enabled = false also the byzantine-robust `trimmed_mean` (coordinate-wise, Yin et "
+        "al. 2018) or `krum` (Blanchard et al. 2017), which ignore example counts (see server/robust_aggregation.py).",
+    )
+    trim_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=0.5,
+        description="trimmed_mean: share of the values of each coordinate dropped at each end (int(fraction * "
+        "updates) a side; a round where that is 0 is skipped). At least the share of sites that may be byzantine.",
+    )
+    krum_byzantine: int = Field(
+        1,
+        ge=0,
+        description="krum: f, the number of sites assumed byzantine; a round needs more than 2f + 2 updates "
+        "(fewer: it is skipped, the global adapter kept).",
+    )
+    krum_select: int = Field(
+        1,
+        gt=0,
+        description="krum: m, how many best-scored updates are averaged (1: Krum; more: multi-Krum), at most "
+        "the round's updates minus federation.krum_byzantine.",
     )
 
 
@@ -352,6 +419,52 @@ class TrainConfig(_Section):
     )
 
 
+class SiteLevelPrivacyConfig(_Section):
+    """Site-level (client-level) DP: a whole site's participation, not one record, is what is protected.
+
+    DP-FedAvg (McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018):
+    each site clips its round's update to an L2 norm of ``clip_norm`` and counts 1 in the mean, and
+    Gaussian noise of std at least ``noise_multiplier * clip_norm`` is added to the sum. With
+    ``noise = "distributed"`` each site adds its own share before masking (Kairouz et al., "The
+    Distributed Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation", ICML 2021,
+    here with continuous Gaussian shares before quantisation), so the operator never sees the sum
+    without it; ``"server"`` is the fallback in which the server adds it (the operator is trusted).
+    """
+
+    enabled: bool = Field(
+        False,
+        description="Site-level DP (DP-FedAvg): each site clips its update and counts 1 in the mean; Gaussian "
+        "noise on the sum protects a site's whole participation. On top of (not instead of) record-level DP-SGD.",
+    )
+    clip_norm: float = Field(
+        1.0,
+        gt=0,
+        description="S: bound on the L2 norm of a site's update (trained adapter minus the global one) in a "
+        "round; a larger update is scaled down to it, never up. Each site logs its update's norm before clipping.",
+    )
+    noise_multiplier: float = Field(
+        1.0,
+        ge=0,
+        description="z: the noise in every revealed sum of clipped updates has std at least z * S per "
+        "coordinate; the site-level epsilon follows from it, the rounds and the site sampling rate.",
+    )
+    delta: float = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="Site-level delta. It must be below 1 / partition.num_clients (else a mechanism that "
+        "publishes one whole site's update would qualify); 1e-3 keeps it well below that for up to a few "
+        "hundred sites.",
+    )
+    noise: Literal["distributed", "server"] = Field(
+        "distributed",
+        description="`distributed`: each site adds a Gaussian share of std z * S / sqrt(m) before masking "
+        "(m: the fewest sites a revealed sum can hold), so no one, the operator included, sees the sum "
+        "without noise; needs secure_aggregation.enabled. `server`: the server adds N(0, (z * S)^2) to the "
+        "sum: protects against whoever sees the model, not against the operator.",
+    )
+
+
 class PrivacyConfig(_Section):
     """Target (epsilon, delta) for each site over the whole federation."""
 
@@ -369,6 +482,10 @@ class PrivacyConfig(_Section):
         10.0,
         gt=0,
         description="Noise multiplier of the label histogram behind train.class_weighting = 'balanced' under DP.",
+    )
+    site_level: SiteLevelPrivacyConfig = Field(
+        SiteLevelPrivacyConfig(),
+        description="Site-level DP: protects a whole site's participation (see the README, Two guarantees).",
     )
 
 
@@ -406,6 +523,30 @@ class SecureAggregationConfig(_Section):
     )
 
 
+class SimulationConfig(_Section):
+    """What-if settings of a simulated federation: sites that connect late or answer slowly.
+
+    Ignored by deployments, where sites come and go on their own.
+    """
+
+    late_joiners: int = Field(
+        0,
+        ge=0,
+        description="Simulation: this many sites are not connected until round join_round starts (which ones "
+        "is up to the simulation engine's node ids; the run's records name them once they train).",
+    )
+    join_round: int = Field(2, ge=1, description="Simulation: the round at whose start the late joiners connect.")
+    slow_sites: int = Field(
+        0,
+        ge=0,
+        description="Simulation: this many sites (the lowest node ids) deliver every training reply "
+        "slow_site_delay_s late, as sites on slow hardware; past federation.round_timeout_s they are dropouts.",
+    )
+    slow_site_delay_s: float = Field(
+        30.0, ge=0, description="Simulation: seconds a slow site's training reply is late."
+    )
+
+
 class FedtuneConfig(_Section):
     """A whole federation: one section a concern, as in the TOML file."""
 
@@ -418,6 +559,9 @@ class FedtuneConfig(_Section):
     train: TrainConfig = Field(TrainConfig(), description="Local training.")
     privacy: PrivacyConfig = Field(PrivacyConfig(), description="Record-level differential privacy.")
     secure_aggregation: SecureAggregationConfig = Field(SecureAggregationConfig(), description="SecAgg+.")
+    simulation: SimulationConfig = Field(
+        SimulationConfig(), description="Simulation only: sites that connect late or answer slowly."
+    )
 
     @property
     def task(self) -> TaskShape:
@@ -461,6 +605,40 @@ class FedtuneConfig(_Section):
                 f"federation.min_clients ({self.federation.min_clients}) exceeds "
                 f"partition.num_clients ({self.partition.num_clients})"
             )
+        fed = self.federation
+        if fed.sites_per_round and fed.fraction_per_round < 1:
+            raise ValueError(
+                f"federation.sites_per_round = {fed.sites_per_round} and federation.fraction_per_round = "
+                f"{fed.fraction_per_round} both sample sites: set one of them"
+            )
+        for name in ("sites_per_round", "min_sites_to_start"):
+            if getattr(fed, name) > self.partition.num_clients:
+                raise ValueError(
+                    f"federation.{name} ({getattr(fed, name)}) exceeds partition.num_clients "
+                    f"({self.partition.num_clients})"
+                )
+        if fed.sites_per_round and fed.sites_per_round < fed.min_clients:
+            raise ValueError(
+                f"federation.sites_per_round ({fed.sites_per_round}) is below federation.min_clients "
+                f"({fed.min_clients}): no round could be aggregated"
+            )
+        late = self.simulation.late_joiners
+        if late >= self.partition.num_clients:
+            raise ValueError(
+                f"simulation.late_joiners ({late}) must leave at least one of the "
+                f"{self.partition.num_clients} sites connected from the start"
+            )
+        if late and (fed.min_sites_to_start or self.partition.num_clients) > self.partition.num_clients - late:
+            raise ValueError(
+                f"simulation.late_joiners = {late} sites connect only at round {self.simulation.join_round}, so "
+                f"at most {self.partition.num_clients - late} can be there at the start: set "
+                f"federation.min_sites_to_start to {self.partition.num_clients - late} or fewer"
+            )
+        if late + self.simulation.slow_sites > self.partition.num_clients:
+            raise ValueError(
+                f"simulation.late_joiners ({late}) + simulation.slow_sites ({self.simulation.slow_sites}) exceed "
+                f"partition.num_clients ({self.partition.num_clients})"
+            )
         if self.secure_aggregation.enabled and self.partition.num_clients < 2:
             raise ValueError(
                 "secure_aggregation.enabled needs at least 2 sites (a sum over one site is its update): "
@@ -484,6 +662,94 @@ class FedtuneConfig(_Section):
             )
         if self.task.classifies and not (self.data.labels or self.data.labels_file):
             raise ValueError("classification needs the agreed label set: set data.labels or data.labels_file")
+        return self
+
+    @model_validator(mode="after")
+    def _site_ranks_fit(self) -> FedtuneConfig:
+        """lora.site_ranks: one rank a site, each within the global adapter's; its SVD step needs a stateless server."""
+        ranks, sites = self.lora.site_ranks, self.partition.num_clients
+        if not ranks:
+            return self
+        if len(ranks) != sites:
+            raise ValueError(
+                f"lora.site_ranks has {len(ranks)} entries for partition.num_clients = {sites}: give one rank a "
+                "site (by partition id), or leave it empty for every site at lora.rank"
+            )
+        if any(not 1 <= r <= self.lora.rank for r in ranks):
+            raise ValueError(
+                f"lora.site_ranks {ranks}: every entry must be within 1..lora.rank = {self.lora.rank} (the global "
+                "adapter's rank, the most a site can train); lower the entries or raise lora.rank"
+            )
+        if self.lora.svd_refactorisation and self.federation.strategy != "fedavg":
+            raise ValueError(
+                f"lora.site_ranks below lora.rank without lora.ffa makes the server re-factorise the adapter by SVD "
+                f"every round, which rotates the coordinates federation.strategy = {self.federation.strategy!r} keeps "
+                "its moments in: use federation.strategy = 'fedavg', or lora.ffa = true (exact, no re-factorisation)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _site_level_checks(self) -> FedtuneConfig:
+        site = self.privacy.site_level
+        if not site.enabled:
+            return self
+        if site.noise == "distributed" and not self.secure_aggregation.enabled:
+            raise ValueError(
+                'privacy.site_level.noise = "distributed" needs secure_aggregation.enabled = true (each site\'s '
+                "noise share alone is too small to protect it in the clear): turn secure aggregation on, or set "
+                'privacy.site_level.noise = "server" (the operator is then trusted with the noise)'
+            )
+        if self.federation.aggregation_rule != "mean":
+            raise ValueError(
+                f"privacy.site_level needs federation.aggregation_rule = 'mean' (got "
+                f"{self.federation.aggregation_rule!r}): a robust rule's sensitivity to one site is not the clip norm"
+            )
+        if site.delta >= 1.0 / self.partition.num_clients:
+            raise ValueError(
+                f"privacy.site_level.delta = {site.delta:g} is not below 1 / partition.num_clients = "
+                f"1/{self.partition.num_clients}: lower privacy.site_level.delta"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _robust_rule_fits(self) -> FedtuneConfig:
+        """A robust rule ranks or trims single updates: the server must see them, and there must be enough."""
+        fed, sites = self.federation, self.partition.num_clients
+        rule = fed.aggregation_rule
+        if rule == "mean":
+            return self
+        if fed.sites_per_round or fed.fraction_per_round < 1:  # the updates a round has are those sampled
+            sampled = fed.sites_per_round or max(fed.min_clients, math.ceil(fed.fraction_per_round * sites - 1e-9))
+            if rule == "krum" and sampled <= 2 * fed.krum_byzantine + 2:
+                raise ValueError(
+                    f"federation.aggregation_rule = 'krum' with federation.krum_byzantine = {fed.krum_byzantine} "
+                    f"needs more than {2 * fed.krum_byzantine + 2} updates a round (n > 2f + 2), but only {sampled} "
+                    "sites are sampled (federation.sites_per_round / fraction_per_round): sample more sites"
+                )
+            sites = sampled
+        if self.secure_aggregation.enabled:
+            raise ValueError(
+                f"federation.aggregation_rule = {rule!r} needs secure_aggregation.enabled = false: under secure "
+                "aggregation the server sees only the sum of the updates, so it cannot trim or rank sites; "
+                "set secure_aggregation.enabled = false (giving up that guarantee) or "
+                "federation.aggregation_rule = 'mean'"
+            )
+        if rule == "trimmed_mean" and int(fed.trim_fraction * sites) < 1:
+            raise ValueError(
+                f"federation.trim_fraction = {fed.trim_fraction:g} trims no update of partition.num_clients = {sites} "
+                f"(int(trim_fraction * sites) = 0, the plain mean): raise it to at least {1 / sites:.3g} or add sites"
+            )
+        if rule == "krum" and sites <= 2 * fed.krum_byzantine + 2:
+            raise ValueError(
+                f"federation.aggregation_rule = 'krum' with federation.krum_byzantine = {fed.krum_byzantine} needs "
+                f"more than {2 * fed.krum_byzantine + 2} sites (n > 2f + 2), partition.num_clients = {sites}: "
+                "lower krum_byzantine or add sites"
+            )
+        if rule == "krum" and fed.krum_select > sites - fed.krum_byzantine:
+            raise ValueError(
+                f"federation.krum_select = {fed.krum_select} exceeds partition.num_clients - federation.krum_byzantine "
+                f"= {sites - fed.krum_byzantine}, the honest sites there may be"
+            )
         return self
 
 

@@ -36,7 +36,7 @@ STATUS = "status"
 
 #: Bumped whenever a record's keys, types or meaning change, so that a server and a site of
 #: different releases refuse each other plainly instead of misreading a field.
-PROTOCOL_VERSION = 2  # 2: TrainPlan.proximal_mu (FedProx), which a site of version 1 would ignore
+PROTOCOL_VERSION = 3  # 2: TrainPlan.proximal_mu (FedProx); 3: TrainPlan.site_* (site-level DP)
 
 
 class WireError(ValueError):
@@ -45,6 +45,14 @@ class WireError(ValueError):
 
 class ProtocolMismatch(WireError):
     """The server speaks another version of the contract; the message says which side to upgrade."""
+
+
+class SiteNoise(Enum):
+    """Site-level DP in a train plan: off, or who adds the Gaussian noise to the sum of clipped updates."""
+
+    OFF = "off"
+    DISTRIBUTED = "distributed"  # each site adds a share before masking (the operator never sees the sum without)
+    SERVER = "server"  # the site only clips; the server adds the noise (the operator is trusted)
 
 
 class SiteState(Enum):
@@ -192,6 +200,9 @@ class TrainPlan(_Plan):
     a_fingerprint: str = ""  # digest of the frozen A matrices under FFA-LoRA; "" when A trains
     secure_aggregation: bool = False
     proximal_mu: float = 0.0  # FedProx: weight of mu/2 * ||w - w_global||^2 in the site's objective (0: off)
+    site_noise: SiteNoise = SiteNoise.OFF  # site-level DP (DP-FedAvg): off, or who adds the noise
+    site_clip_norm: float = 0.0  # S: the L2 bound a site clips its update to under site-level DP
+    site_noise_multiplier: float = 0.0  # z: noise std in any revealed sum >= z * S
     protocol_version: int = PROTOCOL_VERSION
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.clientapp.typing import Mod
+from flwr.serverapp import Grid
 
 from fedtune.common.config import ConfigError, FedtuneConfig
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
@@ -21,6 +22,7 @@ from fedtune.common.models.lora import checked_model_spec
 from fedtune.server.messaging import FederationError
 from fedtune.server.run_directory import new_run_dir
 from fedtune.server.strategies import build_strategy
+from fedtune.what_if import SlowRepliesGrid, late_joiners
 
 log = logging.getLogger("fedtune.simulation")
 
@@ -88,7 +90,13 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every site's round line, not "repeated 2x"
-    server_app = build_server_app(cfg, spec, run_dir, resume=resume)
+    what_if = cfg.simulation
+
+    def server_view(grid: Grid) -> Grid:
+        return SlowRepliesGrid(grid, what_if.slow_sites, what_if.slow_site_delay_s) if what_if.slow_sites else grid
+
+    available = late_joiners(what_if.late_joiners, what_if.join_round)
+    server_app = build_server_app(cfg, spec, run_dir, resume=resume, available=available, grid_view=server_view)
     client_app = build_client_app(simulated_site_factory(cfg, spec, run_dir, verbose), mods=client_mods)
     resume_hint = f"resume with `fedtune simulate --resume {run_dir}`"
     try:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from fedtune.common.atomic_files import atomic_write_bytes
 from fedtune.common.config import FedtuneConfig
 from fedtune.common.data.encoding import EncodedSet
+from fedtune.common.models.lora_ranks import refactorise_adapter
 from fedtune.common.secure_aggregation.protocol import Advertisement, SecureAggregationError
 from fedtune.common.secure_aggregation.quantisation import auto_clip_range
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_from, round_tag
@@ -43,10 +44,19 @@ from fedtune.common.wire import (
     to_array_record,
     unflatten_adapter,
 )
+from fedtune.server import site_level_privacy
 from fedtune.server.checkpoints import Checkpoint, CheckpointStore
 from fedtune.server.global_model import GlobalModel
-from fedtune.server.messaging import FederationError, by_node, send_and_collect, wait_for_nodes
+from fedtune.server.messaging import (
+    Availability,
+    FederationError,
+    by_node,
+    every_connected_node,
+    send_and_collect,
+    wait_for_nodes,
+)
 from fedtune.server.report import MetricsLog, plot_curves, summary_table, train_entry
+from fedtune.server.robust_aggregation import RobustSettings, TooFewUpdates, robust_delta
 from fedtune.server.secure_rounds import (
     PreparedRound,
     SecureExchange,
@@ -58,6 +68,7 @@ from fedtune.server.secure_rounds import (
     finish_round,
     set_up_round,
 )
+from fedtune.server.site_sampling import SiteSampling
 from fedtune.server.strategies import Strategy, build_strategy
 from fedtune.server.strategies.mean_delta import mean_delta
 
@@ -110,6 +121,7 @@ def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: s
         a_fingerprint=a_fingerprint,
         secure_aggregation=cfg.secure_aggregation.enabled,
         proximal_mu=t.proximal_mu,
+        **site_level_privacy.plan_fields(cfg),
     ).to_record()
 
 
@@ -180,7 +192,20 @@ def restore_strategy(strategy: Strategy, checkpoint: Checkpoint) -> None:
 
 
 class FederationServer:
-    def __init__(self, cfg: FedtuneConfig, model: GlobalModel, test_set: EncodedSet, run_dir: Path) -> None:
+    """Rounds over whichever sites are connected: each round a sample of them trains.
+
+    ``available`` says which connected nodes count in a round (a deployment: all of them; a
+    simulation hides its late joiners until their round).
+    """
+
+    def __init__(
+        self,
+        cfg: FedtuneConfig,
+        model: GlobalModel,
+        test_set: EncodedSet,
+        run_dir: Path,
+        available: Availability = every_connected_node,
+    ) -> None:
         self.cfg, self.model, self.test_set, self.run_dir = cfg, model, test_set, Path(run_dir)
         self.store = CheckpointStore(self.run_dir / "checkpoints")
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -189,6 +214,9 @@ class FederationServer:
         self.prepared: PreparedRound | None = None
         self.strategy = build_strategy(cfg.federation)
         self.site_names: dict[int, str] = {}
+        self.sampling = SiteSampling.from_config(cfg.federation)
+        self.available = available
+        self.known_nodes: set[int] = set()
 
     def _messages(self, nodes: list[int], message_type: str, plan: ConfigRecord) -> list[Message]:
         adapter = to_array_record(self.model.state())
@@ -221,7 +249,9 @@ class FederationServer:
 
     def run(self, grid: Grid, resume: bool) -> list[dict[str, Any]]:
         fed = self.cfg.federation
-        nodes = wait_for_nodes(grid, self.cfg.partition.num_clients, fed.round_timeout_s)
+        to_start = fed.min_sites_to_start or self.cfg.partition.num_clients
+        nodes = wait_for_nodes(grid, to_start, fed.round_timeout_s, self.available)
+        self.known_nodes = set(nodes)
         latest = self.store.latest() if resume else None
         if latest is not None:
             self.model.restore(latest.directory)
@@ -241,7 +271,10 @@ class FederationServer:
             total=fed.rounds,
             dynamic_ncols=True,
         ):
-            record = self.train_round(grid, nodes, round_)
+            record = self.train_round(grid, self.connected(grid, round_), round_)
+            record |= site_level_privacy.epsilon_record(
+                self.cfg, round_, self.sampling.rate(self.cfg.partition.num_clients)
+            )
             self.store.save(
                 round_,
                 self.model.model,
@@ -254,7 +287,25 @@ class FederationServer:
                 break
         return self.metrics.read()
 
-    def train_round(self, grid: Grid, nodes: list[int], round_: int) -> dict[str, Any]:
+    def connected(self, grid: Grid, round_: int) -> list[int]:
+        """The sites connected as ``round_`` starts (waiting for at least ``min_clients``); newcomers are logged.
+
+        A site that connected since the last round is asked like any other from now on: every
+        request carries the current global adapter, so it needs nothing else to catch up.
+        """
+        fed = self.cfg.federation
+        nodes = wait_for_nodes(grid, fed.min_clients, fed.round_timeout_s, self.available, round_)
+        joined = sorted(set(nodes) - self.known_nodes)
+        if joined:
+            log.info(
+                "round %d: %d site(s) joined (nodes %s); they take part from this round", round_, len(joined), joined
+            )
+        self.known_nodes |= set(joined)
+        return nodes
+
+    def train_round(self, grid: Grid, connected: list[int], round_: int) -> dict[str, Any]:
+        """One round: a sample of the ``connected`` sites trains, every connected site evaluates."""
+        nodes = self.sampling.sample(connected, self.run_id, round_)
         plan = training_plan(self.cfg, self.run_id, round_, self.model.a_fingerprint)
         secure = self.cfg.secure_aggregation.enabled
         exchange = SecureExchange(
@@ -268,14 +319,16 @@ class FederationServer:
                 try:
                     prepared = set_up_round(exchange, tag, nodes, settings)
                 except SecureAggregationError as exc:
-                    return self._set_up_failed(grid, nodes, round_, exchange, exc)
+                    return self._set_up_failed(grid, nodes, connected, round_, exchange, exc)
         trainers = prepared.nodes if prepared is not None else nodes
         requests = self._messages(trainers, MessageType.TRAIN, plan)
         if prepared is not None:
             for m in requests:
                 m.content[SECAGG] = prepared.train_record(m.metadata.dst_node_id)
         replies = send_and_collect(grid, requests, f"round {round_} training", self.cfg.federation.round_timeout_s)
-        next_tag = round_tag(self.run_id, round_ + 1) if secure and round_ < self.cfg.federation.rounds else None
+        # Round r+1's set-up rides on round r's messages only when the same sites train in both.
+        steady = secure and round_ < self.cfg.federation.rounds and not self.sampling.samples
+        next_tag = round_tag(self.run_id, round_ + 1) if steady else None
         got = collect_train_replies(requests, replies, next_tag)
         self.site_names.update(got.names)
         # Sites that refused or failed the set-up were not asked to train; the round names them too.
@@ -303,8 +356,10 @@ class FederationServer:
         else:
             status = f"skipped: {contributed} updates < min_clients {self.cfg.federation.min_clients}"
             log.error("round %d %s; the global adapter is unchanged", round_, status)
-        record = self.evaluate_round(grid, nodes, round_)
+        record = self.evaluate_round(grid, connected, round_)
         return record | {
+            "sampled": len(nodes),
+            "connected": len(connected),
             "train": got.train,
             "refused": got.refused,
             "failed": got.failed,
@@ -313,7 +368,13 @@ class FederationServer:
         }
 
     def _set_up_failed(
-        self, grid: Grid, nodes: list[int], round_: int, exchange: SecureExchange, exc: SecureAggregationError
+        self,
+        grid: Grid,
+        nodes: list[int],
+        connected: list[int],
+        round_: int,
+        exchange: SecureExchange,
+        exc: SecureAggregationError,
     ) -> dict[str, Any]:
         """Too few sites answered the set-up: nobody trains, so nobody spends privacy on this round."""
         if len(exchange.failed) == len(nodes):
@@ -326,8 +387,10 @@ class FederationServer:
         else:
             status = f"failed: secure aggregation: {exc}"
             log.error("round %d: secure aggregation could not be set up: %s; nobody trains this round", round_, exc)
-        record = self.evaluate_round(grid, nodes, round_)
+        record = self.evaluate_round(grid, connected, round_)
         return record | {
+            "sampled": len(nodes),
+            "connected": len(connected),
             "train": {},
             "refused": dict(exchange.refusals),
             "failed": failed,
@@ -348,13 +411,29 @@ class FederationServer:
                 log.error("round %d: %s's update rejected, left out of the mean: %s", round_, site, problem)
 
     def _aggregate_plainly(self, got: RoundReplies, current: dict[str, np.ndarray], round_: int) -> str:
-        """The mean of the sites' (checked) updates, applied only if it passes the same check."""
+        """The mean of the sites' (checked) updates, or what federation.aggregation_rule's robust rule makes
+        of them, applied only if it passes the same check; too few updates for a robust rule skip the round."""
         # Sorted by site, so the float sum (and a resumed round) does not depend on arrival order.
-        mean = mean_delta([got.updates[site] for site in sorted(got.updates)], current)
-        if (problem := update_problem(mean, current, self.cfg.train.max_update_norm)) is not None:
-            return self._discard(round_, f"the mean update of {len(got.updates)} sites {problem}")
-        self._step(current, mean, round_)
-        return f"aggregated {len(got.updates)} sites"
+        sites = sorted(got.updates)
+        updates, fed, how = [got.updates[site] for site in sites], self.cfg.federation, ""
+        updates = site_level_privacy.uniform_weights(self.cfg, updates)  # site-level DP: each site counts 1
+        if fed.aggregation_rule == "mean":
+            delta = site_level_privacy.server_noised_mean(self.cfg, mean_delta(updates, current), len(updates))
+        else:
+            try:
+                robust = robust_delta(updates, current, fed.aggregation_rule, RobustSettings.of(fed))
+            except TooFewUpdates as exc:
+                log.error("round %d skipped: %s; the global adapter is unchanged", round_, exc)
+                return f"skipped: {exc}"
+            delta, chosen = robust.delta, ", ".join(sites[i] for i in robust.selected)
+            how = f" ({robust.description}{f'; selected {chosen}' if chosen else ''})"
+            if chosen:
+                log.info("round %d: %s selected %s", round_, robust.description, chosen)
+        if (problem := update_problem(delta, current, self.cfg.train.max_update_norm)) is not None:
+            rule = fed.aggregation_rule.replace("_", " ")
+            return self._discard(round_, f"the {rule} update of {len(got.updates)} sites {problem}")
+        self._step(current, delta, round_)
+        return f"aggregated {len(got.updates)} sites{how}"
 
     def _discard(self, round_: int, why: str) -> str:
         status = f"{DISCARDED}: {why}; the global adapter is unchanged"
@@ -363,13 +442,19 @@ class FederationServer:
 
     def _step(self, current: dict[str, np.ndarray], delta: dict[str, np.ndarray], round_: int) -> None:
         """Both aggregation paths end here: the strategy turns the mean delta into the next adapter."""
-        self.model.update(self.strategy.apply(current, delta, round_))
+        state = self.strategy.apply(current, delta, round_)
+        if self.cfg.lora.svd_refactorisation:  # sites of lower rank train A: order components by singular value
+            state = refactorise_adapter(state)
+        self.model.update(state)
 
     def _secure_settings(self) -> SecureSettings:
         sa, t, p = self.cfg.secure_aggregation, self.cfg.train, self.cfg.privacy
+        clip_range = sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm)
+        min_survivors = max(2, self.cfg.federation.min_clients)
         return SecureSettings(
-            clip_range=sa.clip_range or auto_clip_range(t.optimizer, t.lr, t.local_steps, p.max_grad_norm),
-            min_survivors=max(2, self.cfg.federation.min_clients),
+            # Widened under site-level DP with distributed noise to fit the sites' noise shares.
+            clip_range=site_level_privacy.masking_clip_range(self.cfg, clip_range, min_survivors),
+            min_survivors=min_survivors,
             vector_length=sum(int(np.size(v)) for v in self.model.state().values()),
             neighbours=sa.neighbours,
             threshold_fraction=sa.threshold_fraction,
@@ -416,11 +501,11 @@ class FederationServer:
         # Each coordinate of the revealed mean is off by at most a few grid steps of the fixed-point
         # encoding (clip_range / 2**31 a site): allowed for on top of the bound's relative slack.
         rounding = np.sqrt(settings.vector_length) * len(result.survivors) * settings.clip_range / 2**30
-        problem = vector_problem(
-            result.mean_update, settings.vector_length, self.cfg.train.max_update_norm, slack=rounding
-        )
+        # Site-level DP with server noise: added here, to the sum, before anything else sees it.
+        mean = site_level_privacy.server_noised_vector(self.cfg, result.mean_update, len(result.survivors))
+        problem = vector_problem(mean, settings.vector_length, self.cfg.train.max_update_norm, slack=rounding)
         if problem is None:
-            self._step(current, unflatten_adapter(result.mean_update, current), round_)
+            self._step(current, unflatten_adapter(mean, current), round_)
         if result.clipped_values:
             log.warning(
                 "round %d: %d update values were clipped to secure_aggregation.clip_range = %g; raise it",

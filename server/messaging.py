@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -14,11 +14,22 @@ class FederationError(RuntimeError):
     """The federation cannot go on (too few sites, timeouts); the message says what to check."""
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> list[int]:
-    """Block until at least ``count`` SuperNodes are connected."""
+#: Which of the connected nodes count as available in a round; a simulation hides its late joiners with one.
+Availability = Callable[[list[int], int], list[int]]
+
+
+def every_connected_node(nodes: list[int], round_: int) -> list[int]:
+    """A deployment's availability: every SuperNode connected to the SuperLink."""
+    return nodes
+
+
+def wait_for_nodes(
+    grid: Grid, count: int, timeout_s: float, available: Availability = every_connected_node, round_: int = 0
+) -> list[int]:
+    """Block until at least ``count`` SuperNodes are connected (and available in ``round_``); all of them, sorted."""
     deadline = time.monotonic() + timeout_s
     while True:
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(available(sorted(grid.get_node_ids()), round_))
         if len(nodes) >= count:
             return nodes
         if time.monotonic() > deadline:

@@ -65,9 +65,12 @@ def summary_table(records: list[dict[str, Any]], task: TaskShape) -> str:
     """A plain-text table: one row per round, the held-out metric, site metrics, epsilon and traffic."""
     metric = task.head.headline_metric
     second = "loss" if metric != "loss" else "perplexity"
+    # Site-level DP on: its epsilon (a whole site's participation) beside the per-record one.
+    site_level = any("site-level-epsilon" in r for r in records)
+    site_eps = f"{'site eps':>8}  " if site_level else ""
     head = (
         f"{'round':>5}  {'held-out ' + metric:>18}  {'held-out ' + second:>18}  {'site val ' + metric:>18}  "
-        f"{'max eps':>8}  {'sent/site':>10}  {'recv/site':>10}  status"
+        f"{'max eps':>8}  {site_eps}{'sent/site':>10}  {'recv/site':>10}  status"
     )
     lines = [head, "-" * len(head)]
     for r in records:
@@ -80,7 +83,9 @@ def summary_table(records: list[dict[str, Any]], task: TaskShape) -> str:
         lines.append(
             f"{r['round']:>5}  {server.get(metric, float('nan')):>18.4f}  {server.get(second, float('nan')):>18.4f}  "
             f"{(sum(sites) / len(sites)) if sites else float('nan'):>18.4f}  "
-            f"{max(eps) if eps else 0.0:>8.3f}  {_fmt_bytes(max(sent)) if sent else '-':>10}  "
+            f"{max(eps) if eps else 0.0:>8.3f}  "
+            + (f"{r.get('site-level-epsilon', 0.0):>8.3f}  " if site_level else "")
+            + f"{_fmt_bytes(max(sent)) if sent else '-':>10}  "
             f"{_fmt_bytes(max(recv)) if recv else '-':>10}  {r.get('status', '')}"
         )
     return "\n".join(lines)

@@ -95,3 +95,48 @@ def test_delta_must_be_below_one_over_n_on_every_site(tmp_path):
     with pytest.raises(ConfigError, match=r"privacy.delta = 0.03 must be below 1/n .* n = 50"):
         check_privacy_feasible(cfg, sites)
     check_privacy_feasible(load_config(_write(tmp_path), ["privacy.delta=0.001"]), sites)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["federation.aggregation_rule='krum'", "partition.num_clients=5"],
+            "federation.aggregation_rule = 'krum' needs secure_aggregation.enabled = false",
+        ),
+        (
+            ["federation.aggregation_rule='trimmed_mean'", "partition.num_clients=5"],
+            "federation.aggregation_rule = 'trimmed_mean' needs secure_aggregation.enabled = false",
+        ),
+        (
+            ["federation.aggregation_rule='krum'", "secure_aggregation.enabled=false", "federation.krum_byzantine=1"],
+            "needs more than 4 sites (n > 2f + 2), partition.num_clients = 3",
+        ),
+        (
+            ["federation.aggregation_rule='krum'", "secure_aggregation.enabled=false", "partition.num_clients=5"]
+            + ["federation.krum_select=5"],
+            "federation.krum_select = 5 exceeds partition.num_clients - federation.krum_byzantine = 4",
+        ),
+        (
+            ["federation.aggregation_rule='trimmed_mean'", "secure_aggregation.enabled=false"]
+            + ["federation.trim_fraction=0.2"],
+            "federation.trim_fraction = 0.2 trims no update of partition.num_clients = 3",
+        ),
+        (["federation.trim_fraction=0.5"], "federation.trim_fraction: Input should be less than 0.5"),
+        (["federation.aggregation_rule='median'"], "federation.aggregation_rule: Input should be 'mean'"),
+    ],
+)
+def test_a_robust_rule_needs_secure_aggregation_off_and_enough_sites(tmp_path, overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path), overrides)
+    assert expected in str(err.value)
+
+
+def test_a_robust_rule_with_secure_aggregation_off_and_enough_sites_loads(tmp_path):
+    off = ["secure_aggregation.enabled=false", "partition.num_clients=5"]
+    cfg = load_config(_write(tmp_path), [*off, "federation.aggregation_rule='krum'", "federation.krum_select=4"])
+    fed = cfg.federation
+    assert (fed.aggregation_rule, fed.krum_byzantine, fed.krum_select) == ("krum", 1, 4)
+    cfg = load_config(_write(tmp_path), [*off, "federation.aggregation_rule='trimmed_mean'"])
+    assert cfg.federation.trim_fraction == 0.2  # 1 of 5 trimmed at each end
+    assert load_config(_write(tmp_path)).federation.aggregation_rule == "mean"

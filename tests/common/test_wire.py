@@ -24,6 +24,7 @@ from fedtune.common.wire import (
     EvaluatePlan,
     EvaluationReport,
     ProtocolMismatch,
+    SiteNoise,
     SiteState,
     SiteStatus,
     TrainPlan,
@@ -43,6 +44,9 @@ PLAN_ = train_plan(
     a_fingerprint="ab12",
     secure_aggregation=True,
     proximal_mu=0.01,
+    site_noise=SiteNoise.DISTRIBUTED,
+    site_clip_norm=0.5,
+    site_noise_multiplier=1.1,
 )
 
 
@@ -108,6 +112,7 @@ def test_a_missing_field_names_the_record_and_the_field():
         ("local-steps", True, "an integer"),
         ("lr", "0.01", "a number"),
         ("run-id", 7, "a string"),
+        ("site-noise", "sometimes", "one of 'off', 'distributed', 'server'"),
     ],
 )
 def test_a_wrongly_typed_field_is_refused(key, value, expected):

@@ -1,0 +1,83 @@
+"""A site's part in site-level DP: clip its update and, for distributed noise, add its share before masking.
+
+The maths is ``common.privacy.site_noise``; this module decides, from the train plan and the
+secure-aggregation round the site set up, what applies, and refuses (nothing sent) a round in
+which the noise could not do its job: distributed noise without secure aggregation, a round
+whose weights are not uniform, or a quantisation range that would clip the noised update.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from fedtune.client.site import SiteRefusal
+from fedtune.common.privacy.site_noise import (
+    add_noise,
+    clip_update,
+    masking_range_problem,
+    noise_share_std,
+    sites_in_every_revealed_sum,
+)
+from fedtune.common.secure_aggregation.protocol import RoundParameters
+from fedtune.common.wire import SiteNoise, TrainPlan, flatten_adapter, unflatten_adapter
+
+log = logging.getLogger("fedtune.site")
+
+
+def share_std_for_round(plan: TrainPlan, params: RoundParameters, site_floor: int) -> float:
+    """The std of this site's noise share in a secure round: sized by the fewest sites the site
+    will let a sum be unmasked over (the server's stated minimum, the site's own floor, 2)."""
+    m = sites_in_every_revealed_sum(params.min_survivors, site_floor)
+    return noise_share_std(plan.site_noise_multiplier, plan.site_clip_norm, m)
+
+
+def protect_update(
+    update: np.ndarray,
+    plan: TrainPlan,
+    params: RoundParameters | None,
+    site_floor: int,
+    site_id: str,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """``update`` as it may leave the site under ``plan``'s site-level DP (unchanged when it is off).
+
+    ``params``: the secure round set up with this site (None in the clear); ``site_floor``: the
+    site's policy ``min_aggregation_sites``; ``rng`` is for tests only (the noise comes from the
+    OS CSPRNG). Raises SiteRefusal when the round cannot protect the site.
+    """
+    if plan.site_noise is SiteNoise.OFF:
+        return update
+    if not plan.site_clip_norm > 0:
+        raise SiteRefusal(f"site-level DP with site_clip_norm = {plan.site_clip_norm:g}; the plan is malformed")
+    clipped, norm = clip_update(update, plan.site_clip_norm)
+    log.info(
+        "%s round %d: update norm %.4g, clipped to site_clip_norm %.4g%s",
+        site_id,
+        plan.round,
+        norm,
+        plan.site_clip_norm,
+        "" if norm > plan.site_clip_norm else " (untouched)",
+    )
+    if plan.site_noise is SiteNoise.SERVER:
+        return clipped
+    if params is None or not plan.secure_aggregation:
+        raise SiteRefusal(
+            "site-level DP with distributed noise needs secure aggregation: one site's share alone is too small "
+            "to protect it in the clear"
+        )
+    if params.total_examples != params.num_participants:
+        raise SiteRefusal(
+            f"site-level DP weighs every site 1, but the round's total weight is {params.total_examples} over "
+            f"{params.num_participants} sites; the shares would not add up to the planned noise"
+        )
+    std = share_std_for_round(plan, params, site_floor)
+    if (problem := masking_range_problem(params.clip_range, plan.site_clip_norm, std)) is not None:
+        raise SiteRefusal(problem)
+    return add_noise(clipped, std, rng)
+
+
+def adapter_with_update(global_adapter: dict[str, np.ndarray], update: np.ndarray) -> dict[str, np.ndarray]:
+    """The adapter a site sends in the clear: the global adapter plus its (clipped) update."""
+    return unflatten_adapter(flatten_adapter(global_adapter) + update, global_adapter)
