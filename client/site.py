@@ -156,6 +156,8 @@ class Site:
             return None
         with np.load(path, allow_pickle=False) as saved:
             meta = json.loads(str(saved["__meta__"]))
+            if meta["run_id"] == request.run_id:
+                self._check_trained_once(request, meta["round"], meta["input"] == input_digest)
             if (meta["run_id"], meta["round"], meta["input"]) != (request.run_id, request.round, input_digest):
                 return None
             adapter = {k: saved[k] for k in saved.files if k != "__meta__"}
@@ -168,6 +170,22 @@ class Site:
             request.round,
         )
         return TrainOutcome(adapter=adapter, **fields)
+
+    def _check_trained_once(self, request: TrainPlan, last_round: int, same_input: bool) -> None:
+        """A site trains each round of a run once, in order: a request for a round it already trained
+        from another global adapter, or for an earlier round, is refused. Otherwise a server could
+        make it train (and spend its privacy budget) again and again for one round by re-asking it
+        with a slightly changed adapter; the ledger would cap the total, but the budget would burn."""
+        if request.round < last_round:
+            raise SiteRefusal(
+                f"round {request.round} asked after round {last_round} of this run was trained: a site trains "
+                "each round once, in order"
+            )
+        if request.round == last_round and not same_input:
+            raise SiteRefusal(
+                f"round {request.round} was already trained from another global adapter: a site trains each round "
+                "once; the same request is answered by replay, a changed one is refused"
+            )
 
     def _remember(self, request: TrainPlan, input_digest: str, outcome: TrainOutcome) -> None:
         fields = {k: v for k, v in outcome.__dict__.items() if k != "adapter"}

@@ -104,6 +104,10 @@ def _policy_template(cfg: FedtuneConfig) -> str:
             "allow_site_metrics = true",
             "# The only records this site trains on (any format `fedtune data check` accepts).",
             '# data_path = "/srv/fedtune/data/train.jsonl"',
+            "# This site's LoRA rank, from its compute (0: the federation's lora.rank, the most any site trains).",
+            "# lora_rank = 4",
+            "# Above 0: refuse rounds without site-level DP (distributed noise) of at least this noise multiplier.",
+            "# min_site_noise_multiplier = 0.0",
             "",
         ]
     )

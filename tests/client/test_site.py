@@ -80,9 +80,24 @@ def test_a_repeated_request_replays_the_released_update_without_new_cost(site):
     assert again.epsilon_spent == first.epsilon_spent
     for key in first.adapter:
         np.testing.assert_array_equal(again.adapter[key], first.adapter[key])
-    changed = {k: v + 1.0 for k, v in adapter.items()}
-    site.train(_request(1), changed)  # a different input is a new computation: it spends
-    assert len(json.loads(site.ledger_path.read_text())["entries"]) == 2
+
+
+def test_a_round_is_trained_once_a_changed_or_earlier_request_is_refused(site):
+    """Budget burning (issue 15): re-asking a trained round with a slightly changed adapter used to make the
+    site train and spend again (two ledger entries for round 1); now it is refused and nothing is spent."""
+    from fedtune.common.models.lora import adapter_state
+
+    adapter = adapter_state(site.model, ffa=False)
+    first = site.train(_request(1), adapter)
+    ledger = site.ledger_path.read_bytes()
+    changed = {k: v + 1e-3 for k, v in adapter.items()}
+    with pytest.raises(SiteRefusal, match="round 1 was already trained from another global adapter"):
+        site.train(_request(1), changed)
+    assert site.ledger_path.read_bytes() == ledger
+    site.train(_request(2), first.adapter)  # the next round trains as usual
+    with pytest.raises(SiteRefusal, match="round 1 asked after round 2 of this run was trained"):
+        site.train(_request(1), adapter)
+    assert [e["round"] for e in json.loads(site.ledger_path.read_text())["entries"]] == [1, 2]
 
 
 def test_balanced_class_weights_come_from_a_dp_histogram_charged_once(tmp_path, tiny_bert_spec):
