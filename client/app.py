@@ -20,20 +20,22 @@ from flwr.clientapp.typing import Mod
 from fedtune.client import secure_aggregation
 from fedtune.client.revealed_rounds import AlreadyMasked, MaskedRounds, RevealedRounds
 from fedtune.client.site import Site, SiteRefusal
-from fedtune.client.site_level import adapter_with_update, protect_update
+from fedtune.client.site_level import adapter_with_update, check_round, clipped_update, noised_update
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, inbox_from, masked_record, round_tag
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError
-from fedtune.common.update_checks import adapter_update_problem
+from fedtune.common.update_checks import adapter_update_problem, l2_norm, norm_problem
 from fedtune.common.wire import (
     ADAPTER,
     MASKED,
     METRICS,
     PLAN,
+    RUN_ENDED,
     SECAGG,
     STATUS,
     EvaluatePlan,
     EvaluationReport,
+    RunEnded,
     SiteNoise,
     SiteState,
     SiteStatus,
@@ -164,17 +166,25 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
             request = decode_request(msg.content)
             if request.secure_aggregation:
                 secure_round = _secure_round(msg, request, context, site.masked_rounds)
+            # Site-level DP's refusals need only the plan and the round: made before training spends budget.
+            check_round(
+                request, secure_round.params if request.secure_aggregation else None, site.policy.min_aggregation_sites
+            )
             global_adapter = from_array_record(msg.content.array_records[ADAPTER])
             outcome = site.train(request, global_adapter)
-            check_outgoing_update(outcome.adapter, global_adapter, site.max_update_norm)
-            # Site-level DP (when the plan asks): clipped, plus this site's noise share if the noise is distributed.
-            update = protect_update(
-                flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter),
-                request,
-                secure_round.params if request.secure_aggregation else None,
-                site.policy.min_aggregation_sites,
-                site.site_id,
+            site_level = request.site_noise is not SiteNoise.OFF
+            # Under site-level DP the norm bound applies to the clipped update, the one that leaves the site.
+            check_outgoing_update(outcome.adapter, global_adapter, 0.0 if site_level else site.max_update_norm)
+            update = clipped_update(
+                flatten_adapter(outcome.adapter) - flatten_adapter(global_adapter), request, site.site_id
             )
+            if site_level and (problem := norm_problem(l2_norm(update), site.max_update_norm)) is not None:
+                raise SiteRefusal(
+                    "update check failed, nothing sent: clipped to site_clip_norm = "
+                    f"{request.site_clip_norm:g}, {problem}"
+                )
+            # Distributed site-level noise: this site's share, added before masking.
+            update = noised_update(update, request, site.policy.min_aggregation_sites)
             if request.secure_aggregation:
                 # The update leaves the site only masked; its keys for the next round ride along.
                 try:
@@ -221,6 +231,22 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
         return site.aggregation_weight, site.policy.min_aggregation_sites
 
     register_secure_aggregation(app, declare, lambda context: site_for(context).revealed_rounds)
+
+    @app.train(RUN_ENDED.removeprefix("train."))
+    def run_ended(msg: Message, context: Context) -> Message:
+        """The server ended the run (early stopping): the site records it and refuses to train for it again."""
+        try:
+            site = site_for(context)
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
+        if PLAN not in msg.content.config_records:
+            return _reply(msg, site.site_id, SiteState.REFUSED, f"malformed request: expected a {PLAN!r} record")
+        try:
+            ended = RunEnded.from_content(msg.content)
+        except WireError as exc:
+            return _reply(msg, site.site_id, SiteState.REFUSED, str(exc))
+        site.end_run(ended.run_id, ended.round, ended.reason)
+        return _reply(msg, site.site_id, SiteState.OK)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

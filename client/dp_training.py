@@ -12,16 +12,24 @@ FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 20
 as training starts (the global adapter the site has just loaded). Its gradient depends on no
 record, so under DP-SGD it is added after Opacus has clipped and noised the per-record
 gradients: post-processing, at no privacy cost, and not clipped per record.
+
+The local optimiser is fresh each round unless the caller hands in ``optimizer_state`` (the state a
+previous round returned, ``train.keep_optimizer_state``). Under DP-SGD that state (Adam's moments
+and step count) is computed by the wrapped optimiser from the clipped, noised, averaged gradients
+only, never from a raw per-record gradient: carrying it into the next round is post-processing of
+the Gaussian mechanism's outputs and costs no privacy (Dwork & Roth 2014, Prop. 2.1).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
+from fedtune.client.micro_batches import micro_batches
 from fedtune.common.data.encoding import EncodedSet
 from fedtune.common.tasks.base import TaskShape
 
@@ -43,10 +51,16 @@ class LocalTrainPlan:
     seed: int = 0
     class_weights: tuple[float, ...] = ()
     proximal_mu: float = 0.0  # FedProx: weight of mu/2 * ||w - w_global||^2 (0: off)
+    max_physical_batch_size: int = 0  # records a forward/backward pass at most (0: the whole batch at once)
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson rate giving ``batch_size`` records per step on average."""
         return min(1.0, self.batch_size / num_records)
+
+
+#: An optimiser's state, one mapping per trainable tensor in ``model.parameters()`` order (Adam: exp_avg,
+#: exp_avg_sq, step); empty for a fresh optimiser, and for plain SGD, which keeps none.
+OptimizerState = tuple[dict[str, np.ndarray], ...]
 
 
 @dataclass(frozen=True)
@@ -55,12 +69,44 @@ class LocalTrainResult:
     mean_loss: float
     records_seen: int
     sample_rate: float
+    optimizer_state: OptimizerState = ()  # the local optimiser's state after the last step
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], plan: LocalTrainPlan) -> torch.optim.Optimizer:
     if plan.optimizer == "sgd":
         return torch.optim.SGD(params, lr=plan.lr)
     return torch.optim.Adam(params, lr=plan.lr)
+
+
+def optimizer_state_of(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> OptimizerState:
+    """A copy of the optimiser's per-tensor state (Opacus' DPOptimizer exposes its wrapped optimiser's)."""
+    if not any(optimizer.state.get(p) for p in params):
+        return ()
+    # float32 on disk whatever the adapter's dtype (numpy has no bfloat16); loaded back in the tensor's own.
+    return tuple(
+        {k: np.array(v.detach().cpu().float()) for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
+        for p in params
+    )
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], state: Sequence[Mapping[str, np.ndarray]]
+) -> None:
+    """Resume from ``state`` (from :func:`optimizer_state_of`); the learning rate stays this round's."""
+    if len(state) != len(params):
+        raise ValueError(f"optimizer state for {len(state)} tensors, the model trains {len(params)}")
+    for p, saved in zip(params, state, strict=True):
+        for name, value in saved.items():
+            if np.ndim(value) and tuple(np.shape(value)) != tuple(p.shape):
+                raise ValueError(
+                    f"optimizer state {name!r} of shape {np.shape(value)} for a tensor of {tuple(p.shape)}"
+                )
+    for p, saved in zip(params, state, strict=True):
+        # Adam keeps its step count as a float32 scalar tensor, its moments in the parameter's dtype.
+        optimizer.state[p] = {
+            k: torch.tensor(float(v), dtype=torch.float32) if np.ndim(v) == 0 else torch.tensor(v, dtype=p.dtype)
+            for k, v in saved.items()
+        }
 
 
 def poisson_batches(num_records: int, sample_rate: float, steps: int, generator: torch.Generator):
@@ -86,14 +132,21 @@ def train_adapter(
     task: TaskShape,
     plan: LocalTrainPlan,
     on_step: Callable[[int, float], None] | None = None,
+    optimizer_state: Sequence[Mapping[str, np.ndarray]] = (),
 ) -> LocalTrainResult:
-    """Train the trainable (adapter) parameters of ``model`` in place for ``plan.steps`` steps."""
+    """Train the trainable (adapter) parameters of ``model`` in place for ``plan.steps`` steps,
+    from ``optimizer_state`` if given (else a fresh optimiser); the result holds the state after.
+
+    The work happens where the model is (``common.models.placement.place_model`` puts it there): batches
+    are built on the CPU and moved to the device of the trainable tensors. A batch larger than
+    ``plan.max_physical_batch_size`` is run in micro-batches (``client.micro_batches``): one step still."""
     if len(data) == 0:
         raise ValueError("no training records on this site")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters: was the LoRA adapter attached?")
     q = plan.sample_rate(len(data))
+    device = params[0].device
     generator = torch.Generator().manual_seed(plan.seed)
     model.train()
     # FedProx's w_global: the trainable tensors as training starts, i.e. the global adapter just loaded.
@@ -113,10 +166,13 @@ def train_adapter(
             loss_reduction="mean",
         )
         if hasattr(dp_optimizer, "generator"):
-            dp_optimizer.generator = torch.Generator().manual_seed(plan.seed + 1)
+            # Opacus draws the noise with this generator on the gradients' device.
+            dp_optimizer.generator = torch.Generator(device=device).manual_seed(plan.seed + 1)
         optimizer: torch.optim.Optimizer = dp_optimizer
     else:
         module, optimizer = model, _make_optimizer(params, plan)
+    if optimizer_state:
+        load_optimizer_state(optimizer, params, optimizer_state)
 
     def take_step() -> None:
         if anchors is None:
@@ -135,7 +191,7 @@ def train_adapter(
             _add_proximal_gradient(params, anchors, plan.proximal_mu)
             optimizer.step()
 
-    weights = torch.tensor(plan.class_weights, dtype=torch.float32) if plan.class_weights else None
+    weights = torch.tensor(plan.class_weights, dtype=torch.float32, device=device) if plan.class_weights else None
     if weights is not None and not task.classifies:
         raise ValueError("class weights apply to classification only")
     losses, seen = [], 0
@@ -146,25 +202,33 @@ def train_adapter(
                 # An empty Poisson batch is still a step of the mechanism: noise only (DP) or nothing (but FedProx).
                 if private:
                     for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=device)
                     take_step()
                 elif anchors is not None:
                     take_step()  # the proximal gradient alone: the records' part of the gradient is zero
                 continue
-            batch = data.batch(idx)
-            losses_each = task.head.per_sample_loss(module, batch)
-            if weights is not None:
-                # Weighted before clipping: each record's gradient is still clipped to max_grad_norm.
-                losses_each = losses_each * weights[batch["labels"]]
-            loss = losses_each.mean()
-            loss.backward()
-            if not private:
-                # Match DP-SGD's normalisation by the expected, not the realised, batch size.
-                for p in params:
-                    if p.grad is not None:
-                        p.grad.mul_(len(idx) / plan.batch_size)
+            chunks = micro_batches(idx, plan.max_physical_batch_size)
+            loss_sum = torch.zeros((), device=device)
+            for i, chunk in enumerate(chunks):
+                batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(chunk).items()}
+                losses_each = task.head.per_sample_loss(module, batch)
+                if weights is not None:
+                    # Weighted before clipping: each record's gradient is still clipped to max_grad_norm.
+                    losses_each = losses_each * weights[batch["labels"]]
+                loss_sum += losses_each.detach().sum()
+                if private:
+                    # Opacus undoes the mean per micro-batch: each grad_sample row is one record's gradient.
+                    losses_each.mean().backward()
+                    if i < len(chunks) - 1:
+                        # Clip this micro-batch's records into the running sum; no noise, no step yet.
+                        dp_optimizer.signal_skip_step(do_skip=True)
+                        take_step()
+                        optimizer.zero_grad(set_to_none=True)  # grad_sample only: the clipped sum is kept
+                else:
+                    # Match DP-SGD's normalisation by the expected, not the realised, batch size.
+                    (losses_each.sum() / plan.batch_size).backward()
             take_step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss_sum) / len(idx))
             seen += len(idx)
             if on_step is not None:
                 on_step(step, losses[-1])
@@ -177,5 +241,9 @@ def train_adapter(
                     if hasattr(p, attr):
                         delattr(p, attr)
     return LocalTrainResult(
-        steps=plan.steps, mean_loss=sum(losses) / max(len(losses), 1), records_seen=seen, sample_rate=q
+        steps=plan.steps,
+        mean_loss=sum(losses) / max(len(losses), 1),
+        records_seen=seen,
+        sample_rate=q,
+        optimizer_state=optimizer_state_of(optimizer, params),
     )

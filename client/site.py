@@ -19,13 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.client.dp_training import LocalTrainPlan, train_adapter
+from fedtune.client.dp_training import LocalTrainPlan, OptimizerState, train_adapter
+from fedtune.client.ended_runs import EndedRuns, EndedRunsUnreadable
+from fedtune.client.optimizer_state import OptimizerStateStore
 from fedtune.client.policy import PolicyViolation, SitePolicy
 from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.atomic_files import atomic_write_bytes, atomic_write_json
 from fedtune.common.config import FedtuneConfig
 from fedtune.common.data.encoding import EncodedSet
 from fedtune.common.data.federation_data import SiteSplit, agreed_labels
+from fedtune.common.devices import on_device, resolve_device
 from fedtune.common.models.loading import BaseModelSpec
 from fedtune.common.models.lora import (
     adapter_digest,
@@ -36,6 +39,7 @@ from fedtune.common.models.lora import (
 )
 from fedtune.common.models.lora_ranks import effective_rank, embed_adapter, truncate_adapter
 from fedtune.common.models.lora_resize import lora_a_rows, set_lora_rank
+from fedtune.common.models.placement import place_model
 from fedtune.common.privacy.accounting import calibrate_noise
 from fedtune.common.privacy.label_histogram import balanced_class_weights, noisy_label_histogram
 from fedtune.common.privacy.ledger import LedgerError, PrivacyBudgetExceeded, PrivacyLedger
@@ -78,6 +82,8 @@ def _cached_model(spec: BaseModelSpec, cfg: FedtuneConfig) -> _AdaptedModel:
     if key not in _MODELS:
         _MODELS.clear()
         model, tokenizer = build_adapted_model(spec, cfg.lora)
+        # train.device, fp32 adapter over a bf16/fp16 base, checkpointing: before A's rows are kept.
+        place_model(model, resolve_device(cfg.train.device), cfg.train.gradient_checkpointing)
         fingerprint = frozen_a_fingerprint(model) if cfg.lora.ffa else ""
         _MODELS[key] = _AdaptedModel(model, tokenizer, lora_a_rows(model), fingerprint)
     cached = _MODELS[key]
@@ -116,6 +122,8 @@ class Site:
         self.ledger_path = self.state_dir / "privacy_ledger.json"
         self.revealed_rounds = RevealedRounds(self.state_dir / "secagg_revealed.json")
         self.masked_rounds = MaskedRounds(self.state_dir / "secagg_masked.json")
+        self.ended_runs = EndedRuns(self.state_dir / "ended_runs.json")
+        self.optimizer_states = OptimizerStateStore(self.state_dir / "optimizer_state.npz")
 
     @property
     def max_update_norm(self) -> float:
@@ -231,6 +239,7 @@ class Site:
             self.policy.check_site_level(request.site_noise.value, request.site_noise_multiplier)
         except PolicyViolation as exc:
             raise SiteRefusal(str(exc)) from exc
+        self._check_run_goes_on(request.run_id)
         input_digest = adapter_digest(adapter)
         replayed = self._replay(request, input_digest)
         if replayed is not None:
@@ -245,6 +254,7 @@ class Site:
             optimizer=request.optimizer,
             max_grad_norm=request.max_grad_norm,
             proximal_mu=request.proximal_mu,  # w_global: the adapter _set_global has just loaded
+            max_physical_batch_size=self.cfg.train.max_physical_batch_size,
             # Sampling and noise seeds come from the OS CSPRNG and never leave the site: noise
             # derived from anything the server knows could be subtracted again.
             seed=secrets.randbits(63),
@@ -284,9 +294,13 @@ class Site:
         elif self._weighting_planned():
             plan = self._with_class_weights(plan, request, None)
         torch.set_num_threads(self.cfg.train.torch_threads)
-        result = train_adapter(self.model, self.train_set, self.cfg.task, plan)
+        keep_state = self.cfg.train.keep_optimizer_state
+        before = self._optimizer_state(request) if keep_state else ()
+        result = train_adapter(self.model, self.train_set, self.cfg.task, plan, optimizer_state=before)
         if ledger is not None:
             eps_after = ledger.record(request.run_id, request.round, sigma, q, result.steps).epsilon
+        if keep_state:  # after the ledger's charge, before the replay record (see client.optimizer_state)
+            self.optimizer_states.save(request.run_id, request.round, request.optimizer, before, result.optimizer_state)
         log.info(
             "%s round %d: %d steps, loss %.4f, noise %.3f, epsilon %.3f (%.1fs)",
             self.site_id,
@@ -309,7 +323,27 @@ class Site:
         self._remember(request, input_digest, outcome)
         return outcome
 
+    def _optimizer_state(self, request: TrainPlan) -> OptimizerState:
+        """The local optimiser state this round starts from (train.keep_optimizer_state); empty: fresh."""
+        shapes = [tuple(p.shape) for p in self.model.parameters() if p.requires_grad]
+        return self.optimizer_states.load(request.run_id, request.round, request.optimizer, shapes, self.site_id)
+
+    def _check_run_goes_on(self, run_id: str) -> None:
+        """Refuse to train for a run the server said had ended (``end_run``), replays included."""
+        try:
+            why = self.ended_runs.why_ended(run_id)
+        except EndedRunsUnreadable as exc:
+            raise SiteRefusal(str(exc)) from exc
+        if why is not None:
+            raise SiteRefusal(why)
+
+    def end_run(self, run_id: str, round_: int, reason: str) -> None:
+        """The server says run ``run_id`` ended after ``round_``: from now on this site refuses to train for it."""
+        if self.ended_runs.record(run_id, round_, reason):
+            log.info("%s: run %r ended after round %d (%s)", self.site_id, run_id, round_, reason)
+
     def evaluate(self, adapter: dict[str, np.ndarray], fingerprint: str = "") -> dict[str, float]:
         self._set_global(adapter, fingerprint)
         torch.set_num_threads(self.cfg.train.torch_threads)
-        return self.cfg.task.head.evaluate(self.model, self.val_set, self.cfg.train.eval_batch_size)
+        val_set = on_device(self.val_set, next(self.model.parameters()).device)
+        return self.cfg.task.head.evaluate(self.model, val_set, self.cfg.train.eval_batch_size)

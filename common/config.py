@@ -20,7 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedtune.common.models.builtin import BUILTIN_WEIGHTS
 from fedtune.common.models.directory import model_dir_problem
+from fedtune.common.models.hub import is_hub_id
 from fedtune.common.models.tiny import TINY_MODELS
+from fedtune.common.schedules import schedule_problem
 from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import TASK_NAMES, task_for
 
@@ -33,6 +35,9 @@ DEFAULT_PRESET = "banking77-minilm"
 MODEL_NAMES: tuple[str, ...] = (*sorted(BUILTIN_WEIGHTS), *TINY_MODELS)
 #: What a delimiter may be spelled as where a literal tab is awkward to type (``--set "data.delimiter='\t'"``).
 DELIMITER_NAMES = {"\\t": "\t", "tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+
+#: The server's held-out metrics (``common.evaluation``) early stopping may watch, for classification (True) or not.
+HELD_OUT_METRICS: dict[bool, tuple[str, ...]] = {True: ("loss", "accuracy", "macro-f1"), False: ("loss", "perplexity")}
 
 #: The deprecated ``model.task`` values, and the data.task each implied when data.task was not given.
 LEGACY_MODEL_TASKS = {"classification": "classification", "causal-lm": "question-answer"}
@@ -55,6 +60,11 @@ class RunConfig(_Section):
         "sites key their ledgers by (a site's policy.toml lists the run ids it accepts).",
     )
     description: str = Field("", description="One line saying what this config is for (shown by `fedtune presets`).")
+    data_description: str = Field(
+        "",
+        description="What the sites' data is, in the operator's words (source, period, population, consent); "
+        "written into the model card of every exported model and adapter.",
+    )
     output_dir: Path = Field(Path("runs"), description="Folder that receives one directory per run.")
     seed: int = Field(
         0,
@@ -64,12 +74,19 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Which base model to adapt: a built-in name or a local Hugging Face directory."""
+    """Which base model to adapt: a built-in name, a Hugging Face model id or a local Hugging Face directory."""
 
     name: str = Field(
         "minilm-l6",
         description="Built-in model (minilm-l6, smollm2-135m; tiny-llama, tiny-bert for "
-        "tests). Ignored when model.path is set.",
+        "tests), or a Hugging Face model id such as Qwen/Qwen2.5-0.5B-Instruct, read from the huggingface_hub "
+        "cache (HF_HUB_CACHE or HF_HOME) and downloaded once unless HF_HUB_OFFLINE is set. Ignored when "
+        "model.path is set.",
+    )
+    revision: str | None = Field(
+        None,
+        description="Branch, tag or commit of a Hugging Face model id in model.name (unset: main); pin a commit "
+        "so every site trains the very same weights.",
     )
     path: Path | None = Field(
         None, description="Local Hugging Face model directory (config.json, weights, tokenizer); overrides model.name."
@@ -79,7 +96,17 @@ class ModelConfig(_Section):
         gt=0,
         description="Tokens per record after truncation (prompt and response together for the generative tasks).",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Precision of the frozen base weights.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Precision of the frozen base weights. bfloat16 (or float16 on GPUs without bf16) halves "
+        "the base's memory; the LoRA tensors, their per-record gradients, clipping and DP noise stay float32 "
+        "(common/models/precision.py).",
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="QLoRA: load the frozen base in 8-bit or 4-bit (NF4) through bitsandbytes (the optional "
+        "`qlora` extra; CUDA only); the adapter, DP and aggregation are unchanged. 4bit computes in model.dtype.",
+    )
     pooling: Literal["auto", "mean", "model"] = Field(
         "auto",
         description="Classification: `mean` pools token states over the mask (how sentence encoders such "
@@ -98,10 +125,14 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _known_name(self) -> ModelConfig:
-        if self.path is None and self.name not in MODEL_NAMES:
+        if self.path is None and self.name not in MODEL_NAMES and not is_hub_id(self.name):
             raise ValueError(
                 f"model.name = {self.name!r} is not a built-in model (known: {', '.join(MODEL_NAMES)}); "
                 "give a local Hugging Face model directory with model.path instead"
+            )
+        if self.revision is not None and (self.path is not None or not is_hub_id(self.name)):
+            raise ValueError(
+                f"model.revision = {self.revision!r} applies to a Hugging Face model id in model.name only; unset it"
             )
         return self
 
@@ -321,6 +352,36 @@ class ServerOptimizerConfig(_Section):
     )
 
 
+class EarlyStoppingConfig(_Section):
+    """Stop the federation when the server's held-out metric stops improving (``server.early_stopping``).
+
+    After each round the server compares its held-out ``metric`` with the best value so far; a round
+    improves on it only by more than ``min_delta``. After ``patience`` rounds in a row without such an
+    improvement the server stops, tells the sites the run ended (they then refuse to train for it, so
+    no more privacy budget is spent) and merges the best round (``federation.keep``).
+    """
+
+    enabled: bool = Field(False, description="Stop the run early when the held-out metric stops improving.")
+    metric: str = Field(
+        "",
+        description="The server's held-out metric watched: loss, accuracy or macro-f1 (classification); loss or "
+        "perplexity (generative tasks). Empty: the task's headline metric (accuracy; loss).",
+    )
+    mode: Literal["auto", "min", "max"] = Field(
+        "auto",
+        description="Whether lower (min) or higher (max) is better; auto: min for loss and perplexity, max otherwise.",
+    )
+    patience: int = Field(
+        3, gt=0, description="Rounds in a row without an improvement of more than min_delta before the run stops."
+    )
+    min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="Smallest change of the metric that counts as an improvement (in the metric's units: 0.01 is "
+        "one accuracy point). Under DP the held-out metric is noisy from round to round: leave room for that.",
+    )
+
+
 class FederationConfig(_Section):
     """Rounds, how the server waits for sites, and how it optimises."""
 
@@ -339,6 +400,11 @@ class FederationConfig(_Section):
         description="Fraction of the connected sites sampled to train in each round (rounded up, at least "
         "min_clients); used when sites_per_round = 0.",
     )
+    poisson_sampling: bool = Field(
+        False,
+        description="Sample each connected site independently with probability fraction_per_round (Poisson "
+        "sampling), the draw site-level DP's accountant analyses; false: a fixed-size sample.",
+    )
     min_sites_to_start: int = Field(
         0,
         ge=0,
@@ -351,6 +417,12 @@ class FederationConfig(_Section):
         "fedavgm, fedadam, fedyogi, fedadagrad (see server/strategies/). FedProx is fedavg with train.proximal_mu > 0.",
     )
     cpus_per_client: float = Field(1.0, gt=0, description="Simulation: CPUs Ray reserves for each site's actor.")
+    gpus_per_client: float = Field(
+        0.0,
+        ge=0,
+        description="Simulation: GPUs Ray reserves for each site's actor; fractions share a GPU (0.5: two sites a "
+        "GPU). 0 with train.device = auto/cuda: every actor sees all GPUs (set it to keep sites from crowding one).",
+    )
     round_timeout_s: float = Field(
         3600.0,
         gt=0,
@@ -385,6 +457,16 @@ class FederationConfig(_Section):
         description="krum: m, how many best-scored updates are averaged (1: Krum; more: multi-Krum), at most "
         "the round's updates minus federation.krum_byzantine.",
     )
+    early_stopping: EarlyStoppingConfig = Field(
+        EarlyStoppingConfig(),
+        description="Stop when the held-out metric has not improved by min_delta for patience rounds.",
+    )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="Which round's checkpoint the merged model is built from: `best` (by the early-stopping "
+        "metric, or the task's headline metric when early stopping is off; recorded in RUN_DIR/best.json) or "
+        "`last` (the newest round).",
+    )
 
 
 class TrainConfig(_Section):
@@ -393,9 +475,48 @@ class TrainConfig(_Section):
     local_steps: int = Field(10, gt=0, description="Optimiser steps per site per round.")
     batch_size: int = Field(32, gt=0, description="Expected records per step (Poisson sampling under DP).")
     lr: float = Field(5e-3, gt=0, description="Learning rate of the local optimiser.")
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Local optimiser (fresh each round).")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Local optimiser (fresh each round unless train.keep_optimizer_state)."
+    )
+    lr_schedule: Literal["constant", "linear_warmup", "cosine"] = Field(
+        "constant",
+        description="How train.lr changes from round to round (common/schedules.py; the server sends each round's "
+        "rate): `constant`; `linear_warmup`: lr * r / warmup_rounds for the first warmup_rounds rounds, then lr; "
+        "`cosine`: the same warm-up, then half a cosine from lr towards min_lr (reached one round after the last, so "
+        "no round trains at 0).",
+    )
+    warmup_rounds: int = Field(
+        0, ge=0, description="Rounds of linear warm-up (linear_warmup and cosine schedules); round 1 trains at lr / W."
+    )
+    min_lr: float = Field(
+        0.0, ge=0, description="The cosine schedule's floor, approached in the last rounds (at most train.lr)."
+    )
+    keep_optimizer_state: bool = Field(
+        False,
+        description="Each site keeps its local Adam moments from one round to the next (on its own disk, by run "
+        "id) instead of starting a fresh optimiser each round. Under DP the moments are computed from the clipped, "
+        "noised gradients only: post-processing, no privacy cost.",
+    )
     eval_batch_size: int = Field(32, gt=0, description="Records per evaluation batch.")
     torch_threads: int = Field(1, gt=0, description="CPU threads torch uses on a site.")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?|mps)$",
+        description="Where a site trains and evaluates, and the server evaluates and merges: auto (CUDA when "
+        "torch sees a GPU, else cpu), cpu, cuda, cuda:N or mps. In a deployment CUDA_VISIBLE_DEVICES picks the GPUs.",
+    )
+    max_physical_batch_size: int = Field(
+        0,
+        ge=0,
+        description="Most records in one forward/backward pass (0: no limit). A larger (Poisson) batch is run in "
+        "micro-batches whose clipped per-record gradients are summed, then noised once and stepped once: the "
+        "same DP step, less memory (client/micro_batches.py).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the base model's activations in the backward pass instead of keeping them: less "
+        "memory for about a third more compute; compatible with per-record clipping of the LoRA tensors.",
+    )
     class_weighting: Literal["none", "balanced"] = Field(
         "none",
         description="Classification: `balanced` re-weights the loss by inverse class frequency (from a DP "
@@ -415,7 +536,9 @@ class TrainConfig(_Section):
         "by the site before it sends (it refuses the round otherwise) and by the server on the mean it applies "
         "(the round is discarded otherwise) and, without secure aggregation, on each site's update (0: no norm "
         "bound; non-finite values and wrong shapes are always refused). Under DP-SGD the noise makes "
-        "lr * local_steps * max_grad_norm no hard bound, so it is a setting: leave generous headroom.",
+        "lr * local_steps * max_grad_norm no hard bound, so it is a setting: leave generous headroom. Must be 0 "
+        "with privacy.site_level (its clip_norm bounds each update; the noised mean would fail any useful bound); "
+        "a site whose own config sets it checks its clipped update against it.",
     )
 
 
@@ -459,7 +582,8 @@ class SiteLevelPrivacyConfig(_Section):
     noise: Literal["distributed", "server"] = Field(
         "distributed",
         description="`distributed`: each site adds a Gaussian share of std z * S / sqrt(m) before masking "
-        "(m: the fewest sites a revealed sum can hold), so no one, the operator included, sees the sum "
+        "(m: the site's own policy min_aggregation_sites, at least 2, checked against the finished sites it "
+        "can vouch for before it unmasks), so no one, the operator included, sees the sum "
         "without noise; needs secure_aggregation.enabled. `server`: the server adds N(0, (z * S)^2) to the "
         "sum: protects against whoever sees the model, not against the operator.",
     )
@@ -547,6 +671,30 @@ class SimulationConfig(_Section):
     )
 
 
+class TrackingConfig(_Section):
+    """Where a run's curves go besides metrics.jsonl and curves.png (server/tracking.py).
+
+    Every round's record is written as scalars: the server's held-out metrics, the validation
+    metrics sites share, each site's epsilon, noise multiplier, steps and bytes, the round's time.
+    """
+
+    tensorboard: bool = Field(
+        True,
+        description="Write TensorBoard event files to RUN_DIR/tensorboard (view them with `tensorboard --logdir "
+        "RUN_DIR/tensorboard`, or point --logdir at runs/ to compare runs).",
+    )
+    mlflow_uri: str = Field(
+        "",
+        description="MLflow tracking URI (empty: MLflow off). `local`: a file store in RUN_DIR/mlruns (`mlflow ui "
+        "--backend-store-uri RUN_DIR/mlruns`); else any URI MLflow takes (file:/path, http://host:5000). Logs "
+        "the config as params, each round's scalars as metrics, summary.txt, curves.png and metrics.jsonl as "
+        "artifacts. Needs `pip install 'fedtune[mlflow]'`.",
+    )
+    mlflow_experiment: str = Field(
+        "", description="MLflow experiment the run is logged under (empty: run.name); created if missing."
+    )
+
+
 class FedtuneConfig(_Section):
     """A whole federation: one section a concern, as in the TOML file."""
 
@@ -561,6 +709,9 @@ class FedtuneConfig(_Section):
     secure_aggregation: SecureAggregationConfig = Field(SecureAggregationConfig(), description="SecAgg+.")
     simulation: SimulationConfig = Field(
         SimulationConfig(), description="Simulation only: sites that connect late or answer slowly."
+    )
+    tracking: TrackingConfig = Field(
+        TrackingConfig(), description="Experiment tracking: TensorBoard event files, MLflow optionally."
     )
 
     @property
@@ -617,10 +768,27 @@ class FedtuneConfig(_Section):
                     f"federation.{name} ({getattr(fed, name)}) exceeds partition.num_clients "
                     f"({self.partition.num_clients})"
                 )
-        if fed.sites_per_round and fed.sites_per_round < fed.min_clients:
+        if fed.poisson_sampling and (fed.sites_per_round or fed.fraction_per_round == 1):
             raise ValueError(
-                f"federation.sites_per_round ({fed.sites_per_round}) is below federation.min_clients "
-                f"({fed.min_clients}): no round could be aggregated"
+                "federation.poisson_sampling asks each site with probability federation.fraction_per_round: "
+                "set fraction_per_round below 1 (and sites_per_round = 0)"
+            )
+        floor = max(2, fed.min_clients) if self.secure_aggregation.enabled else fed.min_clients
+        expected = fed.sites_per_round or fed.fraction_per_round * self.partition.num_clients
+        if (fed.sites_per_round or fed.fraction_per_round < 1) and expected < floor:
+            why = "secure aggregation needs 2 sites and " if self.secure_aggregation.enabled else ""
+            raise ValueError(
+                f"federation sampling asks {expected:g} sites a round, fewer than the {floor} every round needs "
+                f"({why}federation.min_clients = {fed.min_clients}): raise sites_per_round or fraction_per_round"
+            )
+        if self.privacy.site_level.enabled and (
+            fed.sites_per_round or (fed.fraction_per_round < 1 and not fed.poisson_sampling)
+        ):
+            raise ValueError(
+                "privacy.site_level with a fixed-size sample of sites: site-level DP's accountant analyses "
+                "Poisson sampling, where each site is asked independently (with a fixed-size sample one "
+                "hospital joining displaces another); set federation.poisson_sampling = true with "
+                "fraction_per_round, or sample no sites (sites_per_round = 0, fraction_per_round = 1)"
             )
         late = self.simulation.late_joiners
         if late >= self.partition.num_clients:
@@ -665,6 +833,21 @@ class FedtuneConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _schedule_and_early_stopping_fit(self) -> FedtuneConfig:
+        """train.lr_schedule's fields agree; federation.early_stopping.metric is one the server measures."""
+        t = self.train
+        if problem := schedule_problem(t.lr_schedule, t.lr, self.federation.rounds, t.warmup_rounds, t.min_lr):
+            raise ValueError(problem)
+        metric = self.federation.early_stopping.metric
+        known = HELD_OUT_METRICS[self.task.classifies]
+        if metric and metric not in known:
+            raise ValueError(
+                f"federation.early_stopping.metric = {metric!r} is not measured for data.task = {self.data.task!r}: "
+                f"use one of {', '.join(known)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _site_ranks_fit(self) -> FedtuneConfig:
         """lora.site_ranks: one rank a site, each within the global adapter's; its SVD step needs a stateless server."""
         ranks, sites = self.lora.site_ranks, self.partition.num_clients
@@ -703,6 +886,14 @@ class FedtuneConfig(_Section):
             raise ValueError(
                 f"privacy.site_level needs federation.aggregation_rule = 'mean' (got "
                 f"{self.federation.aggregation_rule!r}): a robust rule's sensitivity to one site is not the clip norm"
+            )
+        if self.train.max_update_norm > 0:
+            raise ValueError(
+                f"train.max_update_norm = {self.train.max_update_norm:g} with privacy.site_level: each site's update "
+                f"is already clipped to privacy.site_level.clip_norm = {site.clip_norm:g}, and the noised mean the "
+                "server applies has a norm of about noise_multiplier * clip_norm * sqrt(values) / sites, far above "
+                "any bound that would catch a bad update, so every round would be discarded. Set "
+                "train.max_update_norm = 0 (non-finite and misshapen updates are still refused)"
             )
         if site.delta >= 1.0 / self.partition.num_clients:
             raise ValueError(

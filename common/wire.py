@@ -8,6 +8,9 @@ Under secure aggregation a trained reply carries ``masked`` (one ArrayRecord) an
 ``secagg`` keys instead of ``adapter``; the SecAgg+ steps exchange ``secagg`` records and reply with
 a ``status`` of state ``ok`` (see ``common.secure_aggregation.records``).
 
+When the server ends a run early it sends each site a :class:`RunEnded` request (message type
+:data:`RUN_ENDED`, a ``plan`` record only); the site answers with a ``status`` of state ``ok``.
+
 Every scalar key on the wire is spelled here and nowhere else: field ``a_fingerprint`` travels as
 ``a-fingerprint``. ``from_record`` checks a record once, where it arrives, and raises
 :class:`WireError` naming the record, the field and what was expected; past that edge, code holds
@@ -36,7 +39,10 @@ STATUS = "status"
 
 #: Bumped whenever a record's keys, types or meaning change, so that a server and a site of
 #: different releases refuse each other plainly instead of misreading a field.
-PROTOCOL_VERSION = 3  # 2: TrainPlan.proximal_mu (FedProx); 3: TrainPlan.site_* (site-level DP)
+PROTOCOL_VERSION = 4  # 2: TrainPlan.proximal_mu (FedProx); 3: TrainPlan.site_* (site-level DP); 4: RunEnded
+
+#: The message type of :class:`RunEnded`: the server tells a site the run is over (early stopping).
+RUN_ENDED = "train.run_ended"
 
 
 class WireError(ValueError):
@@ -212,6 +218,18 @@ class EvaluatePlan(_Plan):
 
     round: int
     a_fingerprint: str = ""
+    protocol_version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True)
+class RunEnded(_Plan):
+    """The server's word that run ``run_id`` is over after round ``round`` (early stopping, say): the site
+    then refuses every further train request of that run, so no more of its privacy budget is spent on it.
+    Its reply is a ``status`` of state ``ok``."""
+
+    run_id: str
+    round: int  # the last round trained
+    reason: str = ""
     protocol_version: int = PROTOCOL_VERSION
 
 

@@ -6,6 +6,7 @@ Each simulated site is a Flower SuperNode whose ClientApp runs in a Ray actor wi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from flwr.serverapp import Grid
 from fedtune.common.config import ConfigError, FedtuneConfig
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
 from fedtune.common.logs import add_log_file
+from fedtune.common.devices import resolve_device
+from fedtune.common.models.loading import quantization_problem
 from fedtune.common.models.lora import checked_model_spec
 from fedtune.server.messaging import FederationError
 from fedtune.server.run_directory import new_run_dir
@@ -28,14 +31,17 @@ log = logging.getLogger("fedtune.simulation")
 
 
 def check_privacy_feasible(cfg: FedtuneConfig, sites: list[SiteSplit]) -> None:
-    """delta must be below 1/n on every site, or the (epsilon, delta) guarantee means little."""
+    """delta must be below 1/n on every site, or the (epsilon, delta) guarantee means little.
+
+    The largest site binds: 1/n is smallest there, and that site would refuse every round.
+    """
     if not cfg.privacy.enabled:
         return
-    smallest = min(len(s.train) for s in sites)
-    if cfg.privacy.delta >= 1.0 / smallest:
+    largest = max(len(s.train) for s in sites)
+    if cfg.privacy.delta >= 1.0 / largest:
         raise ConfigError(
-            f"privacy.delta = {cfg.privacy.delta} must be below 1/n for every site; the smallest site has "
-            f"n = {smallest} training records, so use delta < {1.0 / smallest:.2e}"
+            f"privacy.delta = {cfg.privacy.delta} must be below 1/n for every site; the largest site has "
+            f"n = {largest} training records, so use delta < {1.0 / largest:.2e}"
         )
 
 
@@ -67,9 +73,18 @@ def simulate(
     from fedtune.server.app import build_server_app
 
     build_strategy(cfg.federation)  # an unknown strategy fails here, before Ray starts
+    if cfg.tracking.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            f"tracking.mlflow_uri = {cfg.tracking.mlflow_uri!r} needs MLflow, which is not installed: "
+            "pip install 'fedtune[mlflow]', or set tracking.mlflow_uri = '' (TensorBoard files are written anyway)"
+        )
     # The model is checked (and fetched once, so actors only read the cache) before any data is read
     # or the run directory exists: a bad model.path or LoRA target is one line, not a site's traceback.
     spec = checked_model_spec(cfg)
+    # train.device = 'cuda' without a GPU, or a quantised base that cannot load here: one line, before Ray starts.
+    problem = quantization_problem(spec, resolve_device(cfg.train.device))
+    if problem:
+        raise ConfigError(problem)
     if cfg.partition.scheme == "files":
         # Each site reads and validates its own files; the server never opens them.
         summary = "\n".join(
@@ -105,7 +120,10 @@ def simulate(
             client_app=client_app,
             num_supernodes=cfg.partition.num_clients,
             backend_config={
-                "client_resources": {"num_cpus": cfg.federation.cpus_per_client, "num_gpus": 0.0},
+                "client_resources": {
+                    "num_cpus": cfg.federation.cpus_per_client,
+                    "num_gpus": cfg.federation.gpus_per_client,  # fractions: sites share a GPU
+                },
                 # Sites log to RUN_DIR/logs; their console output reaches this one only when verbose.
                 "init_args": {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose},
             },

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedtune.common.atomic_files import atomic_write_bytes
 from fedtune.common.config import FedtuneConfig
 from fedtune.common.data.encoding import EncodedSet
 from fedtune.common.models.lora_ranks import refactorise_adapter
+from fedtune.common.schedules import round_lr
 from fedtune.common.secure_aggregation.protocol import Advertisement, SecureAggregationError
 from fedtune.common.secure_aggregation.quantisation import auto_clip_range
 from fedtune.common.secure_aggregation.records import SECAGG_NEXT, advertisement_from, masked_from, round_tag
@@ -31,9 +33,11 @@ from fedtune.common.wire import (
     ADAPTER,
     MASKED,
     PLAN,
+    RUN_ENDED,
     SECAGG,
     EvaluatePlan,
     EvaluationReport,
+    RunEnded,
     SiteState,
     SiteStatus,
     TrainPlan,
@@ -44,7 +48,7 @@ from fedtune.common.wire import (
     to_array_record,
     unflatten_adapter,
 )
-from fedtune.server import site_level_privacy
+from fedtune.server import early_stopping, site_level_privacy
 from fedtune.server.checkpoints import Checkpoint, CheckpointStore
 from fedtune.server.global_model import GlobalModel
 from fedtune.server.messaging import (
@@ -55,6 +59,7 @@ from fedtune.server.messaging import (
     send_and_collect,
     wait_for_nodes,
 )
+from fedtune.server.model_card import write_model_cards
 from fedtune.server.report import MetricsLog, plot_curves, summary_table, train_entry
 from fedtune.server.robust_aggregation import RobustSettings, TooFewUpdates, robust_delta
 from fedtune.server.secure_rounds import (
@@ -68,9 +73,10 @@ from fedtune.server.secure_rounds import (
     finish_round,
     set_up_round,
 )
-from fedtune.server.site_sampling import SiteSampling
+from fedtune.server.site_sampling import SiteSampling, round_generator, sampling_key
 from fedtune.server.strategies import Strategy, build_strategy
 from fedtune.server.strategies.mean_delta import mean_delta
+from fedtune.server.tracking import ROUND_SECONDS, Tracker
 
 log = logging.getLogger("fedtune.server")
 
@@ -79,6 +85,9 @@ EVERY_SITE_REFUSED = "stopped: every site refused"
 
 #: How the status of a round begins whose mean update failed its check (the global adapter is kept).
 DISCARDED = "discarded"
+
+#: How long the server waits for the sites to acknowledge that a run ended (they are told again on resume).
+RUN_ENDED_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -104,7 +113,7 @@ class RoundReplies:
 
 
 def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: str) -> ConfigRecord:
-    """Round ``round_``'s :class:`TrainPlan`, as the record that travels."""
+    """Round ``round_``'s :class:`TrainPlan`, as the record that travels; ``lr`` follows train.lr_schedule."""
     t, p = cfg.train, cfg.privacy
     return TrainPlan(
         run_id=run_id,
@@ -112,7 +121,7 @@ def training_plan(cfg: FedtuneConfig, run_id: str, round_: int, a_fingerprint: s
         total_rounds=cfg.federation.rounds,
         local_steps=t.local_steps,
         batch_size=t.batch_size,
-        lr=t.lr,
+        lr=round_lr(t.lr_schedule, t.lr, round_, cfg.federation.rounds, t.warmup_rounds, t.min_lr),
         optimizer=t.optimizer,
         dp=p.enabled,
         target_epsilon=p.epsilon,
@@ -215,8 +224,11 @@ class FederationServer:
         self.strategy = build_strategy(cfg.federation)
         self.site_names: dict[int, str] = {}
         self.sampling = SiteSampling.from_config(cfg.federation)
+        self.sampling_key = sampling_key(self.run_dir)  # the server's secret behind its draws; never sent
         self.available = available
         self.known_nodes: set[int] = set()
+        # TensorBoard and, by config, MLflow: fed every round's record (server.tracking).
+        self.tracker = Tracker.for_run(cfg, self.run_dir, self.metrics)
 
     def _messages(self, nodes: list[int], message_type: str, plan: ConfigRecord) -> list[Message]:
         adapter = to_array_record(self.model.state())
@@ -263,6 +275,10 @@ class FederationServer:
             self.metrics.keep_through(-1)
             self.metrics.append(self.evaluate_round(grid, nodes, 0) | {"status": "base model"})
             start = 1
+        if (ended := early_stopping.stopped_early(self.metrics.read())) is not None:
+            log.info("%s; the run trains no more rounds", ended[1])
+            self.tell_sites_run_ended(grid, *ended)  # again: a site may have missed it before the restart
+            return self.metrics.read()
         for round_ in tqdm(
             range(start, fed.rounds + 1),
             desc="rounds",
@@ -271,21 +287,63 @@ class FederationServer:
             total=fed.rounds,
             dynamic_ncols=True,
         ):
+            started = time.monotonic()
             record = self.train_round(grid, self.connected(grid, round_), round_)
-            record |= site_level_privacy.epsilon_record(
-                self.cfg, round_, self.sampling.rate(self.cfg.partition.num_clients)
-            )
+            record |= site_level_privacy.epsilon_record(self.cfg, round_, self.sampling.accountant_rate)
             self.store.save(
                 round_,
                 self.model.model,
                 {"status": record["status"], "run-id": self.run_id, "strategy": self.strategy.name},
                 self.strategy.state_dict(),
             )
+            self._watch_for_best_and_stop(record, round_)
+            record[ROUND_SECONDS] = round(time.monotonic() - started, 3)
             self.metrics.append(record)
+            self.tracker.log_round(record)
             if record["status"] == EVERY_SITE_REFUSED:
                 log.error("every site refused round %d; stopping the federation", round_)
                 break
+            if early_stopping.STOPPED_EARLY in record:
+                log.warning("%s", record[early_stopping.STOPPED_EARLY])
+                self.tell_sites_run_ended(grid, round_, record[early_stopping.STOPPED_EARLY])
+                break
         return self.metrics.read()
+
+    def _watch_for_best_and_stop(self, record: dict[str, Any], round_: int) -> None:
+        """Early stopping's decision joins ``record`` (key ``stopped-early``) and ``best.json`` is rewritten:
+        both from the held-out metric history (server.early_stopping), so a resumed run decides alike."""
+        fed, watch = self.cfg.federation, early_stopping.Watch.of(self.cfg)
+        history = early_stopping.metric_history([*self.metrics.read(), record], watch.metric)
+        if fed.early_stopping.enabled and round_ < fed.rounds:
+            if (decision := early_stopping.stop_decision(history, watch)) is not None:
+                record[early_stopping.STOPPED_EARLY] = decision.reason
+        best = early_stopping.best_round(history, watch)
+        kept, why = early_stopping.kept_round(best, fed.keep, self.store.rounds())
+        early_stopping.write_best(self.run_dir, best, kept, why, record.get(early_stopping.STOPPED_EARLY))
+
+    def tell_sites_run_ended(self, grid: Grid, round_: int, reason: str) -> None:
+        """Every connected site hears that the run ended after ``round_``: it then refuses to train for this
+        run id, so no server can spend its budget on the run after saying it ended. Best effort: a site that
+        does not answer within a minute is logged, and told again if the run is resumed."""
+        plan = RunEnded(run_id=self.run_id, round=round_, reason=reason).to_record()
+        requests = [
+            Message(RecordDict({PLAN: plan}), message_type=RUN_ENDED, dst_node_id=n)
+            for n in sorted(grid.get_node_ids())
+        ]
+        timeout = min(self.cfg.federation.round_timeout_s, RUN_ENDED_TIMEOUT_S)
+        replies = send_and_collect(grid, requests, "telling the sites the run ended", timeout)
+        told = []
+        for node, reply in by_node(requests, replies):
+            try:
+                if reply.has_error():
+                    raise WireError(str(reply.error.reason).splitlines()[-1][:300])
+                status = SiteStatus.from_content(reply.content)
+                if status.state is not SiteState.OK:
+                    raise WireError(f"{status.state.value}: {status.reason}")
+                told.append(status.site_id)
+            except WireError as exc:
+                log.warning("node %d was not told the run ended: %s", node, exc)
+        log.info("told %d of %d sites the run ended: %s", len(told), len(requests), ", ".join(sorted(told)))
 
     def connected(self, grid: Grid, round_: int) -> list[int]:
         """The sites connected as ``round_`` starts (waiting for at least ``min_clients``); newcomers are logged.
@@ -305,7 +363,19 @@ class FederationServer:
 
     def train_round(self, grid: Grid, connected: list[int], round_: int) -> dict[str, Any]:
         """One round: a sample of the ``connected`` sites trains, every connected site evaluates."""
-        nodes = self.sampling.sample(connected, self.run_id, round_)
+        nodes = self.sampling.sample(connected, self.sampling_key, round_)
+        if len(nodes) < (needed := self._min_sampled()):
+            status = f"skipped: {len(nodes)} sites sampled, fewer than the {needed} a round needs"
+            log.warning("round %d %s; nobody trains, the global adapter is unchanged", round_, status)
+            record = self.evaluate_round(grid, connected, round_)
+            return record | {
+                "sampled": len(nodes),
+                "connected": len(connected),
+                "train": {},
+                "refused": {},
+                "failed": {},
+                "status": status,
+            }
         plan = training_plan(self.cfg, self.run_id, round_, self.model.a_fingerprint)
         secure = self.cfg.secure_aggregation.enabled
         exchange = SecureExchange(
@@ -367,6 +437,17 @@ class FederationServer:
             **({"secure-aggregation": summary} if summary else {}),
         }
 
+    def _min_sampled(self) -> int:
+        """The fewest sampled sites worth asking: min_clients, and 2 under secure aggregation (a Poisson
+        sample is not topped up, so it can fall below)."""
+        fed = self.cfg.federation
+        return max(2, fed.min_clients) if self.cfg.secure_aggregation.enabled else fed.min_clients
+
+    def _site_level(self, mean: dict[str, np.ndarray], contributors: int, round_: int) -> dict[str, np.ndarray]:
+        """Site-level DP's fixed denominator and, under ``noise = "server"``, its noise (the same on a re-run)."""
+        rng = round_generator(self.sampling_key, "server noise", round_)
+        return site_level_privacy.site_level_mean(self.cfg, mean, contributors, self.sampling.accountant_rate, rng)
+
     def _set_up_failed(
         self,
         grid: Grid,
@@ -418,7 +499,7 @@ class FederationServer:
         updates, fed, how = [got.updates[site] for site in sites], self.cfg.federation, ""
         updates = site_level_privacy.uniform_weights(self.cfg, updates)  # site-level DP: each site counts 1
         if fed.aggregation_rule == "mean":
-            delta = site_level_privacy.server_noised_mean(self.cfg, mean_delta(updates, current), len(updates))
+            delta = self._site_level(mean_delta(updates, current), len(updates), round_)
         else:
             try:
                 robust = robust_delta(updates, current, fed.aggregation_rule, RobustSettings.of(fed))
@@ -453,7 +534,7 @@ class FederationServer:
         min_survivors = max(2, self.cfg.federation.min_clients)
         return SecureSettings(
             # Widened under site-level DP with distributed noise to fit the sites' noise shares.
-            clip_range=site_level_privacy.masking_clip_range(self.cfg, clip_range, min_survivors),
+            clip_range=site_level_privacy.masking_clip_range(self.cfg, clip_range),
             min_survivors=min_survivors,
             vector_length=sum(int(np.size(v)) for v in self.model.state().values()),
             neighbours=sa.neighbours,
@@ -502,7 +583,7 @@ class FederationServer:
         # encoding (clip_range / 2**31 a site): allowed for on top of the bound's relative slack.
         rounding = np.sqrt(settings.vector_length) * len(result.survivors) * settings.clip_range / 2**30
         # Site-level DP with server noise: added here, to the sum, before anything else sees it.
-        mean = site_level_privacy.server_noised_vector(self.cfg, result.mean_update, len(result.survivors))
+        mean = self._site_level({"mean": result.mean_update}, len(result.survivors), round_)["mean"]
         problem = vector_problem(mean, settings.vector_length, self.cfg.train.max_update_norm, slack=rounding)
         if problem is None:
             self._step(current, unflatten_adapter(mean, current), round_)
@@ -524,13 +605,29 @@ class FederationServer:
         return status, summary
 
     def finish(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """Merged model from the newest checkpoint, plus the summary table and plot."""
+        """Merged model from the best (or newest: federation.keep) checkpoint, plus the summary table and plot."""
         task = self.cfg.task
-        latest = self.store.latest()
+        watch = early_stopping.Watch.of(self.cfg)
+        best = early_stopping.best_round(early_stopping.metric_history(records, watch.metric), watch)
+        kept, why = early_stopping.kept_round(best, self.cfg.federation.keep, self.store.rounds())
+        ended = early_stopping.stopped_early(records)
+        stopped = ended[1] if ended else None
+        early_stopping.write_best(self.run_dir, best, kept, why, stopped)
         merged = None
-        if latest is not None:
-            merged = self.model.export_merged(latest.directory, self.run_dir / "merged")
-        table = summary_table(records, task)
+        if kept is not None:
+            merged = self.model.export_merged(self.store.path_for(kept), self.run_dir / "merged")
+        write_model_cards(self.run_dir, self.cfg, records)  # README.md in merged/ and in each round's checkpoint
+        table = "\n".join([summary_table(records, task), "", *([stopped] if stopped else []), why])
         (self.run_dir / "summary.txt").write_text(table + "\n", encoding="utf-8")
         plot = plot_curves(records, task, self.run_dir / "curves.png")
-        return {"table": table, "plot": str(plot), "merged": str(merged) if merged else None}
+        artifacts = [self.run_dir / "summary.txt", plot, self.metrics.path, self.run_dir / early_stopping.BEST_FILE]
+        self.tracker.close(artifacts)  # MLflow attaches them
+        return {
+            "table": table,
+            "plot": str(plot),
+            "merged": str(merged) if merged else None,
+            "kept-round": kept,
+            "kept-why": why,
+            "best": best.to_json() if best else None,
+            early_stopping.STOPPED_EARLY: stopped,
+        }

@@ -2,8 +2,9 @@
 SecAgg range their noised updates need, uniform weights, the fallback noise, and the epsilon on record.
 
 With ``noise = "distributed"`` the sites clip and add their noise shares before masking
-(``client.site_level``); the server only widens the quantisation range to fit them and reports
-epsilon. With ``noise = "server"`` the sites only clip, and :func:`server_noised_mean` adds
+(``client.site_level``); the server only widens the quantisation range to fit them, divides by
+the expected number of sites and reports epsilon. With ``noise = "server"`` the sites only clip,
+and :func:`site_level_mean` adds
 N(0, (z * S)^2) to the sum here: that protects a site from whoever sees the model, not from the
 operator, who sees the sum before the noise.
 """
@@ -35,13 +36,14 @@ def plan_fields(cfg: FedtuneConfig) -> dict[str, Any]:
     }
 
 
-def masking_clip_range(cfg: FedtuneConfig, clip_range: float, min_survivors: int) -> float:
-    """SecAgg's per-coordinate range, widened under distributed noise to fit a clipped update plus a
-    share sized for sums of ``min_survivors`` sites (a site with a higher floor adds a smaller share)."""
+def masking_clip_range(cfg: FedtuneConfig, clip_range: float) -> float:
+    """SecAgg's per-coordinate range, widened under distributed noise to fit a clipped update plus the
+    largest share a site adds: sized by a floor of 2 sites (each site sizes it by its own floor, never by
+    the server's minimum; a site with a higher floor adds a smaller share)."""
     site = cfg.privacy.site_level
     if not (site.enabled and site.noise == "distributed"):
         return clip_range
-    share = noise_share_std(site.noise_multiplier, site.clip_norm, max(2, min_survivors))
+    share = noise_share_std(site.noise_multiplier, site.clip_norm, 2)
     return max(clip_range, masking_range(site.clip_norm, share))
 
 
@@ -52,23 +54,28 @@ def uniform_weights(cfg: FedtuneConfig, updates: Sequence[tuple[T, float]]) -> l
     return [(update, 1.0) for update, _ in updates]
 
 
-def server_noised_mean(
-    cfg: FedtuneConfig, mean: Mapping[str, np.ndarray], sites: int, rng: np.random.Generator | None = None
+def site_level_mean(
+    cfg: FedtuneConfig, mean: Mapping[str, np.ndarray], contributors: int, rate: float, rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """The uniform mean of ``sites`` clipped updates with N(0, (z * S)^2) added to their sum, under
-    ``noise = "server"`` (unchanged otherwise). ``rng`` is for tests only (else the OS CSPRNG)."""
+    """Under site-level DP, the sum of the ``contributors``' clipped updates divided by the expected
+    number of sites, q * N (``rate`` q, N = partition.num_clients), not by how many contributed:
+    with a fixed denominator one hospital more or less moves the result by at most S / (q N)
+    (McMahan et al., ICLR 2018), and the count itself is not released through it. Under
+    ``noise = "server"`` N(0, (z S)^2) is added to that sum here (scaled like it). ``mean`` is the
+    uniform mean over the contributors; unchanged when site-level DP is off.
+
+    ``rng`` comes from the server's secret and the round (``server.site_sampling.round_generator``):
+    a round run again after a restart then releases the same noise, not a second draw.
+    """
     site = cfg.privacy.site_level
-    if not (site.enabled and site.noise == "server"):
+    if not site.enabled:
         return dict(mean)
-    std = site.noise_multiplier * site.clip_norm / sites  # noise on the sum, divided like the sum
-    return {name: add_noise(value, std, rng) for name, value in mean.items()}
-
-
-def server_noised_vector(
-    cfg: FedtuneConfig, mean: np.ndarray, sites: int, rng: np.random.Generator | None = None
-) -> np.ndarray:
-    """:func:`server_noised_mean` for the flat mean secure aggregation reveals."""
-    return server_noised_mean(cfg, {"mean": mean}, sites, rng)["mean"]
+    expected = rate * cfg.partition.num_clients
+    scaled = {name: np.asarray(value) * (contributors / expected) for name, value in mean.items()}
+    if site.noise != "server":
+        return scaled
+    std = site.noise_multiplier * site.clip_norm / expected
+    return {name: add_noise(value, std, rng) for name, value in scaled.items()}
 
 
 def epsilon_record(cfg: FedtuneConfig, rounds: int, sampling_rate: float = 1.0) -> dict[str, Any]:

@@ -18,13 +18,21 @@ from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_t
 from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import task_for
 
-# Attention projections per architecture; peft's own table is the fallback.
+# Attention projections per architecture; peft's own table is the fallback. Each family listed
+# here is proven by tests/client/test_architectures.py: LoRA on a tiny random-init model of it,
+# DP-SGD at zero noise equal to plain SGD, and per-record clipping equal to a loop over records.
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],  # fused q/k/v; not in peft's table
+    "gpt2": ["c_attn"],  # fused q/k/v, a transformers Conv1D (see build_lora_config's fan_in_fan_out)
     "bert": ["query", "key", "value"],
-    "gpt2": ["c_attn"],
+    "roberta": ["query", "key", "value"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj"],
 }
 
 
@@ -40,17 +48,39 @@ def default_target_modules(model_type: str) -> list[str]:
     )
 
 
-def linear_module_names(model: Any) -> list[str]:
-    """The distinct last names of a model's linear layers, in order: what lora.target_modules may name."""
+def _lora_linear_types() -> tuple[type, ...]:
+    """Layers whose LoRA matrices A and B are ``torch.nn.Linear``: Opacus computes their per-record gradients.
+
+    transformers' ``Conv1D`` (GPT-2) is a linear layer stored transposed: peft wraps it with
+    ``fan_in_fan_out=True`` and its A and B are ordinary ``nn.Linear``. LoRA on an ``nn.Embedding``
+    keeps A and B as bare parameters, which Opacus cannot sample ("Per sample gradient is not
+    initialized"). Anything else (convolutions, fused expert tensors, whole blocks) is refused
+    under DP-SGD too: no test here shows its per-record gradients right.
+    """
     import torch
     from transformers.pytorch_utils import Conv1D
 
+    return (torch.nn.Linear, Conv1D)
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct last names of a model's linear layers, in order: what lora.target_modules may name."""
+    linear = _lora_linear_types()
     names: list[str] = []
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(module, torch.nn.Linear | Conv1D) and leaf not in names:
+        if isinstance(module, linear) and leaf not in names:
             names.append(leaf)
     return names
+
+
+def target_modules(model: Any, targets: list[str]) -> dict[str, Any]:
+    """The modules LoRA adapts, by full name: those whose name is a target or ends in ``.target`` (peft's rule)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name and any(name == t or name.endswith(f".{t}") for t in targets)
+    }
 
 
 def _skeleton(spec: BaseModelSpec) -> Any:
@@ -70,11 +100,13 @@ def _skeleton(spec: BaseModelSpec) -> Any:
         ) from None
 
 
-def check_target_modules(spec: BaseModelSpec, settings: LoraSettings) -> None:
+def check_target_modules(spec: BaseModelSpec, settings: LoraSettings, private: bool = True) -> None:
     """Every LoRA target must be a module of the base model; else one line listing the model's linear modules.
 
     peft would otherwise stop a site with ``NoMatchingPeftModuleError`` (no target found) or
-    silently adapt fewer matrices (some found), after data was read and rounds had begun.
+    silently adapt fewer matrices (some found), after data was read and rounds had begun. Under
+    DP-SGD every target must also be a linear layer (``_lora_linear_types``): Opacus would stop
+    the first private step otherwise.
     """
     model = _skeleton(spec)
     model_type = model.config.model_type
@@ -83,13 +115,26 @@ def check_target_modules(spec: BaseModelSpec, settings: LoraSettings) -> None:
         targets = list(settings.target_modules) or default_target_modules(model_type)
     except ValueError as exc:
         raise ConfigError(f"{exc}; its linear modules are: {linear}") from None
-    names = [name for name, _ in model.named_modules() if name]
-    absent = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    matched = target_modules(model, targets)
+    absent = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in matched)]
+    source = "lora.target_modules" if settings.target_modules else f"the default LoRA targets of {model_type!r}"
     if absent:
-        source = "lora.target_modules" if settings.target_modules else f"the default LoRA targets of {model_type!r}"
         raise ConfigError(
             f"{source}: no module named {', '.join(map(repr, absent))} in the base model ({spec.directory}, "
             f"model type {model_type!r}); its linear modules are: {linear}. Set lora.target_modules to some of them"
+        )
+    unsupported = sorted(
+        {
+            f"{n.rsplit('.', 1)[-1]!r} ({type(m).__name__})"
+            for n, m in matched.items()
+            if not isinstance(m, _lora_linear_types())
+        }
+    )
+    if private and unsupported:
+        raise ConfigError(
+            f"{source}: model type {model_type!r} cannot be trained with DP-SGD on {', '.join(unsupported)}: "
+            f"Opacus computes per-record gradients of LoRA on linear layers only; set lora.target_modules "
+            f"to some of: {linear}"
         )
 
 
@@ -100,11 +145,12 @@ def checked_model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
     is then one line naming the setting to change.
     """
     spec = model_spec(cfg)
-    check_target_modules(spec, cfg.lora)
+    check_target_modules(spec, cfg.lora, private=cfg.privacy.enabled)
     return spec
 
 
-def build_lora_config(settings: LoraSettings, task: TaskShape, model_type: str):
+def build_lora_config(settings: LoraSettings, task: TaskShape, model_type: str, fan_in_fan_out: bool = False):
+    """peft's LoraConfig; ``fan_in_fan_out`` for layers that store their weight transposed (GPT-2's ``Conv1D``)."""
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -113,7 +159,16 @@ def build_lora_config(settings: LoraSettings, task: TaskShape, model_type: str):
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules) or default_target_modules(model_type),
         task_type=TaskType(task.head.peft_task_type),
+        fan_in_fan_out=fan_in_fan_out,
     )
+
+
+def stores_weights_transposed(model: Any, settings: LoraSettings) -> bool:
+    """Whether LoRA's targets are transformers ``Conv1D`` layers (GPT-2), whose weight is (in, out), not (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    targets = list(settings.target_modules) or default_target_modules(model.config.model_type)
+    return any(isinstance(m, Conv1D) for m in target_modules(model, targets).values())
 
 
 def build_adapted_model(spec: BaseModelSpec, settings: LoraSettings) -> tuple[Any, Any]:
@@ -125,7 +180,10 @@ def build_adapted_model(spec: BaseModelSpec, settings: LoraSettings) -> tuple[An
     torch.manual_seed(settings.init_seed)
     base = load_base_model(spec, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(settings.init_seed + 1)
-    model = get_peft_model(base, build_lora_config(settings, task_for(spec.task), base.config.model_type))
+    transposed = stores_weights_transposed(base, settings)
+    model = get_peft_model(
+        base, build_lora_config(settings, task_for(spec.task), base.config.model_type, fan_in_fan_out=transposed)
+    )
     if settings.ffa:
         for name, param in model.named_parameters():
             if "lora_A" in name:

@@ -6,32 +6,35 @@ would put a randomly initialised, frozen ``tanh(W h_CLS)`` under the head: featu
 one shared direction, on which a linear head learns slowly and DP-SGD's noise costs most (on
 Banking77 at epsilon=8 the head-only probe of docs/benchmarks.md goes from 0.37 to 0.81 accuracy).
 ``MaskedMeanPooler`` takes the pooler's place inside the model, so training, evaluation, Opacus'
-per-record gradients and the merged export all see the same network.
+per-record gradients and the merged export all see the same network. The export ships the
+pooling as code (``mean_pooled_bert.py``, see :func:`ship_mean_pooling_code`), so plain
+transformers rebuilds that network too.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from fedtune.common.atomic_files import atomic_write_json
+from fedtune.common.models import mean_pooled_bert
+from fedtune.common.models.mean_pooled_bert import MODEL_TYPE, MaskedMeanPooler
+
+__all__ = [
+    "POOLING_KEY",
+    "MaskedMeanPooler",
+    "install_mean_pooling",
+    "register_exported_config",
+    "resolve_pooling",
+    "ship_mean_pooling_code",
+]
+
 POOLING_KEY = "fedtune_pooling"  # written into config.json of exported models
-
-
-class MaskedMeanPooler(nn.Module):
-    """Mean of ``hidden_states`` over the positions the attention mask keeps; no parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mask: torch.Tensor | None = None
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        mask = self.mask
-        if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
-            mask = torch.ones(hidden_states.shape[:2], dtype=hidden_states.dtype, device=hidden_states.device)
-        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
-        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+REMOTE_CODE_FILE = "modeling_fedtune.py"  # mean_pooled_bert.py, as shipped beside an exported model
 
 
 def _encoder_with_pooler(model: Any) -> Any | None:
@@ -71,3 +74,38 @@ def install_mean_pooling(model: Any) -> None:
     encoder.pooler = MaskedMeanPooler()
     encoder.register_forward_pre_hook(_keep_mask, with_kwargs=True)
     model.config.update({POOLING_KEY: "mean"})
+
+
+def ship_mean_pooling_code(directory: Path) -> bool:
+    """Make a saved mean-pooled BERT classifier load with plain transformers (``trust_remote_code=True``).
+
+    Copies :mod:`fedtune.common.models.mean_pooled_bert` beside the weights and points
+    ``config.json`` at it (``auto_map``, its own ``model_type``). Returns False, changing nothing,
+    when the model is not mean-pooled, or is not a BERT (only fedtune's loader rebuilds those).
+    """
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if config.get(POOLING_KEY) != "mean" or config.get("model_type") not in ("bert", MODEL_TYPE):
+        return False
+    module = Path(REMOTE_CODE_FILE).stem
+    shutil.copyfile(mean_pooled_bert.__file__, directory / REMOTE_CODE_FILE)
+    config |= {
+        "model_type": MODEL_TYPE,
+        "architectures": [mean_pooled_bert.FedtuneMeanPooledBertForSequenceClassification.__name__],
+        "auto_map": {
+            "AutoConfig": f"{module}.{mean_pooled_bert.FedtuneMeanPooledBertConfig.__name__}",
+            "AutoModelForSequenceClassification": (
+                f"{module}.{mean_pooled_bert.FedtuneMeanPooledBertForSequenceClassification.__name__}"
+            ),
+        },
+    }
+    atomic_write_json(directory / "config.json", config)
+    return True
+
+
+def register_exported_config() -> None:
+    """Tell this process's ``AutoConfig`` the exported model type, so fedtune reads such a directory's config and
+    tokenizer with its own copy of the code: the ``modeling_fedtune.py`` inside a directory is never run by fedtune."""
+    from transformers import AutoConfig
+
+    AutoConfig.register(MODEL_TYPE, mean_pooled_bert.FedtuneMeanPooledBertConfig, exist_ok=True)

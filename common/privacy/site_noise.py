@@ -8,8 +8,9 @@ z * S on that sum makes each round a Gaussian mechanism with noise multiplier z
 Distributed noise (Kairouz et al., "The Distributed Discrete Gaussian Mechanism for Federated
 Learning with Secure Aggregation", ICML 2021, here with continuous Gaussian shares added before
 SecAgg's quantisation rather than discrete ones): each site adds its own share of std
-z * S / sqrt(m), where m is the fewest sites any sum it helps reveal can hold, so the sum over
-at least m sites carries noise of std at least z * S and the server never sees it without.
+z * S / sqrt(m), where m is the site's own floor on the sites in a sum it helps reveal (it
+counts only finished sites it can vouch for), so the sum over at least m sites carries noise of
+std at least z * S and the server never sees it without.
 Shares come from the OS CSPRNG: noise derived from anything the server knows could be
 subtracted again.
 """
@@ -42,14 +43,15 @@ def clip_update(update: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float
     return (x * (clip_norm / norm) if norm > clip_norm else x), norm
 
 
-def sites_in_every_revealed_sum(server_minimum: int, site_floor: int) -> int:
-    """m: the fewest sites a sum this site helps unmask can hold.
+def sites_in_every_revealed_sum(site_floor: int) -> int:
+    """m: the fewest sites a sum this site helps unmask can hold, as far as the site itself can tell.
 
-    Exactly the bound ``ClientRound.unmask`` enforces (the server's stated minimum for the round,
-    the site's own ``min_aggregation_sites``, and 2): the share is sized by the very number the
-    site checks before it releases its unmasking shares, never by a separate claim of the server's.
+    The site's own ``min_aggregation_sites`` (at least 2), which ``ClientRound.unmask`` checks against
+    the finished sites it can vouch for (itself and the neighbours whose shares it holds). Never the
+    server's stated minimum: a server could state a large one to shrink every share and then list
+    survivors that do not exist; its minimum may only raise the bar for unmasking, not lower the noise.
     """
-    return max(2, int(server_minimum), int(site_floor))
+    return max(2, int(site_floor))
 
 
 def noise_share_std(noise_multiplier: float, clip_norm: float, sites_in_sum: int) -> float:

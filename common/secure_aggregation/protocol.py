@@ -13,14 +13,22 @@
 
 Steps 1 and 2 need no update, so they may run before training (or during the previous
 round, see ``server.secure_rounds``); step 3 takes the update. Sites refuse to answer step
-4 when fewer than ``min_survivors`` sites finished, so the server never learns a sum over
-too few sites. Nothing here touches Flower.
+4 when fewer than ``min_survivors`` sites finished, and count towards their own floor only the
+finished sites they can vouch for (themselves and the neighbours whose shares they hold), so a
+server cannot reach a site's floor by listing sites that do not exist.
+
+Every key a site derives (share encryption, pairwise masks) is bound to the round's shared
+parameters (:func:`bound_round_tag`): a server that tells sites different weights or grids, to
+scale the others' updates down and isolate one, gets pairwise masks that do not cancel and a
+sum that is noise. Nothing here touches Flower.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -84,6 +92,27 @@ class SecureSum:
     weight: float
 
 
+def bound_round_tag(
+    round_tag: bytes, threshold: int, min_survivors: int, clip_range: float, num_participants: int, total_examples: int
+) -> bytes:
+    """``round_tag`` with a digest of the parameters every site of the round must share appended.
+
+    Used in place of the bare tag wherever a key is derived or a share sealed, so two sites told
+    different parameters (another ``total_examples`` or ``num_participants`` to shrink one site's
+    weight, another grid) agree on no pairwise mask: their masks do not cancel and the server
+    learns nothing from the sum. Computed once per round, not per coordinate.
+    """
+    fields = struct.pack("<qqdqq", threshold, min_survivors, clip_range, num_participants, total_examples)
+    digest = hashlib.sha256(len(round_tag).to_bytes(4, "little") + round_tag + fields).hexdigest()
+    return round_tag + f"|params:{digest}".encode()
+
+
+def _bound_tag_of(p: RoundParameters) -> bytes:
+    return bound_round_tag(
+        p.round_tag, p.threshold, p.min_survivors, p.clip_range, p.num_participants, p.total_examples
+    )
+
+
 def _info(kind: str, round_tag: bytes, a: int, b: int) -> bytes:
     lo, hi = sorted((a, b))
     return round_tag + f"|{kind}|{lo}-{hi}".encode()
@@ -128,11 +157,11 @@ class ClientRound:
         b_shares = split_secret(self.self_seed, holders, params.threshold)
         s_shares = split_secret(self.s_keys.private, holders, params.threshold)
         self.held_shares[params.index] = (_encode_share(b_shares[-1]), _encode_share(s_shares[-1]))
-        out = {}
+        tag, out = _bound_tag_of(params), {}
         for row, j in enumerate(holders[:-1]):
-            key = agree(self.c_keys.private, params.neighbours[j][0], _info("share", params.round_tag, params.index, j))
+            key = agree(self.c_keys.private, params.neighbours[j][0], _info("share", tag, params.index, j))
             plaintext = _encode_share(b_shares[row]) + _encode_share(s_shares[row])
-            out[j] = seal(key, plaintext, associated_data(params.round_tag, params.index, j))
+            out[j] = seal(key, plaintext, associated_data(tag, params.index, j))
         return out
 
     def _check(self, params: RoundParameters) -> None:
@@ -141,8 +170,22 @@ class ClientRound:
             raise ProtocolViolation(
                 f"the server would reveal sums over {params.min_survivors} sites; this site requires at least {floor}"
             )
+        if params.min_survivors > params.num_participants:
+            raise ProtocolViolation(
+                f"the server states a minimum of {params.min_survivors} sites in a round of "
+                f"{params.num_participants}; no sum could ever be unmasked"
+            )
+        everyone = range(1, params.num_participants + 1)
         if params.index in params.neighbours or not params.neighbours:
             raise ProtocolViolation("malformed neighbour list")
+        if params.index not in everyone or not set(params.neighbours) <= set(everyone):
+            raise ProtocolViolation(f"site indices outside 1..{params.num_participants} in the neighbour list")
+        if len(params.neighbours) + 1 < floor:
+            raise ProtocolViolation(
+                f"this site has {len(params.neighbours)} neighbours in the SecAgg+ graph and can vouch only for "
+                f"itself and them, fewer than its min_aggregation_sites = {floor}: it would never unmask. Raise "
+                f"secure_aggregation.neighbours to at least {floor - 1} (server), or lower the site's floor"
+            )
         if not 2 <= params.threshold <= len(params.neighbours) + 1:
             raise ProtocolViolation(f"threshold {params.threshold} is not in 2..{len(params.neighbours) + 1}")
         if params.total_examples < self.num_examples:
@@ -167,10 +210,10 @@ class ClientRound:
             raise ProtocolViolation(
                 f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} could never be met"
             )
-        opened = {}
+        tag, opened = _bound_tag_of(p), {}
         for j, blob in ciphertexts.items():
-            key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", p.round_tag, j, p.index))
-            plaintext = open_sealed(key, blob, associated_data(p.round_tag, j, p.index))
+            key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", tag, j, p.index))
+            plaintext = open_sealed(key, blob, associated_data(tag, j, p.index))
             half = len(plaintext) // 2
             opened[j] = (plaintext[:half], plaintext[half:])
         self.held_shares.update(opened)
@@ -198,8 +241,9 @@ class ClientRound:
         self.clipped = clipped
         vector[-1] = clipped
         add_mask(vector, self.self_seed, +1)
+        tag = _bound_tag_of(p)
         for j in self.alive:
-            seed = agree(self.s_keys.private, p.neighbours[j][1], _info("mask", p.round_tag, p.index, j))
+            seed = agree(self.s_keys.private, p.neighbours[j][1], _info("mask", tag, p.index, j))
             add_mask(vector, seed, +1 if p.index < j else -1)
         return vector
 
@@ -213,16 +257,26 @@ class ClientRound:
         alive_survivors, alive_dropped = set(survivors), set(dropped)
         if alive_survivors & alive_dropped:
             raise ProtocolViolation("a site cannot both finish and drop out")
+        if not alive_survivors | alive_dropped <= set(range(1, p.num_participants + 1)):
+            raise ProtocolViolation(f"finished or dropped sites listed outside 1..{p.num_participants}")
         if p.index not in alive_survivors:
             raise ProtocolViolation("this site sent its masked input but is not listed as finished")
-        floor = max(p.min_survivors, self.min_survivors_floor, 2)
-        if len(alive_survivors) < floor:
+        if len(alive_survivors) < p.min_survivors:
             raise ProtocolViolation(
-                f"only {len(alive_survivors)} sites finished; unmasking would reveal a sum "
-                f"over fewer than {floor} sites"
+                f"only {len(alive_survivors)} sites finished; unmasking would reveal a sum over fewer than "
+                f"the round's minimum of {p.min_survivors} sites"
+            )
+        # The site's own floor counts only the finished sites it can vouch for: itself and the neighbours
+        # whose shares it holds. Any other index the server lists may not exist.
+        mine = set(self.alive) | {p.index}
+        floor = max(self.min_survivors_floor, 2)
+        if len(verified := mine & alive_survivors) < floor:
+            raise ProtocolViolation(
+                f"only {len(verified)} sites finished among those this site can vouch for (itself and the "
+                f"{len(self.alive)} neighbours whose shares it holds); unmasking would reveal a sum over fewer "
+                f"than its min_aggregation_sites = {floor} sites"
             )
         self.unmasked = True
-        mine = set(self.alive) | {p.index}
         b_out = {j: self.held_shares[j][0] for j in sorted(mine & alive_survivors)}
         s_out = {j: self.held_shares[j][1] for j in sorted(set(self.alive) & alive_dropped)}
         return b_out, s_out
@@ -336,13 +390,16 @@ class ServerRound:
             np.add(total, self.masked[i], out=total)
         for i in sorted(self.masked):
             add_mask(total, self._combine(i, 0, answers), -1)
+        tag = bound_round_tag(
+            self.round_tag, self.threshold, self.min_survivors, self.clip_range, len(self.nodes), self.total_examples
+        )
         for j in sorted(self.shared - set(self.masked)):
             s_private = self._combine(j, 1, answers)
             if public_key_of(s_private) != self.ads[j].s_public:
                 raise SecureAggregationError(f"unmask: shares of site {self.node_of[j]}'s mask key are inconsistent")
             for i in self.graph[j]:
                 if i in self.masked:
-                    seed = agree(s_private, self.ads[i].s_public, _info("mask", self.round_tag, i, j))
+                    seed = agree(s_private, self.ads[i].s_public, _info("mask", tag, i, j))
                     add_mask(total, seed, -1 if i < j else +1)
         weight = sum(self.ads[i].num_examples for i in self.masked) / self.total_examples
         grid = QuantisationGrid(self.clip_range, len(self.nodes))

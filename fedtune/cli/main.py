@@ -15,8 +15,11 @@ from fedtune import __version__
 from fedtune.cli import config as config_command
 from fedtune.cli import data as data_command
 from fedtune.cli import deploy as deploy_command
+from fedtune.cli import evaluate as evaluate_command
 from fedtune.cli import models as models_command
+from fedtune.cli import plan as plan_command
 from fedtune.cli import simulate as simulate_command
+from fedtune.cli import try_model as try_model_command
 from fedtune.cli.exit_codes import ExitCode
 from fedtune.common.config import ConfigError
 from fedtune.common.data.readers import DataError
@@ -26,7 +29,16 @@ from fedtune.deploy.app_registry import RegistryError
 from fedtune.server.messaging import FederationError
 from fedtune.simulation import RunInterrupted
 
-COMMANDS = (simulate_command, config_command, data_command, deploy_command, models_command)
+COMMANDS = (
+    simulate_command,
+    plan_command,
+    evaluate_command,
+    try_model_command,
+    config_command,
+    data_command,
+    deploy_command,
+    models_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

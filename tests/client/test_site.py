@@ -144,7 +144,7 @@ def test_the_plans_proximal_mu_reaches_training_and_w_global_is_the_servers_adap
 
     seen = {}
 
-    def fake_train(model, data, task, plan):
+    def fake_train(model, data, task, plan, optimizer_state=()):
         seen["plan"], seen["start"] = plan, adapter_state(model, ffa=False)
         return LocalTrainResult(steps=plan.steps, mean_loss=0.0, records_seen=0, sample_rate=0.1)
 

@@ -1,9 +1,12 @@
 """A site's part in site-level DP (``client.site_level``), alone and through the real SecAgg+ handlers:
 each update is clipped, weighted 1 and noised before masking, so the unmasked mean is the uniform
-mean of the clipped updates plus noise of std z * S on the sum, whatever minimum the server states."""
+mean of the clipped updates plus noise of std z * S on the sum, whatever minimum the server states
+(review 17, H1: a server that states a large minimum and lists fake survivors); round checks come
+before training (L4); a norm bound applies to the clipped update (L2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -17,10 +20,15 @@ from fedtune.client.policy import PolicyViolation, SitePolicy
 from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.client.site import SiteRefusal
 from fedtune.client.site_level import adapter_with_update, protect_update, share_std_for_round
-from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation, RoundParameters
+from fedtune.common.config import ConfigError, load_config, preset_path
+from fedtune.common.privacy.site_noise import masking_range
+from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation, RoundParameters, ServerRound
+from fedtune.common.secure_aggregation.quantisation import QuantisationGrid
+from fedtune.common.secure_aggregation.records import inbox_record, round_tag
 from fedtune.common.wire import (
     ADAPTER,
     PLAN,
+    SECAGG,
     SiteNoise,
     SiteState,
     SiteStatus,
@@ -31,7 +39,7 @@ from fedtune.common.wire import (
 from fedtune.server.secure_rounds import finish_round, set_up_round
 from tests import secure_sites
 from tests.plans import train_plan
-from tests.secure_sites import NODES, SETTINGS, Sites, random_updates
+from tests.secure_sites import DIM, NODES, SETTINGS, Sites, random_updates
 
 S, Z = 0.01, 0.5  # fits SETTINGS.clip_range = 0.05 with the noise headroom of 2 sites' shares
 
@@ -64,13 +72,16 @@ def test_server_noise_clips_only():
     np.testing.assert_allclose(sent, update * S / np.linalg.norm(update), rtol=1e-12)
 
 
-def test_a_distributed_share_is_sized_by_the_sites_unmasking_floor():
+@pytest.mark.parametrize("stated", [2, 4, 9])
+def test_a_distributed_share_is_sized_by_the_sites_own_floor_whatever_minimum_the_server_states(stated):
     update, rng = _big(), np.random.default_rng(3)
-    sent = protect_update(update, _plan(), _params(min_survivors=2), 4, "north", rng)
+    params = _params(min_survivors=stated, participants=9, total=9)
+    sent = protect_update(update, _plan(), params, 4, "north", rng)
     clipped = update * S / np.linalg.norm(update)
     noise = sent - clipped
-    assert noise.std() == pytest.approx(Z * S / math.sqrt(4), rel=0.03), "site floor 4 > the server's 2"
-    assert share_std_for_round(_plan(), _params(min_survivors=9), 4) == pytest.approx(Z * S / 3)
+    assert noise.std() == pytest.approx(Z * S / math.sqrt(4), rel=0.03), "the site's floor 4, not the server's word"
+    assert share_std_for_round(_plan(), 4) == pytest.approx(Z * S / 2)
+    assert share_std_for_round(_plan(), 0) == pytest.approx(Z * S / math.sqrt(2)), "never sized for fewer than 2"
 
 
 def test_a_round_that_cannot_protect_the_site_is_refused_before_anything_is_sent():
@@ -165,28 +176,64 @@ def test_sites_weighted_by_examples_refuse_to_add_shares_that_would_not_add_up(t
 # --- a server that states another minimum ------------------------------------------------------
 
 
-def _opened_round(min_survivors: int, floor: int) -> ClientRound:
-    """A site's round as if the server had stated ``min_survivors`` (bypassing the set-up's own check)."""
+def _opened_round(min_survivors: int, floor: int, alive=(2, 3), participants: int = 3) -> ClientRound:
+    """A site's round as if the server had stated ``min_survivors`` (bypassing the set-up's own check);
+    ``alive``: the neighbours whose shares it holds."""
     state = ClientRound(num_examples=1, min_survivors_floor=floor)
-    state.params = _params(min_survivors=min_survivors, clip_range=1.0)
-    state.alive, state.sent_masked = (2, 3), True
-    state.held_shares = {j: (b"b" * 44, b"s" * 44) for j in (1, 2, 3)}
+    state.params = _params(min_survivors=min_survivors, clip_range=1.0, participants=participants, total=participants)
+    state.alive, state.sent_masked = tuple(alive), True
+    state.held_shares = {j: (b"b" * 44, b"s" * 44) for j in (1, *alive)}
     return state
 
 
-@pytest.mark.parametrize(("stated", "floor"), [(1, 3), (2, 2), (3, 2), (10, 2)])
-def test_whatever_minimum_the_server_states_every_sum_the_site_unmasks_has_noise_z_times_s(stated, floor):
-    """A server that states a large minimum gets smaller shares, but the site then refuses to unmask a
-    sum over fewer sites than that; one that states a small minimum cannot go below the site's floor."""
-    state = _opened_round(stated, floor)
-    std = share_std_for_round(_plan(), state.params, floor)
-    m = max(2, stated, floor)
-    assert std == pytest.approx(Z * S / math.sqrt(m))
-    survivors = list(range(1, m + 1))
-    with pytest.raises(ProtocolViolation, match="unmasking would reveal a sum"):
-        _opened_round(stated, floor).unmask(survivors[:-1], [])
-    state.unmask(survivors, [])  # the smallest sum the site helps reveal ...
-    assert math.sqrt(len(survivors)) * std >= Z * S * (1 - 1e-12)  # ... carries noise of std >= z * S
+def test_a_site_counts_towards_its_floor_only_the_survivors_it_can_vouch_for():
+    """Fake indices cannot make up a site's floor: only itself and the neighbours whose shares it holds count."""
+    listed = list(range(1, 11))  # the server claims 10 finished sites
+    with pytest.raises(ProtocolViolation, match="only 2 sites finished among those this site can vouch for"):
+        _opened_round(2, 3, alive=(2,), participants=10).unmask(listed, [])
+    b_shares, _ = _opened_round(2, 3, alive=(2, 3), participants=10).unmask(listed, [])
+    assert set(b_shares) == {1, 2, 3}, "shares only for sites it knows"
+    with pytest.raises(ProtocolViolation, match=r"listed outside 1\.\.3"):
+        _opened_round(2, 2).unmask([1, 2, 3, 4], [])
+    with pytest.raises(ProtocolViolation, match="fewer than the round's minimum of 3"):
+        _opened_round(3, 2).unmask([1, 2], [3])
+
+
+def _attack_round(forge, claimed_survivors, floor: int = 2, n: int = 3, d: int = 5_000, seed: int = 0):
+    """Review 17's attack A, faithfully: a secure round of ``n`` honest sites with distributed noise in which
+    the server sends each site ``forge(node, params)`` and lists ``claimed_survivors`` at unmasking. Returns
+    the sites' (clipped) updates and the noise in the sum the server can read back (on the sites' own grid)."""
+    rng = np.random.default_rng(seed)
+    updates = {node: rng.normal(size=d) for node in range(n)}
+    updates = {node: u / np.linalg.norm(u) * S for node, u in updates.items()}  # norm exactly S: not clipped
+    clients = {node: ClientRound(num_examples=1, min_survivors_floor=floor) for node in range(n)}
+    clip = masking_range(S, Z * S / math.sqrt(2))
+    server = ServerRound(b"tag", {node: c.advertise() for node, c in clients.items()}, clip, 2, d)
+    params = {node: forge(p) for node, p in server.share_keys_requests().items()}
+    inboxes = server.route_shares({node: clients[node].share_keys(params[node]) for node in clients})
+    masked = {}
+    for node, c in clients.items():
+        c.receive_shares(inboxes[node])
+        masked[node] = c.masked_input(None, protect_update(updates[node], _plan(), params[node], floor, "x", rng))
+    asks = server.receive_masked(masked)
+    result = server.unmask(
+        {node: clients[node].unmask(claimed_survivors, dropped) for node, (_, dropped) in asks.items()}
+    )
+    # The server re-reads the integer sum on the grid the sites used (its own dequantisation assumed n sites).
+    ints = np.rint(result.mean_update * result.weight / QuantisationGrid(clip, n).step)
+    stated = params[0].num_participants
+    revealed_sum = ints * QuantisationGrid(clip, stated).step * stated
+    return revealed_sum - sum(updates.values())
+
+
+def test_a_server_stating_a_large_minimum_and_listing_fake_survivors_still_meets_noise_z_times_s():
+    """H1: the server states min_survivors = num_participants = total = 1000 (the uniform-weights check passes)
+    and lists survivors 1..1000, 997 of them fake. Shares sized by the stated minimum made the sum of the three
+    real sites carry noise of std 0.054 * z * S; sized by the site's own floor it carries at least z * S."""
+    big = {"min_survivors": 1000, "num_participants": 1000, "total_examples": 1000}
+    noise = _attack_round(lambda p: dataclasses.replace(p, **big), list(range(1, 1001)))
+    assert noise.std() >= Z * S * 0.97
+    assert noise.std() == pytest.approx(Z * S * math.sqrt(3 / 2), rel=0.05), "three shares of z * S / sqrt(2)"
 
 
 # --- through the ClientApp's train handler ------------------------------------------------------
@@ -198,12 +245,14 @@ class SteppingSite:
     site_id, num_examples, max_update_norm = "site-11", 100, 0.0
     policy = SitePolicy()
 
-    def __init__(self, state_dir, step: np.ndarray):
+    def __init__(self, state_dir, step: np.ndarray, max_update_norm: float = 0.0):
         self.revealed_rounds = RevealedRounds(state_dir / "secagg_revealed.json")
         self.masked_rounds = MaskedRounds(state_dir / "secagg_masked.json")
-        self.step = step
+        self.step, self.max_update_norm = step, max_update_norm
+        self.trained = 0  # rounds charged to the ledger: Site.train is where a round's epsilon is spent
 
     def train(self, request, adapter):
+        self.trained += 1
         return SimpleNamespace(
             adapter={"w": adapter["w"] + self.step},
             num_examples=self.num_examples,
@@ -214,8 +263,11 @@ class SteppingSite:
         )
 
 
-def _train_request(plan, global_w: np.ndarray) -> Message:
+def _train_request(plan, global_w: np.ndarray, sites: Sites | None = None) -> Message:
     content = RecordDict({ADAPTER: to_array_record({"w": global_w}), PLAN: plan.to_record()})
+    if sites is not None:  # a secure round set up with the real SecAgg+ handlers; this site is node 11
+        tag = round_tag(plan.run_id, plan.round)
+        content[SECAGG] = inbox_record(tag, set_up_round(sites.exchange(), tag, sites.nodes, SETTINGS).inboxes[11])
     request = Message(content, message_type=MessageType.TRAIN, dst_node_id=11)
     request.metadata.__dict__["_message_id"] = request.object_id
     return request
@@ -234,3 +286,62 @@ def test_in_the_clear_a_site_sends_the_global_adapter_plus_its_clipped_update(tm
     np.testing.assert_allclose(sent - global_w, step * S / np.linalg.norm(step), atol=1e-6)
     off = build_client_app(lambda context: site)(_train_request(train_plan(), global_w), context)
     np.testing.assert_array_equal(from_array_record(off.content.array_records[ADAPTER])["w"], global_w + step)
+
+
+def _context() -> Context:
+    return Context(run_id=1, node_id=11, node_config={"partition-id": 11}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("case", ["in the clear", "example weights", "narrow range"])
+def test_a_round_site_level_dp_cannot_protect_is_refused_before_training_and_costs_no_budget(
+    tmp_path, monkeypatch, case
+):
+    """L4: the checks that need only the plan and the round come before ``site.train``, which charges the ledger."""
+    if case == "narrow range":  # weight 1, but z = 5: the share's std 0.035 needs a range of 0.22, SETTINGS has 0.05
+        for node in NODES:
+            monkeypatch.setitem(secure_sites.EXAMPLES, node, 1)
+    sites = None if case == "in the clear" else Sites(tmp_path / "sites")
+    plan = _plan(secure_aggregation=sites is not None, z=5.0 if case == "narrow range" else Z)
+    site = SteppingSite(tmp_path, np.full(DIM, 0.01, np.float32))
+    request = _train_request(plan, np.zeros(DIM, np.float32), sites)
+    reply = build_client_app(lambda context: site)(request, sites.contexts[11] if sites else _context())
+    status = SiteStatus.from_content(reply.content)
+    expected = {
+        "in the clear": "distributed noise needs secure aggregation",
+        "example weights": "total weight is 750 over 3 sites",
+        "narrow range": "would clip the noised update",
+    }
+    assert status.state is SiteState.REFUSED and expected[case] in status.reason
+    assert site.trained == 0, "refused before training: nothing charged to the ledger"
+    assert not reply.content.array_records and site.masked_rounds.tags() == set()
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize(("bound", "sent"), [(0.1, True), (S / 2, False)])
+def test_under_site_level_dp_the_norm_bound_applies_to_the_clipped_update(tmp_path, bound, sent):
+    """L2: the trained update (norm about 0.22) is far above 0.1, but what leaves is clipped to S = 0.01."""
+    site = SteppingSite(tmp_path, np.full(DIM, 0.01, np.float32), max_update_norm=bound)
+    plan = _plan(SiteNoise.SERVER, secure_aggregation=False)
+    reply = build_client_app(lambda context: site)(_train_request(plan, np.zeros(DIM, np.float32)), _context())
+    status = SiteStatus.from_content(reply.content)
+    if sent:
+        assert status.state is SiteState.TRAINED
+        assert np.linalg.norm(from_array_record(reply.content.array_records[ADAPTER])["w"]) <= S * (1 + 1e-6)
+    else:
+        assert status.state is SiteState.REFUSED and not reply.content.array_records
+        assert (
+            "clipped to site_clip_norm = 0.01, its L2 norm 0.01 exceeds train.max_update_norm = 0.005" in status.reason
+        )
+
+
+def test_the_config_refuses_a_norm_bound_with_site_level_dp():
+    """L2: the noised mean's norm (about z * S * sqrt(d) / n) would fail any useful bound, discarding every round."""
+    site_level = [
+        "privacy.site_level.enabled=true",
+        "privacy.site_level.noise='server'",
+        "secure_aggregation.enabled=false",
+    ]
+    with pytest.raises(ConfigError, match="train.max_update_norm = 0.5 with privacy.site_level"):
+        load_config(preset_path("banking77-minilm"), [*site_level, "train.max_update_norm=0.5"])
+    assert load_config(preset_path("banking77-minilm"), site_level).train.max_update_norm == 0

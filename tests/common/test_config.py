@@ -92,8 +92,11 @@ def test_delta_must_be_below_one_over_n_on_every_site(tmp_path):
 
     cfg = load_config(_write(tmp_path), ["privacy.delta=0.03"])
     sites = [SiteSplit(train=[Example("t", "a")] * 150, val=[]), SiteSplit(train=[Example("t", "a")] * 50, val=[])]
-    with pytest.raises(ConfigError, match=r"privacy.delta = 0.03 must be below 1/n .* n = 50"):
+    with pytest.raises(ConfigError, match=r"privacy.delta = 0.03 must be below 1/n .* largest site has n = 150"):
         check_privacy_feasible(cfg, sites)
+    # Below 1/50 but not below 1/150: the larger site would refuse every round.
+    with pytest.raises(ConfigError, match=r"n = 150 training records, so use delta < 6.67e-03"):
+        check_privacy_feasible(load_config(_write(tmp_path), ["privacy.delta=0.01"]), sites)
     check_privacy_feasible(load_config(_write(tmp_path), ["privacy.delta=0.001"]), sites)
 
 

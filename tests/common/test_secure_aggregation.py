@@ -1,15 +1,18 @@
-"""SecAgg+ maths without Flower: quantisation error, Shamir, masks, the four steps, dropouts, refusals."""
+"""SecAgg+ maths without Flower: quantisation error, Shamir, masks, the four steps, dropouts, refusals, and a
+server that lies in the round's parameters or its list of survivors (review 17, H1 and H2)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 
 import numpy as np
 import pytest
 
+from fedtune.common.secure_aggregation import protocol
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, agree
-from fedtune.common.secure_aggregation.masks import expand_mask
+from fedtune.common.secure_aggregation.masks import add_mask, expand_mask
 from fedtune.common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
 from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
@@ -232,3 +235,107 @@ def test_server_rejects_a_malformed_masked_vector():
     masked[100] = masked[100].astype(np.int64)
     with pytest.raises(SecureAggregationError, match="node 100 sent a masked vector of int64"):
         server.receive_masked(masked)
+
+
+# --- a server that lies in the round's parameters (review 17, H1 and H2) -----------------------
+
+
+def _forge_weights(params, target: int, big: int = 2**20 - 1):
+    """H2: the target is told the honest parameters; every other site num_participants = total_examples = big,
+    which shrinks their contributions about a million times (each site's own check, total >= its count, passes)."""
+    return {
+        n: p if n == target else dataclasses.replace(p, num_participants=big, total_examples=big)
+        for n, p in params.items()
+    }
+
+
+@pytest.mark.parametrize("bound", [False, True])
+def test_forged_weights_isolate_one_sites_update_only_without_the_parameter_binding(monkeypatch, bound):
+    """With the round's parameters bound into every derived key, sites told different weights share no key:
+    the target cannot open its neighbours' shares and refuses before masking. With the bare round tag (the
+    derivation as it was, restored here) the server reads the target's exact update from the 'sum'."""
+    if not bound:
+        monkeypatch.setattr(protocol, "bound_round_tag", lambda round_tag, *_: round_tag)
+    clients, server, updates, _ = _federation(3, d=2_000, counts=[1, 1, 1])
+    target = 100
+    params = _forge_weights(server.share_keys_requests(), target)
+    inboxes = server.route_shares({n: clients[n].share_keys(p) for n, p in params.items()})
+    if bound:
+        with pytest.raises(ShareDecryptionError):
+            clients[target].masked_input(inboxes[target], updates[target])
+        return
+    masked = {n: clients[n].masked_input(box, updates[n]) for n, box in inboxes.items()}
+    requests = server.receive_masked(masked)
+    result = server.unmask({n: clients[n].unmask(*req) for n, req in requests.items()})
+    estimate = result.mean_update * 3  # the server reads the target's scale, weight 1/3
+    assert np.max(np.abs(estimate - updates[target])) < 1e-6, "the target's update, exactly"
+
+
+def _masks_of_a_pair(params_i, params_j, d: int = 1_000) -> np.ndarray:
+    """The dequantised sum of two sites' zero updates with only their pairwise masks left (self masks removed)."""
+    i, j = ClientRound(1), ClientRound(1)
+    pi = dataclasses.replace(params_i, index=1, neighbours={2: (j.c_keys.public, j.s_keys.public)})
+    pj = dataclasses.replace(params_j, index=2, neighbours={1: (i.c_keys.public, i.s_keys.public)})
+    total = np.zeros(d + 1, dtype=np.uint32)
+    for site, p in ((i, pi), (j, pj)):
+        site.params, site.alive = p, (3 - p.index,)
+        vector = site.masked_input(None, np.zeros(d), np.random.default_rng(0))
+        add_mask(vector, site.self_seed, -1)
+        np.add(total, vector, out=total)
+    return dequantise(total[:-1], QuantisationGrid(params_i.clip_range, params_i.num_participants))
+
+
+def test_sites_told_different_weights_derive_pairwise_masks_that_do_not_cancel():
+    """H2 at the mask itself: the binding is in the seed derivation (once per pair), so whatever a server does
+    with the shares, two sites told different totals add masks that leave the sum uniformly random."""
+    _, server, _, _ = _federation(2, d=1_000, counts=[1, 1])
+    honest = next(iter(server.share_keys_requests().values()))
+    np.testing.assert_allclose(_masks_of_a_pair(honest, honest), 0.0, atol=1e-6)
+    forged = dataclasses.replace(honest, num_participants=2**20 - 1, total_examples=2**20 - 1)
+    garbage = _masks_of_a_pair(honest, forged)
+    assert np.mean(np.abs(garbage) > honest.clip_range / 10) > 0.5, "the masks no longer cancel"
+
+
+def test_clients_refuse_a_round_they_could_never_unmask_or_indices_that_do_not_exist():
+    clients, server, updates, _ = _federation(4)
+    params = server.share_keys_requests()
+    p = params[100]
+    with pytest.raises(ProtocolViolation, match="a minimum of 5 sites in a round of 4"):
+        ClientRound(1).share_keys(dataclasses.replace(p, min_survivors=5))
+    with pytest.raises(ProtocolViolation, match=r"site indices outside 1\.\.4"):
+        ClientRound(1).share_keys(dataclasses.replace(p, neighbours={**p.neighbours, 9: (b"x" * 32, b"y" * 32)}))
+    with pytest.raises(ProtocolViolation, match="can vouch only for itself and them, fewer than its min_aggreg"):
+        ClientRound(1, min_survivors_floor=5).share_keys(dataclasses.replace(p, min_survivors=5, num_participants=9))
+    shared = {n: clients[n].share_keys(q) for n, q in params.items()}
+    for n, box in server.route_shares(shared).items():
+        clients[n].masked_input(box, updates[n])
+    with pytest.raises(ProtocolViolation, match=r"listed outside 1\.\.4"):
+        clients[100].unmask([1, 2, 3, 4, 5], [])
+    with pytest.raises(ProtocolViolation, match=r"listed outside 1\.\.4"):
+        clients[100].unmask([1, 2, 3], [0])
+
+
+def test_on_a_sparse_graph_a_site_vouches_only_for_its_neighbours():
+    """40 sites, 14 neighbours each: a site whose floor is its whole neighbourhood (15) unmasks when all finish,
+    and refuses when one neighbour is missing from the list, however many other sites are listed."""
+    floor = neighbour_count(40) + 1
+    clients, server, updates, _ = _federation(40, d=50, min_survivors=floor)
+    for c in clients.values():
+        c.min_survivors_floor = floor
+    result, _ = _run(clients, server, updates)
+    assert len(result.survivors) == 40
+    clients, server, updates, _ = _federation(40, d=50, min_survivors=floor)
+    params = server.share_keys_requests()
+    me = clients[100]
+    me.min_survivors_floor = floor
+    shared = {n: clients[n].share_keys(q) for n, q in params.items()}
+    for n, box in server.route_shares(shared).items():
+        clients[n].masked_input(box, updates[n])
+    neighbour = sorted(params[100].neighbours)[0]
+    others = [i for i in range(1, 41) if i != neighbour]  # one neighbour listed as neither finished nor dropped
+    with pytest.raises(ProtocolViolation, match=f"only {floor - 1} sites finished among those this site can vouch"):
+        me.unmask(others, [])
+    with pytest.raises(ProtocolViolation, match="it would never unmask. Raise secure_aggregation.neighbours"):
+        ClientRound(1, min_survivors_floor=floor + 1).share_keys(
+            dataclasses.replace(params[101], min_survivors=floor + 1)
+        )

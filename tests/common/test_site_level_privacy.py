@@ -129,11 +129,10 @@ def test_without_an_rng_the_noise_is_fresh_every_time():
     assert not np.array_equal(a, b)
 
 
-def test_the_share_is_sized_by_the_smallest_sum_the_site_lets_be_unmasked():
-    assert sites_in_every_revealed_sum(1, 2) == 2, "a server stating a smaller minimum cannot go below the floor"
-    assert sites_in_every_revealed_sum(2, 5) == 5
-    assert sites_in_every_revealed_sum(7, 3) == 7, "a larger stated minimum is also enforced at unmasking"
-    assert sites_in_every_revealed_sum(0, 0) == 2
+def test_the_share_is_sized_by_the_sites_own_floor_only():
+    assert sites_in_every_revealed_sum(2) == 2
+    assert sites_in_every_revealed_sum(5) == 5
+    assert sites_in_every_revealed_sum(0) == 2, "never below 2"
 
 
 def test_the_masking_range_fits_a_clipped_noised_update():

@@ -24,6 +24,7 @@ from fedtune.common.wire import (
     EvaluatePlan,
     EvaluationReport,
     ProtocolMismatch,
+    RunEnded,
     SiteNoise,
     SiteState,
     SiteStatus,
@@ -62,6 +63,7 @@ def _over_the_wire(record: ConfigRecord | MetricRecord) -> ConfigRecord | Metric
     [
         PLAN_,
         EvaluatePlan(round=0, a_fingerprint="ab12"),
+        RunEnded(run_id="run-1", round=4, reason="stopped early at round 4"),
         TrainReport(num_examples=60, steps=3, epsilon_spent=2.5, noise_multiplier=1.1, sample_rate=0.13),
         SiteStatus("site-0", SiteState.TRAINED),
         SiteStatus("site-1", SiteState.REFUSED, "privacy budget exhausted"),

@@ -157,7 +157,9 @@ def test_checkpoints_and_merged_model_load_with_plain_libraries(finished_run):
     from fedtune.common.models.loading import model_spec
 
     base = AutoModelForCausalLM.from_pretrained(model_spec(cfg).directory)
-    peft_model = PeftModel.from_pretrained(base, run_dir / "checkpoints" / "round-0002").eval()
+    kept = json.loads((run_dir / "best.json").read_text())["kept-round"]  # federation.keep = "best"
+    assert kept == json.loads((run_dir / "result.json").read_text())["kept-round"] in (1, 2)
+    peft_model = PeftModel.from_pretrained(base, run_dir / "checkpoints" / f"round-{kept:04d}").eval()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "merged")
     ids = tokenizer("Question: What is gout?\nAnswer: ", return_tensors="pt")["input_ids"]

@@ -23,6 +23,7 @@ from fedtune.server.robust_aggregation import (
     robust_delta,
     trimmed_mean,
 )
+from fedtune.server.site_sampling import SiteSampling
 from fedtune.server.strategies import build_strategy
 from fedtune.server.strategies.mean_delta import mean_delta
 
@@ -142,6 +143,7 @@ def _server(rule: str, sites: int = 5) -> FederationServer:
     server = FederationServer.__new__(FederationServer)
     server.cfg, server.model, server.prepared, server.site_names = cfg, StubModel(), None, {}
     server.strategy = build_strategy(cfg.federation)
+    server.sampling, server.sampling_key = SiteSampling.from_config(cfg.federation), b"k" * 32
     return server
 
 

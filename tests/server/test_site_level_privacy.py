@@ -40,12 +40,12 @@ def test_the_plan_tells_sites_what_site_level_dp_asks():
 
 def test_the_masking_range_is_widened_to_fit_every_honest_sites_share():
     cfg = _cfg()
-    widened = site_level_privacy.masking_clip_range(cfg, 0.01, 2)
+    widened = site_level_privacy.masking_clip_range(cfg, 0.01)
     for floor in (2, 3, 10):  # a site with a higher floor adds a smaller share: the range fits it too
         assert masking_range_problem(widened, S, noise_share_std(Z, S, max(2, floor))) is None
-    assert site_level_privacy.masking_clip_range(cfg, 50.0, 2) == 50.0, "never narrowed"
-    assert site_level_privacy.masking_clip_range(_cfg("server"), 0.01, 2) == 0.01
-    assert site_level_privacy.masking_clip_range(_cfg(enabled=False), 0.01, 2) == 0.01
+    assert site_level_privacy.masking_clip_range(cfg, 50.0) == 50.0, "never narrowed"
+    assert site_level_privacy.masking_clip_range(_cfg("server"), 0.01) == 0.01
+    assert site_level_privacy.masking_clip_range(_cfg(enabled=False), 0.01) == 0.01
 
 
 def test_site_level_dp_weighs_every_site_one():
@@ -56,16 +56,32 @@ def test_site_level_dp_weighs_every_site_one():
     assert mean_delta(example_weighted, current)["w"][0] == pytest.approx(2.5)
 
 
-def test_server_noise_adds_std_z_times_s_to_the_sum():
-    sites, d = 4, 40_000
-    mean = {"a": np.zeros(d // 2), "b": np.zeros((100, d // 200))}
-    noised = site_level_privacy.server_noised_mean(_cfg("server"), mean, sites, np.random.default_rng(0))
-    noise_in_sum = np.concatenate([v.ravel() for v in noised.values()]) * sites
+def test_the_mean_has_a_fixed_denominator_and_server_noise_of_std_z_times_s_on_the_sum():
+    """The preset has 3 sites; with q = 1 the denominator is 3 whoever contributed (McMahan et al. 2018)."""
+    contributors, d = 2, 40_000
+    mean = {"a": np.full(d // 2, 3.0), "b": np.full((100, d // 200), 3.0)}
+    rng = np.random.default_rng(0)
+    noised = site_level_privacy.site_level_mean(_cfg("server"), mean, contributors, 1.0, rng)
+    expected = 3.0 * contributors / 3  # the sum of the 2 contributors' updates over the 3 sites expected
+    noise_in_sum = (np.concatenate([v.ravel() for v in noised.values()]) - expected) * 3
     assert noise_in_sum.std() == pytest.approx(Z * S, rel=0.02)
     assert noised["b"].shape == (100, d // 200)
-    # Distributed noise (the sites added it) or site-level DP off: the server adds nothing.
-    for cfg in (_cfg(), _cfg(enabled=False)):
-        np.testing.assert_array_equal(site_level_privacy.server_noised_vector(cfg, np.ones(5), sites), np.ones(5))
+    # Distributed noise (the sites added it): only the fixed denominator; site-level DP off: unchanged.
+    fixed = site_level_privacy.site_level_mean(_cfg(), {"m": np.ones(5)}, contributors, 1.0, rng)["m"]
+    np.testing.assert_allclose(fixed, np.full(5, 2 / 3))
+    off = site_level_privacy.site_level_mean(_cfg(enabled=False), {"m": np.ones(5)}, contributors, 1.0, rng)["m"]
+    np.testing.assert_array_equal(off, np.ones(5))
+
+
+def test_a_round_run_again_releases_the_same_server_noise_not_a_second_draw(tmp_path):
+    from fedtune.server.site_sampling import round_generator, sampling_key
+
+    key, mean = sampling_key(tmp_path), {"m": np.zeros(50)}
+    first = site_level_privacy.site_level_mean(_cfg("server"), mean, 3, 1.0, round_generator(key, "server noise", 4))
+    again = site_level_privacy.site_level_mean(_cfg("server"), mean, 3, 1.0, round_generator(key, "server noise", 4))
+    other = site_level_privacy.site_level_mean(_cfg("server"), mean, 3, 1.0, round_generator(key, "server noise", 5))
+    np.testing.assert_array_equal(first["m"], again["m"])
+    assert not np.array_equal(first["m"], other["m"])
 
 
 def test_each_round_records_the_site_level_epsilon_beside_its_delta():

@@ -15,6 +15,7 @@ from fedtune.common.config import load_config, preset_path
 from fedtune.common.secure_aggregation.records import round_tag
 from fedtune.server.federation import DISCARDED, FederationServer, RoundReplies
 from fedtune.server.secure_rounds import set_up_round
+from fedtune.server.site_sampling import SiteSampling
 from fedtune.server.strategies import build_strategy
 from tests.secure_sites import CLIP, DIM, NODES, SETTINGS, Sites, random_updates
 
@@ -44,6 +45,7 @@ def _server(max_update_norm: float, secure: bool = True) -> FederationServer:
     server = FederationServer.__new__(FederationServer)
     server.cfg, server.model, server.prepared, server.site_names = cfg, StubModel(), None, {}
     server.strategy = build_strategy(cfg.federation)
+    server.sampling, server.sampling_key = SiteSampling.from_config(cfg.federation), b"k" * 32
     return server
 
 
