@@ -18,8 +18,8 @@ from flwr.serverapp import Grid
 
 from fedtune.common.config import ConfigError, FedtuneConfig
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
-from fedtune.common.logs import add_log_file
 from fedtune.common.devices import resolve_device
+from fedtune.common.logs import add_log_file
 from fedtune.common.models.loading import quantization_problem
 from fedtune.common.models.lora import checked_model_spec
 from fedtune.server.messaging import FederationError

@@ -13,13 +13,20 @@ from fedtune.common.data.federation_data import build_site_splits, load_site_fil
 from fedtune.common.privacy.accounting import calibrate_noise
 
 
-def test_the_default_preset_plans_its_three_banks_and_flags_the_fresh_adam(capsys):
+def test_the_default_preset_plans_its_three_banks_without_findings(capsys):
+    """The preset's schedule is the one docs/benchmarks.md found for DP: nothing to warn about."""
     assert main(["plan", "--preset", "banking77-minilm"]) == ExitCode.OK
     out = capsys.readouterr().out
     sizes = [len(s.train) for s in build_site_splits(load_config(preset_path("banking77-minilm")))[0]]
     for i, n in enumerate(sizes):
         assert f"site-{i}" in out and f" {n} " in out
-    assert "epsilon after each round" in out
+    assert "epsilon after each round" in out and "findings: none" in out
+
+
+def test_the_presets_old_schedule_is_flagged_as_a_fresh_adam_taking_few_noisy_steps(capsys):
+    old = ["train.optimizer='adam'", "train.local_steps=20", "train.batch_size=64", "train.lr=0.02"]
+    assert main(["plan", "--preset", "banking77-minilm", *[a for o in old for a in ("--set", o)]]) == ExitCode.OK
+    out = capsys.readouterr().out
     assert "warning [fresh-adam-few-noisy-steps]" in out and "close to sign descent" in out
 
 
@@ -30,10 +37,10 @@ def test_json_numbers_are_the_calibration_a_site_runs(capsys):
     )
     assert code == ExitCode.OK
     plan = json.loads(capsys.readouterr().out)
-    sigma = calibrate_noise(8.0, 1e-4, 1.0, 4, "rdp")  # preset: epsilon 8, delta 1e-4, 4 rounds; q = 1
+    sigma = calibrate_noise(8.0, 1e-4, 1.0, 8, "rdp")  # preset: epsilon 8, delta 1e-4, 8 rounds; q = 1
     assert [s["noise_multiplier"] for s in plan["sites"]] == [sigma, sigma]
     assert [s["sample_rate"] for s in plan["sites"]] == [1.0, 1.0]
-    assert [r for r, _ in plan["sites"][0]["epsilon_by_round"]] == [1, 2, 3, 4]
+    assert [r for r, _ in plan["sites"][0]["epsilon_by_round"]] == list(range(1, 9))
     assert plan["sites"][0]["noise_on_mean"] == sigma / 1000
     assert plan["warnings"] == [], "full-batch SGD steps are what docs/benchmarks.md recommends"
 

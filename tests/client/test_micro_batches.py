@@ -53,7 +53,7 @@ def test_micro_batched_dp_step_equals_the_whole_batch_step(spec_name, sigma, req
     """Clipping active (C small), batches of ~5 in micro-batches of 2: the same records are drawn, the clipped
     sum is the same, and the noise is drawn once a step (sigma > 0 with the same seed: the same adapter)."""
     model, task, data = _setup(request.getfixturevalue(spec_name))
-    plan = LocalTrainPlan(steps=3, batch_size=5, lr=0.5, optimizer="sgd", noise_multiplier=sigma, max_grad_norm=0.01)
+    plan = LocalTrainPlan(steps=2, batch_size=5, lr=0.5, optimizer="sgd", noise_multiplier=sigma, max_grad_norm=0.01)
     whole_seen: list[list[int]] = []
     micro_seen: list[list[int]] = []
     whole, whole_result = _trained(model, data, task, plan, whole_seen)
@@ -76,3 +76,18 @@ def test_micro_batched_plain_step_equals_the_whole_batch_step(tiny_llama_spec):
     micro, _ = _trained(model, data, task, LocalTrainPlan(**{**plan.__dict__, "max_physical_batch_size": 4}))
     for key in whole:
         np.testing.assert_allclose(micro[key], whole[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+def test_gradient_checkpointing_keeps_the_per_record_gradients(tiny_llama_spec):
+    """Re-entrant checkpointing (``place_model``) under Opacus: the same clipped, noised step as without it.
+    With the non-re-entrant kind Opacus' hooks see no per-record gradients and the step fails."""
+    from fedtune.common.models.placement import place_model
+
+    model, task, data = _setup(tiny_llama_spec)
+    plan = LocalTrainPlan(steps=2, batch_size=5, lr=0.5, optimizer="sgd", noise_multiplier=1.0, max_grad_norm=0.01)
+    plain, _ = _trained(model, data, task, plan)
+    checkpointed = place_model(copy.deepcopy(model), torch.device("cpu"), gradient_checkpointing=True)
+    assert checkpointed.base_model.model.model.gradient_checkpointing
+    recomputed, _ = _trained(checkpointed, data, task, plan)
+    for key in plain:
+        np.testing.assert_allclose(recomputed[key], plain[key], atol=1e-6, rtol=0, err_msg=key)

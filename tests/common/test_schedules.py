@@ -50,7 +50,7 @@ def test_rounds_outside_the_run_and_unknown_schedules_are_errors():
         (['train.lr_schedule="constant"', "train.warmup_rounds=2"], "train.warmup_rounds = 2 has no effect"),
         (['train.lr_schedule="linear_warmup"'], "needs train.warmup_rounds >= 1"),
         (['train.lr_schedule="cosine"', "train.warmup_rounds=9", "federation.rounds=4"], "exceeds federation.rounds"),
-        (['train.lr_schedule="cosine"', "train.min_lr=1.0"], "train.min_lr = 1.0 is above train.lr"),
+        (['train.lr_schedule="cosine"', "train.min_lr=100.0"], "train.min_lr = 100.0 is above train.lr"),
         (['train.lr_schedule="linear_warmup"', "train.warmup_rounds=1", "train.min_lr=0.001"], "'cosine' only"),
     ],
 )

@@ -188,7 +188,7 @@ def test_a_failing_backend_is_logged_and_the_others_still_get_every_round(tmp_pa
 
 
 def _config(*overrides: str):
-    return load_config(preset_path("banking77-minilm"), list(overrides))
+    return load_config(preset_path("banking77-minilm"), ["train.lr=0.02", *overrides])
 
 
 def test_the_config_turns_tensorboard_on_by_default_and_off_on_request(tmp_path):
