@@ -367,15 +367,7 @@ class FederationServer:
         if len(nodes) < (needed := self._min_sampled()):
             status = f"skipped: {len(nodes)} sites sampled, fewer than the {needed} a round needs"
             log.warning("round %d %s; nobody trains, the global adapter is unchanged", round_, status)
-            record = self.evaluate_round(grid, connected, round_)
-            return record | {
-                "sampled": len(nodes),
-                "connected": len(connected),
-                "train": {},
-                "refused": {},
-                "failed": {},
-                "status": status,
-            }
+            return self._untrained_round(grid, nodes, connected, round_, status)
         plan = training_plan(self.cfg, self.run_id, round_, self.model.a_fingerprint)
         secure = self.cfg.secure_aggregation.enabled
         exchange = SecureExchange(
@@ -437,6 +429,27 @@ class FederationServer:
             **({"secure-aggregation": summary} if summary else {}),
         }
 
+    def _untrained_round(
+        self,
+        grid: Grid,
+        nodes: list[int],
+        connected: list[int],
+        round_: int,
+        status: str,
+        refused: dict[str, str] | None = None,
+        failed: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The record of a round in which nobody trained (too few sampled, or no secure set-up)."""
+        record = self.evaluate_round(grid, connected, round_)
+        return record | {
+            "sampled": len(nodes),
+            "connected": len(connected),
+            "train": {},
+            "refused": refused or {},
+            "failed": failed or {},
+            "status": status,
+        }
+
     def _min_sampled(self) -> int:
         """The fewest sampled sites worth asking: min_clients, and 2 under secure aggregation (a Poisson
         sample is not topped up, so it can fall below)."""
@@ -468,16 +481,8 @@ class FederationServer:
         else:
             status = f"failed: secure aggregation: {exc}"
             log.error("round %d: secure aggregation could not be set up: %s; nobody trains this round", round_, exc)
-        record = self.evaluate_round(grid, connected, round_)
-        return record | {
-            "sampled": len(nodes),
-            "connected": len(connected),
-            "train": {},
-            "refused": dict(exchange.refusals),
-            "failed": failed,
-            "status": status,
-            "secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)},
-        }
+        record = self._untrained_round(grid, nodes, connected, round_, status, dict(exchange.refusals), failed)
+        return record | {"secure-aggregation": {"dropped": exchange.dropped, "error": str(exc)}}
 
     def _reject_bad_updates(self, got: RoundReplies, current: dict[str, np.ndarray], round_: int) -> None:
         """Secure aggregation off: each site's update (adapter minus the global one) must be finite,
