@@ -10,6 +10,8 @@ steps actually taken):
   round as the whole federation (``local_steps`` x number of sites);
 - ``federated``: the federation, non-private;
 - ``dp-eps8``, ``dp-eps4``, ``dp-eps1``: the federation with DP-SGD at that epsilon per site;
+- ``dp-eps8-fedadam``, ``dp-eps8-fedavgm``, ``dp-eps1-...`` (Banking77): the same DP variant with
+  that server optimiser instead of FedAvg (hyperparameters and why: utility_variants.SERVER_OPTIMISERS);
 - ``local``: chosen sites train alone on their own training split (non-private, same
   schedule), each evaluated on the same held-out set; mean, min and max over those sites;
 - ``base``: the model before training (round 0 of the first run).
@@ -24,6 +26,7 @@ last complete round through ``fedtune simulate --resume``).
     python benchmarks/utility.py --task banking77              # full Banking77 (times in docs/benchmarks.md)
     python benchmarks/utility.py --task medquad
     python benchmarks/utility.py --task banking77 --only dp-eps8 centralised
+    python benchmarks/utility.py --task banking77 --only dp-eps8-fedadam dp-eps8-fedavgm dp-eps1-fedadam dp-eps1-fedavgm
     python benchmarks/utility.py --report                      # table and plot of what the JSON holds
     python benchmarks/utility.py --task banking77 --only dp-eps8 --dp-schedule 1 2048 40 \
         --out benchmarks/results/utility-tuning                # another DP-SGD setting, kept apart

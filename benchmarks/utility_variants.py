@@ -27,6 +27,14 @@ class Schedule:
 
 
 @dataclass(frozen=True)
+class ServerOptimiser:
+    """A server strategy other than FedAvg for the DP-SGD variants, and its ``federation.server_optimizer``."""
+
+    strategy: str  # federation.strategy
+    settings: tuple[str, ...]  # --set overrides of federation.server_optimizer
+
+
+@dataclass(frozen=True)
 class Workload:
     """One data set and model, with the schedules every variant shares."""
 
@@ -41,6 +49,8 @@ class Workload:
     medquad_per_source: int = 0  # > 0: a seeded subsample of that many records per NIH source
     private_settings: tuple[str, ...] = ()  # further --set overrides of the DP-SGD variants
     private_rounds: int = 0  # rounds of the DP-SGD variants (0: ``rounds``); noise is calibrated to them
+    server_optimisers: tuple[ServerOptimiser, ...] = ()  # each also runs as dp-eps<e>-<strategy>
+    server_epsilons: tuple[float, ...] = ()  # the epsilons at which the server optimisers run
 
     @property
     def metric(self) -> str:
@@ -58,6 +68,8 @@ def _banking77(
     sites: int = 10,
     private_settings: tuple[str, ...] = (),
     private_rounds: int = 0,
+    server_optimisers: tuple[ServerOptimiser, ...] = (),
+    server_epsilons: tuple[float, ...] = (),
 ) -> Workload:
     settings = (
         f"data.path='{DATA / 'banking77/train.csv'}'",
@@ -80,6 +92,8 @@ def _banking77(
         local_sites,
         private_settings=private_settings,
         private_rounds=private_rounds,
+        server_optimisers=server_optimisers,
+        server_epsilons=server_epsilons,
     )
 
 
@@ -105,6 +119,32 @@ def _medquad(
     return Workload(name, "medquad-smollm2", settings, rounds, plain, private, epsilons, local_sites, per_source)
 
 
+# The DP-SGD schedule above, with the server stepping otherwise than FedAvg's x + mean delta.
+# Neither step is Reddi's or Hsu's grid value as such: both are scaled to this schedule's mean delta
+# (one clipped full-batch SGD step at lr 60: the head moves by up to 60 in L2 a round, about 0.1 a
+# coordinate over its ~30k weights, and the 18k LoRA B weights carry mostly noise) and to 8 rounds.
+SERVER_OPTIMISERS = (
+    # FedAdam (Reddi et al., ICLR 2021, Algorithm 2): beta1 0.9, beta2 0.99, tau 1e-3 as there. Its
+    # step is about eta a coordinate whatever the delta's size (tau << |delta|), so eta = 10^-1, the
+    # top of their usual 10^-2..10^-1 range and Flower's default, matches FedAvg's ~0.1 a coordinate;
+    # 10^-1.5 would take a third of FedAvg's step in a run of only 8 rounds.
+    ServerOptimiser(
+        "fedadam",
+        (
+            "federation.server_optimizer.lr=0.1",
+            "federation.server_optimizer.beta1=0.9",
+            "federation.server_optimizer.beta2=0.99",
+            "federation.server_optimizer.tau=0.001",
+        ),
+    ),
+    # FedAvgM (Hsu et al. 2019): momentum 0.9. Their effective rate eta / (1 - beta) = 1 (eta 0.1)
+    # is reached only after ~10 rounds, so over 8 rounds it would move the model 2.9 mean deltas to
+    # FedAvg's 8; eta 0.3 moves it 8.6 (sum over t of eta (1 - 0.9^t) / 0.1), FedAvg's distance,
+    # with the later rounds' steps the larger. Flower's eta 1 would move it 29: 3.6 times FedAvg's
+    # step, which the lr 80 DP run (results/utility-tuning) suggests is too large.
+    ServerOptimiser("fedavgm", ("federation.server_optimizer.lr=0.3", "federation.server_optimizer.momentum=0.9")),
+)
+
 WORKLOADS = {
     # Non-private: the preset's Adam, 8 steps of 64 a round, 6 rounds. DP-SGD: one full-batch step
     # a round (sample rate 1: every record, no subsampling to amplify) for 8 rounds, plain SGD with
@@ -127,6 +167,8 @@ WORKLOADS = {
             "train.torch_threads=2",
         ),
         private_rounds=8,
+        server_optimisers=SERVER_OPTIMISERS,
+        server_epsilons=(8.0, 1.0),
     ),
     "medquad": _medquad("medquad", 60, 32, 2, Schedule(3, 8, 2e-3), Schedule(1, 24, 2e-3), (8.0, 4.0, 1.0), (0, 4), 64),
 }
@@ -143,6 +185,7 @@ def variant_names(w: Workload) -> list[str]:
         "centralised",
         "federated",
         *[f"dp-eps{e:g}" for e in w.epsilons],
+        *[f"dp-eps{e:g}-{o.strategy}" for e in w.server_epsilons for o in w.server_optimisers],
         *[f"local-site-{k}" for k in w.local_sites],
     ]
 
@@ -167,17 +210,28 @@ def variant_settings(w: Workload, variant: str, num_sites: int) -> list[str]:
     if variant == "federated":
         return [*common, "privacy.enabled=false", *_schedule_settings(w.plain)]
     if private:
+        epsilon, _, strategy = variant.removeprefix("dp-eps").partition("-")
         return [
             *common,
             "privacy.enabled=true",
-            f"privacy.epsilon={float(variant.removeprefix('dp-eps'))}",
+            f"privacy.epsilon={float(epsilon)}",
             *_schedule_settings(w.private),
             *w.private_settings,
+            *(_server_settings(w, strategy) if strategy else []),
         ]
     if variant.startswith("local-site-"):
         # Only this site's own training records, and the federation's held-out set (written by site_files).
         return [*common, *alone, "partition.scheme='files'", "data.val_fraction=0.0", *_schedule_settings(w.plain)]
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def _server_settings(w: Workload, strategy: str) -> list[str]:
+    """The overrides of a ``dp-eps<e>-<strategy>`` variant: that server optimiser instead of FedAvg."""
+    chosen = next((o for o in w.server_optimisers if o.strategy == strategy), None)
+    if chosen is None:
+        known = ", ".join(o.strategy for o in w.server_optimisers) or "none"
+        raise ValueError(f"workload {w.name!r} has no server optimiser {strategy!r} (its server_optimisers: {known})")
+    return [f"federation.strategy='{chosen.strategy}'", *chosen.settings]
 
 
 def medquad_subsample(per_source: int, out: Path) -> Path:

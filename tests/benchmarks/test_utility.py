@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fedtune.common.data.federation_data import build_site_splits, load_site_files, server_test_set
+from fedtune.server.strategies import build_strategy
 from tests.benchmarks.scripts import load_benchmark_module, load_benchmark_script
 from tests.conftest import SAMPLES
 
@@ -56,6 +57,35 @@ def test_variants_differ_only_where_they_should(workload, tmp_path):
     longer = dataclasses.replace(workload, private_rounds=5)
     assert variants.config_for(longer, "dp-eps8", tmp_path).federation.rounds == 5
     assert variants.config_for(longer, "federated", tmp_path).federation.rounds == 2
+
+
+def test_server_optimiser_variants_are_the_dp_variant_with_another_server_step(workload, tmp_path):
+    banking = dataclasses.replace(variants.WORKLOADS["banking77"], settings=workload.settings)  # sample data
+
+    def server_variants(w):
+        return [v for v in variants.variant_names(w) if v.startswith("dp-eps") and v.count("-") == 2]
+
+    names = server_variants(banking)
+    assert names == ["dp-eps8-fedadam", "dp-eps8-fedavgm", "dp-eps1-fedadam", "dp-eps1-fedavgm"]
+
+    def without_server(cfg):
+        dump = cfg.model_dump()
+        dump["federation"] = {k: v for k, v in dump["federation"].items() if k not in ("strategy", "server_optimizer")}
+        return dump | {"run": {**dump["run"], "name": ""}}
+
+    for name in names:
+        cfg = variants.config_for(banking, name, tmp_path)
+        plain = variants.config_for(banking, name.rsplit("-", 1)[0], tmp_path)
+        strategy = build_strategy(cfg.federation)  # a known strategy, with valid hyperparameters
+        expected = name.split("-")[2]
+        assert (plain.federation.strategy, cfg.federation.strategy, strategy.name) == ("fedavg", expected, expected)
+        assert without_server(cfg) == without_server(plain)  # same data, schedule, epsilon and rounds
+    adam = variants.config_for(banking, "dp-eps1-fedadam", tmp_path).federation.server_optimizer
+    avgm = variants.config_for(banking, "dp-eps8-fedavgm", tmp_path).federation.server_optimizer
+    assert (adam.lr, adam.beta1, adam.beta2, adam.tau, avgm.lr, avgm.momentum) == (0.1, 0.9, 0.99, 1e-3, 0.3, 0.9)
+    assert server_variants(variants.WORKLOADS["medquad"]) == []
+    with pytest.raises(ValueError, match="no server optimiser 'fedyogi'"):
+        variants.variant_settings(banking, "dp-eps8-fedyogi", 10)
 
 
 def test_local_site_trains_on_exactly_its_federated_records(workload, tmp_path):
