@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedtune.client import secure_aggregation
+from fedtune.client.membership import IDENTITY_FILE, SIMULATED_ROSTER, load_membership
 from fedtune.client.revealed_rounds import AlreadyMasked, MaskedRounds, RevealedRounds
 from fedtune.client.site import Site, SiteRefusal
 from fedtune.client.site_level import adapter_with_update, check_round, clipped_update, noised_update
@@ -98,28 +99,38 @@ def register_secure_aggregation(
     app: ClientApp,
     declare: secure_aggregation.Declaration,
     revealed_for: Callable[[Context], RevealedRounds] | None = None,
+    membership_of: secure_aggregation.MembershipSource | None = None,
 ) -> None:
     """The SecAgg+ steps outside training, as ``train.<action>`` handlers.
 
     ``declare(context)`` gives what a site states when it sets a round up: its number of
     training examples (its weight) and its floor on the number of sites in a revealed sum.
     ``revealed_for(context)`` is the site's record of the rounds it unmasked (every real
-    site has one; only benchmarks of dummy sites go without).
+    site has one; only benchmarks of dummy sites go without). ``membership_of(context)`` is the
+    roster the site pins and its identity on it, or None in a federation without a roster.
     """
     app.train("secagg_advertise")(
-        lambda msg, context: secure_aggregation.advertise_step(msg, context, site_id_of(context), declare)
+        lambda msg, context: secure_aggregation.advertise_step(
+            msg, context, site_id_of(context), declare, membership_of
+        )
     )
-    app.train("secagg_share_keys")(
-        lambda msg, context: secure_aggregation.share_keys(msg, context, site_id_of(context))
-    )
+
+    @app.train("secagg_share_keys")
+    def share_keys(msg: Message, context: Context) -> Message:
+        try:
+            membership = membership_of(context) if membership_of is not None else None
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
+        return secure_aggregation.share_keys(msg, context, site_id_of(context), membership)
 
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         try:
             revealed = revealed_for(context) if revealed_for is not None else None
+            membership = membership_of(context) if membership_of is not None else None
         except SiteNotReady as exc:
             return _not_ready(msg, context, exc)
-        return secure_aggregation.unmask(msg, context, site_id_of(context), revealed)
+        return secure_aggregation.unmask(msg, context, site_id_of(context), revealed, membership)
 
 
 def _secure_round(msg: Message, request: TrainPlan, context: Context, masked: MaskedRounds) -> ClientRound:
@@ -217,6 +228,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
                     # Its weight in the next round: 1 under site-level DP (as Site.aggregation_weight).
                     1 if request.site_noise is not SiteNoise.OFF else outcome.num_examples,
                     site.policy.min_aggregation_sites,
+                    site.membership,
                 )
         else:
             # Under site-level DP the global adapter plus the clipped update, not the trained adapter.
@@ -230,7 +242,9 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
         site = site_for(context)
         return site.aggregation_weight, site.policy.min_aggregation_sites
 
-    register_secure_aggregation(app, declare, lambda context: site_for(context).revealed_rounds)
+    register_secure_aggregation(
+        app, declare, lambda context: site_for(context).revealed_rounds, lambda context: site_for(context).membership
+    )
 
     @app.train(RUN_ENDED.removeprefix("train."))
     def run_ended(msg: Message, context: Context) -> Message:
@@ -291,7 +305,17 @@ def simulated_site_factory(cfg, spec, run_dir: Path, verbose: bool = False) -> S
                 log.error("site-%d: data invalid, not joining the federation:\n%s", pid, exc)
                 raise SiteNotReady(DATA_INVALID) from exc
             state_dir = Path(run_dir) / "sites" / f"site-{pid}"
-            cache[pid] = Site(site_id_of(context), cfg, spec, split, state_dir, lora_rank=cfg.lora.site_rank(pid))
+            roster = Path(run_dir) / SIMULATED_ROSTER
+            membership = load_membership(roster, state_dir / IDENTITY_FILE) if roster.exists() else None
+            cache[pid] = Site(
+                site_id_of(context),
+                cfg,
+                spec,
+                split,
+                state_dir,
+                lora_rank=cfg.lora.site_rank(pid),
+                membership=membership,
+            )
         return cache[pid]
 
     return site_for

@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.app import Context
 
 from fedtune.client.app import DATA_INVALID, SiteNotReady, build_client_app
-from fedtune.client.policy import PolicyError, SitePolicy, load_policy
+from fedtune.client.policy import PolicyError, SitePolicy, load_policy, policy_membership
 from fedtune.client.site import Site
 from fedtune.common.config import config_from_run_config
 from fedtune.common.data.federation_data import load_examples, split_site
@@ -50,6 +50,7 @@ def deployed_site(context: Context) -> Site:
     index = int(nc.get("partition-id", 0))
     try:
         policy = load_policy(Path(str(nc["policy"]))) if "policy" in nc else SitePolicy()
+        membership = policy_membership(policy)
     except PolicyError as exc:
         log.error("%s: %s", site_id, exc)
         raise SiteNotReady("site not ready: local policy invalid") from exc
@@ -62,7 +63,7 @@ def deployed_site(context: Context) -> Site:
     state_dir = Path(str(nc.get("state-dir", Path.home() / ".fedtune" / site_id)))
     # The site's own policy sets its LoRA rank; else the run's lora.site_ranks entry for its partition id.
     rank = policy.lora_rank or cfg.lora.site_rank(index)
-    _SITES[key] = Site(site_id, cfg, model_spec(cfg), split, state_dir, policy, lora_rank=rank)
+    _SITES[key] = Site(site_id, cfg, model_spec(cfg), split, state_dir, policy, lora_rank=rank, membership=membership)
     return _SITES[key]
 
 

@@ -8,10 +8,12 @@ is loaded from the site's disk, never from a message.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedtune.client.membership import Membership, MembershipError, load_membership
+from fedtune.common.toml_files import read_toml
 
 
 class PolicyError(ValueError):
@@ -48,7 +50,27 @@ class SitePolicy(BaseModel):
         description="LoRA rank this site trains at, from its compute (0: the federation's lora.rank). Above "
         "lora.rank it trains at lora.rank; below, only the global adapter's first lora_rank components.",
     )
+    roster: Path | None = Field(
+        None,
+        description="The federation's roster this site pins (common.roster); with it, the site signs its "
+        "secure-aggregation keys and accepts only keys that roster members signed.",
+    )
+    roster_fingerprint: str = Field(
+        "",
+        description="The roster's fingerprint, as compared with the other members out of band; a roster "
+        "file with another fingerprint is refused. Required with roster.",
+    )
+    identity_key: Path | None = Field(
+        None, description="This site's identity key, made on this machine by `fedtune site init`. Required with roster."
+    )
     source: str = "default policy"
+
+    @model_validator(mode="after")
+    def _membership_complete(self) -> SitePolicy:
+        given = [self.roster is not None, bool(self.roster_fingerprint), self.identity_key is not None]
+        if any(given) and not all(given):
+            raise ValueError("roster, roster_fingerprint and identity_key go together: set all three or none")
+        return self
 
     def check_plan(self, run_id: str, dp: bool, epsilon: float, delta: float, secure_aggregation: bool) -> None:
         """Refuse a plan that this site's policy does not allow (before anything is trained or spent)."""
@@ -93,19 +115,28 @@ class SitePolicy(BaseModel):
 def load_policy(path: Path) -> SitePolicy:
     """The ``[policy]`` table of a TOML file; relative ``data_path`` is taken from the file's folder."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise PolicyError(f"{path}: policy file not found") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"{path}: not valid TOML: {exc}") from exc
+    raw = read_toml(path, PolicyError, "policy file")
     table = raw.get("policy")
     if not isinstance(table, dict):
         raise PolicyError(f"{path}: expected a [policy] table")
-    if isinstance(table.get("data_path"), str) and not Path(table["data_path"]).is_absolute():
-        table["data_path"] = str((path.parent / table["data_path"]).resolve())
+    for key in ("data_path", "roster", "identity_key"):
+        if isinstance(table.get(key), str) and not Path(table[key]).is_absolute():
+            table[key] = str((path.parent / table[key]).resolve())
     try:
         return SitePolicy(**table, source=str(path))
     except ValidationError as exc:
-        problems = "; ".join(f"policy.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(
+            f"policy.{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else f"policy: {e['msg']}"
+            for e in exc.errors()
+        )
         raise PolicyError(f"{path}: {problems}") from exc
+
+
+def policy_membership(policy: SitePolicy) -> Membership | None:
+    """The roster and identity the policy names, loaded and checked (None when it names none)."""
+    if policy.roster is None or policy.identity_key is None:
+        return None
+    try:
+        return load_membership(policy.roster, policy.identity_key, policy.roster_fingerprint)
+    except MembershipError as exc:
+        raise PolicyError(f"{policy.source}: {exc}") from exc

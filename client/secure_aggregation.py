@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedtune.client.membership import Membership, MembershipSource
 from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, public_key_of
 from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
@@ -30,6 +31,7 @@ from fedtune.common.secure_aggregation.records import (
     int_list_field,
     params_from,
     params_record,
+    str_field,
     unmask_reply_record,
 )
 from fedtune.common.wire import SECAGG, STATUS, SiteState, SiteStatus
@@ -53,6 +55,7 @@ def _save(context: Context, slot: str, state: ClientRound, tag: bytes) -> None:
             "self-seed": state.self_seed,
             "num-examples": state.num_examples,
             "floor": state.min_survivors_floor,
+            "member": state.identity.member if state.identity else "",
             "has-params": state.params is not None,
             "held-owners": held,
             "held-b": [state.held_shares[j][0] for j in held],
@@ -67,8 +70,8 @@ def _save(context: Context, slot: str, state: ClientRound, tag: bytes) -> None:
         context.state[slot + "-params"] = params_record(state.params)
 
 
-def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
-    """The round held in ``slot``, provided it is round ``tag``."""
+def _load(context: Context, slot: str, tag: bytes, membership: Membership | None = None) -> ClientRound:
+    """The round held in ``slot``, provided it is round ``tag`` (checked against ``membership``'s roster)."""
     if slot not in context.state.config_records:
         what = "set up" if slot == NEXT else "masked"
         raise ProtocolViolation(
@@ -87,6 +90,9 @@ def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
         bytes_list_field(r, "held-s", name),
     )
     params = params_from(context.state.config_records[slot + "-params"]) if bool_field(r, "has-params", name) else None
+    member = str_field(r, "member", name)
+    if membership is not None and member != membership.identity.member:
+        raise ProtocolViolation(f"round {tag!r} was set up without this site's identity")
     return ClientRound(
         num_examples=int_field(r, "num-examples", name),
         min_survivors_floor=int_field(r, "floor", name),
@@ -99,6 +105,8 @@ def _load(context: Context, slot: str, tag: bytes) -> ClientRound:
         unmasked=bool_field(r, "unmasked", name),
         clipped=int_field(r, "clipped", name),
         sent_masked=bool_field(r, "sent-masked", name),
+        roster=membership.roster if membership else None,
+        identity=membership.identity if membership else None,
     )
 
 
@@ -113,17 +121,27 @@ def forget_rounds(context: Context) -> None:
     _forget(context, NEXT)
 
 
-def advertise(context: Context, tag: bytes, num_examples: int, floor: int) -> ConfigRecord:
-    """Fresh keys for round ``tag`` (replacing any round set up before); the public half to send."""
-    state = ClientRound(num_examples=num_examples, min_survivors_floor=floor)
+def advertise(
+    context: Context, tag: bytes, num_examples: int, floor: int, membership: Membership | None = None
+) -> ConfigRecord:
+    """Fresh keys for round ``tag`` (replacing any round set up before); the public half to send,
+    signed when the site is a roster member. The roster's floor, if higher, becomes the site's."""
+    if membership is not None:
+        floor = max(floor, membership.roster.min_aggregation_sites)
+    state = ClientRound(
+        num_examples=num_examples,
+        min_survivors_floor=floor,
+        roster=membership.roster if membership else None,
+        identity=membership.identity if membership else None,
+    )
     _forget(context, NEXT)
     _save(context, NEXT, state, tag)
-    return advertisement_record(state.advertise(), tag)
+    return advertisement_record(state.advertise(tag), tag)
 
 
-def _share_keys(context: Context, params_rec: ConfigRecord) -> dict[int, bytes]:
+def _share_keys(context: Context, params_rec: ConfigRecord, membership: Membership | None) -> dict[int, bytes]:
     params = params_from(params_rec)
-    state = _load(context, NEXT, params.round_tag)
+    state = _load(context, NEXT, params.round_tag, membership)
     ciphertexts = state.share_keys(params)
     _save(context, NEXT, state, params.round_tag)
     return ciphertexts
@@ -196,28 +214,37 @@ def _ok(site_id: str) -> ConfigRecord | MetricRecord:
     return SiteStatus(site_id, SiteState.OK).to_record()
 
 
-def advertise_step(msg: Message, context: Context, site_id: str, declare: Declaration) -> Message:
+def advertise_step(
+    msg: Message, context: Context, site_id: str, declare: Declaration, membership_of: MembershipSource | None = None
+) -> Message:
     try:
         tag = bytes_field(msg.content.config_records[SECAGG], "round-tag", "advertise request")
         num_examples, floor = declare(context)
+        membership = membership_of(context) if membership_of else None
     except (KeyError, ValueError, RuntimeError) as exc:
         return _refuse(msg, site_id, str(exc))
     # A round set up apart from training starts after the previous one ended: its secrets, if
     # it was never unmasked (a failed round), have no further use.
     _forget(context, CURRENT)
-    keys = advertise(context, tag, num_examples, floor)
+    keys = advertise(context, tag, num_examples, floor, membership)
     return Message(RecordDict({SECAGG: keys, STATUS: _ok(site_id)}), reply_to=msg)
 
 
-def share_keys(msg: Message, context: Context, site_id: str) -> Message:
+def share_keys(msg: Message, context: Context, site_id: str, membership: Membership | None = None) -> Message:
     try:
-        ciphertexts = _share_keys(context, msg.content.config_records[SECAGG])
+        ciphertexts = _share_keys(context, msg.content.config_records[SECAGG], membership)
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
 
 
-def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRounds | None = None) -> Message:
+def unmask(
+    msg: Message,
+    context: Context,
+    site_id: str,
+    revealed: RevealedRounds | None = None,
+    membership: Membership | None = None,
+) -> Message:
     """This round's shares; and, when the request carries them, the next round's parameters
     answered with this site's share ciphertexts for it (the set-up rides on this message).
 
@@ -239,7 +266,9 @@ def unmask(msg: Message, context: Context, site_id: str, revealed: RevealedRound
     content = RecordDict({SECAGG: unmask_reply_record(b_shares, s_shares), STATUS: _ok(site_id)})
     if SECAGG_NEXT in msg.content.config_records:
         try:
-            content[SECAGG_NEXT] = indexed_bytes_record(_share_keys(context, msg.content.config_records[SECAGG_NEXT]))
+            content[SECAGG_NEXT] = indexed_bytes_record(
+                _share_keys(context, msg.content.config_records[SECAGG_NEXT], membership)
+            )
         except (ProtocolViolation, KeyError, ValueError) as exc:
             log.warning("%s: next round's secure-aggregation set-up refused: %s", site_id, exc)
             _forget(context, NEXT)

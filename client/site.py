@@ -21,6 +21,7 @@ import torch
 
 from fedtune.client.dp_training import LocalTrainPlan, OptimizerState, train_adapter
 from fedtune.client.ended_runs import EndedRuns, EndedRunsUnreadable
+from fedtune.client.membership import Membership
 from fedtune.client.optimizer_state import OptimizerStateStore
 from fedtune.client.policy import PolicyViolation, SitePolicy
 from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
@@ -101,9 +102,12 @@ class Site:
         state_dir: Path,
         policy: SitePolicy | None = None,
         lora_rank: int = 0,
+        membership: Membership | None = None,
     ):
         self.site_id, self.cfg, self.spec, self.state_dir = site_id, cfg, spec, Path(state_dir)
         self.policy = policy or SitePolicy()
+        #: The roster this site pins and its identity on it (None: a federation without a roster).
+        self.membership = membership
         self._adapted = _cached_model(spec, cfg)
         self.model, self.tokenizer = self._adapted.model, self._adapted.tokenizer
         #: The LoRA rank this site trains at (``lora_rank``, 0: the global adapter's lora.rank).

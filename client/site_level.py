@@ -95,24 +95,6 @@ def noised_update(
     return add_noise(clipped, share_std_for_round(plan, site_floor), rng)
 
 
-def protect_update(
-    update: np.ndarray,
-    plan: TrainPlan,
-    params: RoundParameters | None,
-    site_floor: int,
-    site_id: str,
-    rng: np.random.Generator | None = None,
-) -> np.ndarray:
-    """``update`` as it may leave the site under ``plan``'s site-level DP (unchanged when it is off):
-    :func:`check_round`, then :func:`clipped_update`, then :func:`noised_update`.
-
-    ``site_floor``: the site's policy ``min_aggregation_sites``. Raises SiteRefusal when the round
-    cannot protect the site.
-    """
-    check_round(plan, params, site_floor)
-    return noised_update(clipped_update(update, plan, site_id), plan, site_floor, rng)
-
-
 def adapter_with_update(global_adapter: dict[str, np.ndarray], update: np.ndarray) -> dict[str, np.ndarray]:
     """The adapter a site sends in the clear: the global adapter plus its (clipped) update."""
     return unflatten_adapter(flatten_adapter(global_adapter) + update, global_adapter)

@@ -108,6 +108,11 @@ def _policy_template(cfg: FedtuneConfig) -> str:
             "# lora_rank = 4",
             "# Above 0: refuse rounds without site-level DP (distributed noise) of at least this noise multiplier.",
             "# min_site_noise_multiplier = 0.0",
+            "# The federation's roster, pinned: run `fedtune site init . --name <this site>` here, send the printed",
+            "# line to the operator, then `fedtune site pin roster.toml --identity identity.pem` and paste its lines.",
+            '# roster = "roster.toml"',
+            '# roster_fingerprint = "sha256:..."',
+            '# identity_key = "identity.pem"',
             "",
         ]
     )

@@ -16,12 +16,15 @@ from pathlib import Path
 from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid
 
+from fedtune.client.membership import IDENTITY_FILE, SIMULATED_ROSTER
 from fedtune.common.config import ConfigError, FedtuneConfig
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
 from fedtune.common.devices import resolve_device
 from fedtune.common.logs import add_log_file
 from fedtune.common.models.loading import quantization_problem
 from fedtune.common.models.lora import checked_model_spec
+from fedtune.common.roster import Roster, load_roster
+from fedtune.common.site_identity import SiteIdentity
 from fedtune.server.messaging import FederationError
 from fedtune.server.run_directory import new_run_dir
 from fedtune.server.strategies import build_strategy
@@ -43,6 +46,25 @@ def check_privacy_feasible(cfg: FedtuneConfig, sites: list[SiteSplit]) -> None:
             f"privacy.delta = {cfg.privacy.delta} must be below 1/n for every site; the largest site has "
             f"n = {largest} training records, so use delta < {1.0 / largest:.2e}"
         )
+
+
+def simulated_roster(run_dir: Path, members: list[str]) -> Roster:
+    """The simulated sites' roster, each member's identity made in its own state directory (kept on resume).
+
+    Simulated sites sign their secure-aggregation keys and check each other's as deployed ones
+    do, so every simulation runs the authenticated protocol.
+    """
+    roster_path = run_dir / SIMULATED_ROSTER
+    if roster_path.exists():
+        return load_roster(roster_path)
+    keys = {}
+    for member in members:
+        identity = SiteIdentity.generate(member)
+        identity.save(run_dir / "sites" / member / IDENTITY_FILE)
+        keys[member] = identity.public
+    roster = Roster(federation=run_dir.name, members=keys)
+    roster.save(roster_path)
+    return roster
 
 
 def partition_summary(sites: list[SiteSplit], test_size: int) -> str:
@@ -102,6 +124,8 @@ def simulate(
     print(summary, flush=True)
     print(f"run directory: {run_dir}", flush=True)
     add_log_file(run_dir / "logs" / "server.log")
+    if cfg.secure_aggregation.enabled:
+        simulated_roster(run_dir, [f"site-{i}" for i in range(cfg.partition.num_clients)])
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # every site's round line, not "repeated 2x"

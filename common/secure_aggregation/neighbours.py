@@ -8,6 +8,7 @@ a Harary graph over a random ordering of the sites (Bell et al., 2020): every si
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -41,3 +42,48 @@ def reconstruction_threshold(k: int, fraction: float = 0.5) -> int:
     site's self-mask seed and its mask key.
     """
     return min(k + 1, math.floor(fraction * (k + 1)) + 1)
+
+
+def public_graph(num_sites: int, k: int, round_seed: bytes) -> dict[int, tuple[int, ...]]:
+    """The graph over indices 1..n that every site can recompute from the round's public data.
+
+    The server states only ``k`` (each site sees its neighbour count); the ordering comes from
+    ``round_seed``, a digest of the round's tag, parameters and signed keys, so the server cannot
+    place chosen sites next to each other.
+    """
+    return neighbour_graph(list(range(1, num_sites + 1)), k, _public_seed(round_seed))
+
+
+def public_ring(num_sites: int, round_seed: bytes) -> list[int]:
+    """The ring order of :func:`public_graph`: each site's neighbours are the k/2 on either side."""
+    order = list(range(1, num_sites + 1))
+    random.Random(_public_seed(round_seed)).shuffle(order)
+    return order
+
+
+def _public_seed(round_seed: bytes) -> int:
+    return int.from_bytes(hashlib.sha256(b"fedtune secagg graph v1\x00" + round_seed).digest()[:8], "big")
+
+
+def smallest_group(graph: dict[int, tuple[int, ...]], survivors: Sequence[int]) -> int:
+    """Size of the smallest connected group of ``survivors`` once every other site is removed.
+
+    After unmasking, the server holds the survivors' self-mask seeds and the dropped sites' mask
+    keys: the only masks left are those between two survivors, so the sum over any such group
+    comes out on its own.
+    """
+    alive, seen, smallest = set(survivors), set(), len(survivors)
+    for start in alive:
+        if start in seen:
+            continue
+        group, stack = 0, [start]
+        seen.add(start)
+        while stack:
+            node = stack.pop()
+            group += 1
+            for other in graph.get(node, ()):
+                if other in alive and other not in seen:
+                    seen.add(other)
+                    stack.append(other)
+        smallest = min(smallest, group)
+    return smallest

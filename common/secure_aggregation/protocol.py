@@ -34,14 +34,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedtune.common.roster import Roster
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, agree, public_key_of
 from fedtune.common.secure_aggregation.masks import add_mask
-from fedtune.common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
+from fedtune.common.secure_aggregation.neighbours import (
+    neighbour_count,
+    public_graph,
+    reconstruction_threshold,
+    smallest_group,
+)
 from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
 from fedtune.common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError, associated_data, open_sealed, seal
+from fedtune.common.secure_aggregation.signed_keys import SignedKeys, keys_problem, sign_keys
+from fedtune.common.site_identity import SiteIdentity
 
 SEED_BYTES = 32
+#: The most sites a round may state (each site recomputes the round's whole neighbour graph).
+MAX_PARTICIPANTS = 100_000
 _SHARE_WORDS = 11  # 3-byte chunks of a 32-byte secret
 
 #: How a site's refusal to unmask a round it already helped reveal begins (``client.revealed_rounds``),
@@ -62,9 +72,17 @@ class ProtocolViolation(SecureAggregationError):
 
 @dataclass(frozen=True)
 class Advertisement:
+    """A site's public keys for one round and its weight; signed when the federation has a roster."""
+
     c_public: bytes
     s_public: bytes
     num_examples: int
+    member: str = ""
+    signature: bytes = b""
+
+    @property
+    def signed_keys(self) -> SignedKeys | None:
+        return SignedKeys(self.member, self.c_public, self.s_public, self.signature) if self.member else None
 
 
 @dataclass(frozen=True)
@@ -79,6 +97,8 @@ class RoundParameters:
     clip_range: float
     num_participants: int
     total_examples: int
+    #: Every participant's signed keys by index (the site itself included); empty without a roster.
+    members: Mapping[int, SignedKeys] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,6 +125,11 @@ def bound_round_tag(
     fields = struct.pack("<qqdqq", threshold, min_survivors, clip_range, num_participants, total_examples)
     digest = hashlib.sha256(len(round_tag).to_bytes(4, "little") + round_tag + fields).hexdigest()
     return round_tag + f"|params:{digest}".encode()
+
+
+def graph_seed(bound_tag: bytes, members: Mapping[int, SignedKeys]) -> bytes:
+    """What orders the round's neighbour graph: the bound tag and every member's signature (when signed)."""
+    return bound_tag + b"".join(members[i].signature for i in sorted(members))
 
 
 def _bound_tag_of(p: RoundParameters) -> bytes:
@@ -143,9 +168,23 @@ class ClientRound:
     sent_masked: bool = False
     unmasked: bool = False
     clipped: int = 0
+    #: With a roster, every key relayed by the server must carry a member's signature.
+    roster: Roster | None = None
+    identity: SiteIdentity | None = None
 
-    def advertise(self) -> Advertisement:
-        return Advertisement(self.c_keys.public, self.s_keys.public, self.num_examples)
+    @property
+    def floor(self) -> int:
+        """The fewest sites a revealed sum may cover: this site's own floor or the roster's, if higher."""
+        return max(2, self.min_survivors_floor, self.roster.min_aggregation_sites if self.roster else 2)
+
+    def advertise(self, round_tag: bytes = b"") -> Advertisement:
+        """The public keys (signed for ``round_tag`` with the site's identity, when it has one) and weight."""
+        if self.identity is None:
+            return Advertisement(self.c_keys.public, self.s_keys.public, self.num_examples)
+        if not round_tag:
+            raise ProtocolViolation("signed keys need the round's tag")
+        signed = sign_keys(self.identity, round_tag, self.c_keys.public, self.s_keys.public)
+        return Advertisement(self.c_keys.public, self.s_keys.public, self.num_examples, signed.member, signed.signature)
 
     def share_keys(self, params: RoundParameters) -> dict[int, bytes]:
         """Ciphertexts of this site's shares, one per neighbour (by index)."""
@@ -165,7 +204,7 @@ class ClientRound:
         return out
 
     def _check(self, params: RoundParameters) -> None:
-        floor = max(2, self.min_survivors_floor)
+        floor = self.floor
         if params.min_survivors < floor:
             raise ProtocolViolation(
                 f"the server would reveal sums over {params.min_survivors} sites; this site requires at least {floor}"
@@ -174,6 +213,10 @@ class ClientRound:
             raise ProtocolViolation(
                 f"the server states a minimum of {params.min_survivors} sites in a round of "
                 f"{params.num_participants}; no sum could ever be unmasked"
+            )
+        if params.num_participants > MAX_PARTICIPANTS:
+            raise ProtocolViolation(
+                f"{params.num_participants} participants; this site accepts at most {MAX_PARTICIPANTS}"
             )
         everyone = range(1, params.num_participants + 1)
         if params.index in params.neighbours or not params.neighbours:
@@ -188,11 +231,59 @@ class ClientRound:
             )
         if not 2 <= params.threshold <= len(params.neighbours) + 1:
             raise ProtocolViolation(f"threshold {params.threshold} is not in 2..{len(params.neighbours) + 1}")
+        if 2 * params.threshold <= len(params.neighbours) + 1:
+            # Below a majority, two disjoint groups of holders could rebuild both of this site's secrets.
+            raise ProtocolViolation(
+                f"threshold {params.threshold} of {len(params.neighbours) + 1} shares is not a majority: the "
+                "server could collect both this site's self-mask seed and its mask key"
+            )
         if params.total_examples < self.num_examples:
             raise ProtocolViolation("the round's total example count is below this site's own")
         publics = [pk for pair in params.neighbours.values() for pk in pair]
         if len(set(publics)) != len(publics) or {self.c_keys.public, self.s_keys.public} & set(publics):
             raise ProtocolViolation("neighbours' public keys repeat or copy this site's")
+        if self.roster is not None:
+            self._check_members(params)
+        self._check_graph(params)
+
+    def _check_graph(self, params: RoundParameters) -> None:
+        """The neighbours are this site's in the graph every site recomputes from the round's public data."""
+        graph = public_graph(
+            params.num_participants, len(params.neighbours), graph_seed(_bound_tag_of(params), params.members)
+        )
+        if set(graph[params.index]) != set(params.neighbours) or len(graph[params.index]) != len(params.neighbours):
+            raise ProtocolViolation(
+                "the neighbours the server assigned are not those of the round's public graph (a server that "
+                "chooses the graph can isolate sites with dropouts)"
+            )
+
+    def _check_members(self, params: RoundParameters) -> None:
+        """Every participant is a distinct roster member whose signature covers the keys relayed for it."""
+        assert self.roster is not None
+        roster = self.roster.federation
+        if not params.members:
+            raise ProtocolViolation(
+                f"the server relayed unsigned keys; this site pins the roster of {roster!r} and accepts only "
+                "keys its members signed"
+            )
+        if set(params.members) != set(range(1, params.num_participants + 1)):
+            raise ProtocolViolation(f"signed keys cover indices other than the round's 1..{params.num_participants}")
+        names = [k.member for k in params.members.values()]
+        if len(set(names)) != len(names):
+            raise ProtocolViolation("one roster member is listed under two indices")
+        for i, keys in params.members.items():
+            if (problem := keys_problem(self.roster, params.round_tag, keys)) is not None:
+                raise ProtocolViolation(f"index {i}: {problem}")
+        own = params.members[params.index]
+        if (own.member, own.c_public, own.s_public) != (
+            self.identity.member if self.identity else "",
+            self.c_keys.public,
+            self.s_keys.public,
+        ):
+            raise ProtocolViolation("the keys listed under this site's own index are not the ones it signed")
+        for j, (c_public, s_public) in params.neighbours.items():
+            if (params.members[j].c_public, params.members[j].s_public) != (c_public, s_public):
+                raise ProtocolViolation(f"neighbour {j}'s keys differ from those its member signed")
 
     def receive_shares(self, ciphertexts: Mapping[int, bytes]) -> None:
         """Open the shares the neighbours sent; the neighbours that did are the ones masked with.
@@ -269,12 +360,19 @@ class ClientRound:
         # The site's own floor counts only the finished sites it can vouch for: itself and the neighbours
         # whose shares it holds. Any other index the server lists may not exist.
         mine = set(self.alive) | {p.index}
-        floor = max(self.min_survivors_floor, 2)
+        floor = self.floor
         if len(verified := mine & alive_survivors) < floor:
             raise ProtocolViolation(
                 f"only {len(verified)} sites finished among those this site can vouch for (itself and the "
                 f"{len(self.alive)} neighbours whose shares it holds); unmasking would reveal a sum over fewer "
                 f"than its min_aggregation_sites = {floor} sites"
+            )
+        graph = public_graph(p.num_participants, len(p.neighbours), graph_seed(_bound_tag_of(p), p.members))
+        if (group := smallest_group(graph, sorted(alive_survivors))) < floor:
+            raise ProtocolViolation(
+                f"with these dropouts the finished sites fall apart into groups whose masks cancel within "
+                f"themselves, the smallest of {group} sites; unmasking would let the server read its sum, "
+                f"below this site's min_aggregation_sites = {floor}"
             )
         self.unmasked = True
         b_out = {j: self.held_shares[j][0] for j in sorted(mine & alive_survivors)}
@@ -306,9 +404,14 @@ class ServerRound:
         self.node_of = {i: node for node, i in self.index.items()}
         self.ads = {self.index[n]: a for n, a in advertised.items()}
         k = neighbour_count(len(self.nodes), neighbours)
-        self.graph = neighbour_graph(list(self.node_of), k, secrets.randbits(64))
         self.threshold = reconstruction_threshold(k, threshold_fraction)
         self.total_examples = sum(a.num_examples for a in self.ads.values())
+        signed = {i: a.signed_keys for i, a in self.ads.items()}
+        self.members = {i: s for i, s in signed.items() if s is not None} if all(signed.values()) else {}
+        bound = bound_round_tag(
+            round_tag, self.threshold, self.min_survivors, clip_range, len(self.nodes), self.total_examples
+        )
+        self.graph = public_graph(len(self.nodes), k, graph_seed(bound, self.members))
         self.shared: set[int] = set()
         self.masked: dict[int, np.ndarray] = {}
 
@@ -323,6 +426,7 @@ class ServerRound:
                 clip_range=self.clip_range,
                 num_participants=len(self.nodes),
                 total_examples=self.total_examples,
+                members=self.members,
             )
             for i in self.node_of
         }

@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues
 
 from fedtune.common.secure_aggregation.protocol import Advertisement, RoundParameters
+from fedtune.common.secure_aggregation.signed_keys import SignedKeys
 
 ADVERTISE = "train.secagg_advertise"
 SHARE_KEYS = "train.secagg_share_keys"
@@ -63,6 +64,17 @@ def float_field(record: ConfigRecord, key: str, what: str) -> float:
     return float(value)
 
 
+def str_field(record: ConfigRecord, key: str, what: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise _wrong(what, key, value, "a string")
+    return value
+
+
+def str_list_field(record: ConfigRecord, key: str, what: str) -> list[str]:
+    return _list_field(record, key, what, str, "a list of strings")
+
+
 def bool_field(record: ConfigRecord, key: str, what: str) -> bool:
     value = record[key]
     if not isinstance(value, bool):
@@ -70,24 +82,20 @@ def bool_field(record: ConfigRecord, key: str, what: str) -> bool:
     return value
 
 
-def int_list_field(record: ConfigRecord, key: str, what: str) -> list[int]:
+def _list_field(record: ConfigRecord, key: str, what: str, kind: type, expected: str) -> list:
+    """A list whose every item is a ``kind`` (a boolean is not an integer here)."""
     value = record[key]
-    if not isinstance(value, list):
-        raise _wrong(what, key, value, "a list of integers")
-    ints = [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
-    if len(ints) != len(value):
-        raise _wrong(what, key, value, "a list of integers")
-    return ints
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise _wrong(what, key, value, expected)
+    return value
+
+
+def int_list_field(record: ConfigRecord, key: str, what: str) -> list[int]:
+    return _list_field(record, key, what, int, "a list of integers")
 
 
 def bytes_list_field(record: ConfigRecord, key: str, what: str) -> list[bytes]:
-    value = record[key]
-    if not isinstance(value, list):
-        raise _wrong(what, key, value, "a list of bytes")
-    items = [v for v in value if isinstance(v, bytes)]
-    if len(items) != len(value):
-        raise _wrong(what, key, value, "a list of bytes")
-    return items
+    return _list_field(record, key, what, bytes, "a list of bytes")
 
 
 def round_tag(run_id: str, round_: int) -> bytes:
@@ -95,9 +103,12 @@ def round_tag(run_id: str, round_: int) -> bytes:
 
 
 def advertisement_record(ad: Advertisement, tag: bytes) -> ConfigRecord:
-    return ConfigRecord(
+    record = ConfigRecord(
         {"round-tag": tag, "c-public": ad.c_public, "s-public": ad.s_public, "num-examples": ad.num_examples}
     )
+    if ad.member:
+        record["member"], record["signature"] = ad.member, ad.signature
+    return record
 
 
 def advertisement_from(record: ConfigRecord, tag: bytes) -> Advertisement:
@@ -109,7 +120,12 @@ def advertisement_from(record: ConfigRecord, tag: bytes) -> Advertisement:
     n = int_field(record, "num-examples", what)
     if n < 1:
         raise ValueError(f"a site advertised {n} examples")
-    return Advertisement(bytes_field(record, "c-public", what), bytes_field(record, "s-public", what), n)
+    member, signature = "", b""
+    if "member" in record:
+        member, signature = str_field(record, "member", what), bytes_field(record, "signature", what)
+    return Advertisement(
+        bytes_field(record, "c-public", what), bytes_field(record, "s-public", what), n, member, signature
+    )
 
 
 def tag_record(tag: bytes) -> ConfigRecord:
@@ -128,9 +144,14 @@ def inbox_from(record: ConfigRecord) -> tuple[bytes, dict[int, bytes]]:
 
 
 def params_record(p: RoundParameters) -> ConfigRecord:
-    ids = sorted(p.neighbours)
+    ids, members = sorted(p.neighbours), sorted(p.members)
     return ConfigRecord(
         {
+            "member-ids": members,
+            "member-names": [p.members[i].member for i in members],
+            "member-c-publics": [p.members[i].c_public for i in members],
+            "member-s-publics": [p.members[i].s_public for i in members],
+            "member-signatures": [p.members[i].signature for i in members],
             "round-tag": p.round_tag,
             "index": p.index,
             "neighbours": ids,
@@ -149,6 +170,19 @@ def params_from(record: ConfigRecord) -> RoundParameters:
     what = "round parameters"
     ids = int_list_field(record, "neighbours", what)
     c_publics, s_publics = bytes_list_field(record, "c-publics", what), bytes_list_field(record, "s-publics", what)
+    members: dict[int, SignedKeys] = {}
+    if "member-ids" in record:
+        member_ids = int_list_field(record, "member-ids", what)
+        names = str_list_field(record, "member-names", what)
+        c_keys = bytes_list_field(record, "member-c-publics", what)
+        s_keys = bytes_list_field(record, "member-s-publics", what)
+        signatures = bytes_list_field(record, "member-signatures", what)
+        if not len(member_ids) == len(names) == len(c_keys) == len(s_keys) == len(signatures):
+            raise ValueError(f"{what} record: the member-* lists differ in length")
+        members = {
+            i: SignedKeys(n, c, k, sig)
+            for i, n, c, k, sig in zip(member_ids, names, c_keys, s_keys, signatures, strict=True)
+        }
     return RoundParameters(
         round_tag=bytes_field(record, "round-tag", what),
         index=int_field(record, "index", what),
@@ -158,6 +192,7 @@ def params_from(record: ConfigRecord) -> RoundParameters:
         clip_range=float_field(record, "clip-range", what),
         num_participants=int_field(record, "num-participants", what),
         total_examples=int_field(record, "total-examples", what),
+        members=members,
     )
 
 

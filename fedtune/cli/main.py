@@ -19,6 +19,7 @@ from fedtune.cli import evaluate as evaluate_command
 from fedtune.cli import models as models_command
 from fedtune.cli import plan as plan_command
 from fedtune.cli import simulate as simulate_command
+from fedtune.cli import site as site_command
 from fedtune.cli import try_model as try_model_command
 from fedtune.cli.exit_codes import ExitCode
 from fedtune.common.config import ConfigError
@@ -37,6 +38,7 @@ COMMANDS = (
     config_command,
     data_command,
     deploy_command,
+    site_command,
     models_command,
 )
 

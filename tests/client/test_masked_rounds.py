@@ -35,6 +35,7 @@ class CountingSite:
     """Stands in for ``client.site.Site``: counts its training runs (each would spend privacy)."""
 
     site_id, num_examples = "site-11", EXAMPLES[11]
+    membership = None  # a federation without a roster
     policy = SimpleNamespace(min_aggregation_sites=2)
     max_update_norm = 0.0
 

@@ -99,6 +99,7 @@ class SiteThatMustNotTrain:
     """Stands in for ``client.site.Site``: any training (and privacy spending) fails the test."""
 
     site_id, num_examples = "site-11", EXAMPLES[11]
+    membership = None  # a federation without a roster
     policy = SimpleNamespace(min_aggregation_sites=2)
 
     def __init__(self, state_dir):

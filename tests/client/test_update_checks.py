@@ -30,6 +30,7 @@ class FixedOutcomeSite:
     """Stands in for ``client.site.Site``: its training adds ``step`` to the global adapter."""
 
     site_id, num_examples = "site-11", EXAMPLES[11]
+    membership = None  # a federation without a roster
     policy = SimpleNamespace(min_aggregation_sites=2)
 
     def __init__(self, state_dir, step: np.ndarray, max_update_norm: float):

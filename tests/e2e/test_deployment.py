@@ -6,7 +6,9 @@ First the app is sent unsigned (``flwr run DIR``): every site refuses to run it.
 signed bundle runs by name for two rounds with secure aggregation and DP-SGD; each site reads
 only the data its own policy names, and one site is killed in the middle of round 2, as its
 train request (which round 1 set up for secure aggregation) arrives, so it never sends its
-masked vector and its neighbours' masks with it must be rebuilt from the shares it left. The
+masked vector and its neighbours' masks with it must be rebuilt from the shares it left. Each
+site made its identity key itself (``fedtune site init``) and pins the roster the operator built
+from the public halves, so every key relayed for secure aggregation carries a member's signature. The
 server's record of what it received shows masked vectors unrelated to each site's true
 update, whose sum is the true sum. Then the refusals: a site whose key was never
 registered, and a site that pins another CA.
@@ -20,6 +22,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -44,6 +47,8 @@ from fedtune.deploy.layout import Deployment
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.e2e
+
+FEDTUNE = [sys.executable, "-m", "fedtune"]  # each role's command line, as the README gives it
 
 
 def _free_port() -> int:
@@ -127,6 +132,30 @@ class Federation:
                     continue
 
 
+def _pinned_roster(d: Deployment, roster: Path) -> dict[str, str]:
+    """Each site makes its identity in its own folder; the operator builds the roster from the public
+    lines; each site pins it. Returns each site's policy lines."""
+    lines = []
+    for site in d.sites:
+        out = subprocess.run(
+            [*FEDTUNE, "site", "init", str(d.site_dir(site)), "--name", site], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        lines += [line.strip() for line in out.stdout.splitlines() if "=ed25519:" in line]
+    members = [a for line in lines for a in ("--member", line)]
+    build = [*FEDTUNE, "roster", "build", str(roster), "--federation", "loopback", *members]
+    assert subprocess.run(build, capture_output=True).returncode == 0
+    pins = {}
+    for site in d.sites:
+        identity = str(d.site_dir(site) / "identity.pem")
+        pin = [*FEDTUNE, "site", "pin", str(roster), "--identity", identity]
+        out = subprocess.run(pin, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        pins[site] = "".join(line.strip() + "\n" for line in out.stdout.splitlines() if line.startswith("  "))
+        assert pins[site].count(" = ") == 3, out.stdout
+    return pins
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
@@ -153,10 +182,12 @@ def deployment(tmp_path_factory):
         tmp,
     )
     d = init_deployment(tmp / "fed", cfg, port=_free_port(), registry_port=_free_port())
+    pins = _pinned_roster(d, tmp / "roster.toml")
     for site, path in zip(d.sites, paths, strict=False):
         policy = d.site_dir(site) / "policy.toml"
         policy.write_text(
             policy.read_text().replace('# data_path = "/srv/fedtune/data/train.jsonl"', f'data_path = "{path}"')
+            + pins[site]
         )
     fed = Federation(d, tmp / "logs")
     try:

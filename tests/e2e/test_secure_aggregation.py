@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from fedtune.common.config import load_config
-from fedtune.common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK
+from fedtune.common.roster import load_roster
+from fedtune.common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK, params_from
+from fedtune.common.secure_aggregation.signed_keys import keys_problem
 from fedtune.common.wire import ADAPTER, MASKED, SECAGG, SiteStatus, TrainReport, flatten_adapter, from_array_record
 from tests.conftest import SAMPLES
 from tests.e2e.message_spy import simulate_recording_messages
@@ -222,3 +224,24 @@ def test_a_round_resumed_after_its_masked_inputs_were_sent_fails_and_the_run_goe
         np.testing.assert_array_equal(fourth[key], third[key])
     for path, before in ledgers.items():
         assert path.read_bytes() == before, "the replay spent no privacy"
+
+
+def test_every_key_relayed_was_signed_by_a_member_of_the_simulations_roster(run):
+    """Simulated sites are roster members: each round's parameters list every participant's signed keys,
+    and the signatures check against the roster in the run directory (the sites refuse anything else)."""
+    _, run_dir, seen, _ = run
+    roster = load_roster(run_dir / "roster.toml")
+    assert sorted(roster.members) == [f"site-{i}" for i in range(4)]
+    checked = 0
+    for requests, _ in seen:
+        for message in requests:
+            for name in (SECAGG, SECAGG_NEXT):
+                record = message.content.config_records.get(name)
+                if record is None or "member-ids" not in record:
+                    continue
+                params = params_from(record)
+                assert sorted(params.members) == list(range(1, params.num_participants + 1))
+                for keys in params.members.values():
+                    assert keys_problem(roster, params.round_tag, keys) is None
+                    checked += 1
+    assert checked >= 4 * 4, "every round's set-up carries signed keys"

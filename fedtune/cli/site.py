@@ -1,0 +1,136 @@
+"""``fedtune site`` and ``fedtune roster``: site-owned identities and the federation's pinned roster.
+
+A site makes its identity key on its own machine and hands over only the public half; the
+operator collects the public keys into a roster; every site checks the roster's fingerprint
+with the others out of band and pins it in its ``policy.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fedtune.cli.exit_codes import ExitCode
+from fedtune.client.membership import IDENTITY_FILE, MembershipError, load_membership
+from fedtune.common.config import ConfigError
+from fedtune.common.roster import MEMBER_NAME, Roster, RosterError, load_roster
+from fedtune.common.site_identity import (
+    IdentityError,
+    SiteIdentity,
+    decode_public_key,
+    encode_public_key,
+    key_fingerprint,
+    load_identity,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    site = sub.add_parser("site", help="a site's identity and the roster it pins").add_subparsers(
+        dest="site_command", required=True
+    )
+    init = site.add_parser(
+        "init",
+        help="make this site's identity key (on the site's own machine)",
+        description=f"Writes DIR/{IDENTITY_FILE} (mode 0600; it never leaves this machine) and prints the public "
+        "key line to send to the operator for the roster.",
+    )
+    init.add_argument("dir", type=Path, help="the site's folder (e.g. the one with its policy.toml)")
+    init.add_argument("--name", required=True, help="this site's member name on the roster, e.g. hospital-a")
+    init.set_defaults(run=_site_init)
+    pin = site.add_parser(
+        "pin",
+        help="check a roster against this site's identity and print the policy.toml lines that pin it",
+        description="Prints the roster's fingerprint: compare it with the other members out of band (a call, "
+        "a letter) before pasting the lines into policy.toml.",
+    )
+    pin.add_argument("roster", type=Path, help="the roster file the operator sent")
+    pin.add_argument("--identity", type=Path, required=True, help=f"this site's {IDENTITY_FILE}")
+    pin.set_defaults(run=_site_pin)
+
+    roster = sub.add_parser("roster", help="the operator's side of the roster").add_subparsers(
+        dest="roster_command", required=True
+    )
+    build = roster.add_parser(
+        "build",
+        help="write the roster from the members' public keys",
+        description="Every member pins the file written here; any later change (a member added or removed) "
+        "changes its fingerprint, and each site must compare and pin the new one.",
+    )
+    build.add_argument("out", type=Path, help="the roster file to write (e.g. roster.toml)")
+    build.add_argument("--federation", required=True, help="the federation's name")
+    build.add_argument(
+        "--member",
+        action="append",
+        required=True,
+        metavar="NAME=ed25519:KEY",
+        help="a member and the public key `fedtune site init` printed for it (repeat for each)",
+    )
+    build.add_argument(
+        "--min-aggregation-sites", type=int, default=2, help="the fewest sites any revealed sum may cover"
+    )
+    build.set_defaults(run=_roster_build)
+
+
+def _site_init(args: argparse.Namespace) -> ExitCode:
+    path = Path(args.dir) / IDENTITY_FILE
+    if path.exists():
+        try:
+            line = f"; its public line for the roster: {_public_line(load_identity(path))}"
+        except IdentityError:
+            line = ""
+        raise FileExistsError(f"{path} exists; a site keeps one identity{line}")
+    if not MEMBER_NAME.fullmatch(args.name):
+        raise ConfigError(f"--name {args.name!r}: a member name is 1-64 letters, digits, '.', '_' or '-'")
+    identity = SiteIdentity.generate(args.name)
+    identity.save(path)
+    print(
+        f"wrote {path} (private: it never leaves this machine)\n\nsend this line to the operator for the roster:\n"
+        f"  {_public_line(identity)}\n\nkey fingerprint (to read out when asked): "
+        f"{key_fingerprint(identity.public)}"
+    )
+    return ExitCode.OK
+
+
+def _public_line(identity: SiteIdentity) -> str:
+    return f"{identity.member}={encode_public_key(identity.public)}"
+
+
+def _site_pin(args: argparse.Namespace) -> ExitCode:
+    try:
+        membership = load_membership(args.roster, args.identity)
+    except MembershipError as exc:
+        raise ConfigError(str(exc)) from exc
+    roster = membership.roster
+    print(
+        f"roster of {roster.federation!r}: {len(roster.members)} members ({', '.join(sorted(roster.members))}), "
+        f"min_aggregation_sites = {roster.min_aggregation_sites}\nfingerprint: {roster.fingerprint}\n\n"
+        "compare the fingerprint with the other members out of band, then add to policy.toml's [policy]:\n"
+        f'  roster = "{Path(args.roster).resolve()}"\n  roster_fingerprint = "{roster.fingerprint}"\n'
+        f'  identity_key = "{Path(args.identity).resolve()}"'
+    )
+    return ExitCode.OK
+
+
+def _roster_build(args: argparse.Namespace) -> ExitCode:
+    members: dict[str, bytes] = {}
+    try:
+        for item in args.member:
+            name, sep, key = item.partition("=")
+            if not sep or name in members:
+                raise ConfigError(f"--member {item!r}: expected NAME=ed25519:KEY, each name once")
+            members[name] = decode_public_key(key, f"--member {name}")
+        roster = Roster(args.federation, members, args.min_aggregation_sites)
+    except (IdentityError, RosterError) as exc:
+        raise ConfigError(str(exc)) from exc
+    if Path(args.out).exists():
+        try:
+            print(f"replacing {args.out} (fingerprint was {load_roster(args.out).fingerprint})")
+        except RosterError:
+            print(f"replacing {args.out} (not a valid roster)")
+    roster.save(args.out)
+    print(
+        f"wrote {args.out}: {len(members)} members, min_aggregation_sites = {roster.min_aggregation_sites}\n"
+        f"fingerprint: {roster.fingerprint}\n\nsend the file to every member; each runs "
+        "`fedtune site pin` and compares the fingerprint with the others out of band"
+    )
+    return ExitCode.OK

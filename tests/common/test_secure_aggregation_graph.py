@@ -1,0 +1,83 @@
+"""The neighbour graph comes from the round's public data, not from the server (issue 15, attack 3), and a
+site reveals nothing when the survivors fall apart into a group below its floor."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedtune.common.secure_aggregation.neighbours import public_graph, public_ring, smallest_group
+from fedtune.common.secure_aggregation.protocol import (
+    ClientRound,
+    ProtocolViolation,
+    ServerRound,
+    bound_round_tag,
+    graph_seed,
+)
+
+TAG = b"fedtune/run/1"
+D = 50
+
+
+def _round(n: int, floor: int = 2, min_survivors: int = 2):
+    sites = {i: ClientRound(10, min_survivors_floor=floor) for i in range(1, n + 1)}
+    server = ServerRound(TAG, {i: s.advertise() for i, s in sites.items()}, 0.1, min_survivors, D)
+    return sites, server, server.share_keys_requests()
+
+
+def test_smallest_group_counts_connected_survivors():
+    ring = {1: (2, 4), 2: (1, 3), 3: (2, 4), 4: (3, 1)}
+    assert smallest_group(ring, [1, 2, 3, 4]) == 4
+    assert smallest_group(ring, [1, 2, 4]) == 3
+    assert smallest_group(ring, [1, 3]) == 1  # 2 and 4 gone: 1 and 3 are each alone
+
+
+def test_every_site_recomputes_the_servers_graph_and_refuses_one_the_server_chose():
+    sites, _, params = _round(12)
+    k = len(params[1].neighbours)
+    assert k < 11, "a sparse graph"
+    outsider = min(set(range(2, 13)) - set(params[1].neighbours))
+    swapped = sorted(params[1].neighbours)[1:] + [outsider]  # still k neighbours, one of the server's choosing
+    forged = dataclasses.replace(
+        params[1], neighbours={j: (sites[j].c_keys.public, sites[j].s_keys.public) for j in swapped}
+    )
+    with pytest.raises(ProtocolViolation, match="not those of the round's public graph"):
+        sites[1].share_keys(forged)
+    for i, s in sites.items():
+        s.share_keys(params[i])  # the server's own graph is the public one: every site accepts it
+
+
+def test_a_site_refuses_to_unmask_when_dropouts_cut_the_survivors_into_a_group_below_its_floor():
+    """40 sites, 14 neighbours: dropping the 7 ring positions on each side of 8 sites cuts those 8 off. A site
+    in the larger part, which can vouch for plenty of finished neighbours, still refuses at floor 10."""
+    n, floor = 40, 10
+    sites, server, params = _round(n, floor=floor, min_survivors=floor)
+    inboxes = server.route_shares({i: sites[i].share_keys(p) for i, p in params.items()})
+    rng = np.random.default_rng(0)
+    masked = {i: sites[i].masked_input(box, rng.normal(0, 0.01, D)) for i, box in inboxes.items()}
+    p = params[1]
+    ring = public_ring(n, graph_seed(_bound(p), {}))
+    graph = public_graph(n, len(p.neighbours), graph_seed(_bound(p), {}))
+    assert graph == server.graph
+    group, dropped = ring[10:18], ring[3:10] + ring[18:25]
+    survivors = sorted(set(range(1, n + 1)) - set(dropped))
+    assert smallest_group(graph, survivors) == len(group) == 8
+    big_side = [i for i in survivors if i not in group]
+    site = next(i for i in big_side if len(set(graph[i]) & set(survivors)) + 1 >= floor)
+    assert masked[site] is not None
+    with pytest.raises(ProtocolViolation, match="the smallest of 8 sites"):
+        sites[site].unmask(survivors, sorted(dropped))
+    # With every other site finished the same site answers.
+    fresh, server2, params2 = _round(n, floor=floor, min_survivors=floor)
+    inboxes2 = server2.route_shares({i: fresh[i].share_keys(q) for i, q in params2.items()})
+    for i, box in inboxes2.items():
+        fresh[i].masked_input(box, np.zeros(D))
+    fresh[1].unmask(list(range(1, n + 1)), [])
+
+
+def _bound(p):
+    return bound_round_tag(
+        p.round_tag, p.threshold, p.min_survivors, p.clip_range, p.num_participants, p.total_examples
+    )
