@@ -81,6 +81,7 @@ class Variant:
     name: str
     clipping: str
     train_a: bool
+    secure_noise: bool = False  # Opacus secure_mode: four Gaussian draws a noise value
 
     @property
     def adapter(self) -> str:
@@ -97,8 +98,9 @@ VARIANTS = (
     Variant("DP-SGD ghost", "ghost", False),
     Variant("non-private, A trained", "none", True),
     Variant("DP-SGD, A trained", "hooks", True),
+    Variant("DP-SGD secure noise", "hooks", False, secure_noise=True),
 )
-QUICK_VARIANTS = VARIANTS[:3]
+QUICK_VARIANTS = (*VARIANTS[:3], VARIANTS[5])
 
 
 def fixed_length_batch(cfg: FedtuneConfig, tokenizer: Any, batch_size: int, seq_len: int) -> EncodedSet:
@@ -142,6 +144,7 @@ def train_variant(cfg: FedtuneConfig, model: Any, data: EncodedSet, variant: Var
         noise_multiplier=None if variant.clipping == "none" else NOISE_MULTIPLIER,
         max_grad_norm=cfg.privacy.max_grad_norm,
         seed=0,
+        secure_noise=variant.secure_noise,
     )
     if variant.clipping == "ghost":
         ghost_clipping_train(model, data, cfg.task, plan)

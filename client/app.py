@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedtune.client import secure_aggregation
-from fedtune.client.membership import IDENTITY_FILE, SIMULATED_ROSTER, load_membership
+from fedtune.client.membership import IDENTITY_FILE, SIMULATED_ROSTER, Membership, load_membership
 from fedtune.client.revealed_rounds import AlreadyMasked, MaskedRounds, RevealedRounds
 from fedtune.client.site import Site, SiteRefusal
 from fedtune.client.site_level import adapter_with_update, check_round, clipped_update, noised_update
@@ -123,6 +123,14 @@ def register_secure_aggregation(
             return _not_ready(msg, context, exc)
         return secure_aggregation.share_keys(msg, context, site_id_of(context), membership)
 
+    @app.train("secagg_sign_survivors")
+    def sign_survivors(msg: Message, context: Context) -> Message:
+        try:
+            membership = membership_of(context) if membership_of is not None else None
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
+        return secure_aggregation.sign_survivors(msg, context, site_id_of(context), membership)
+
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:
         try:
@@ -133,7 +141,9 @@ def register_secure_aggregation(
         return secure_aggregation.unmask(msg, context, site_id_of(context), revealed, membership)
 
 
-def _secure_round(msg: Message, request: TrainPlan, context: Context, masked: MaskedRounds) -> ClientRound:
+def _secure_round(
+    msg: Message, request: TrainPlan, context: Context, masked: MaskedRounds, membership: Membership | None
+) -> ClientRound:
     """The round set up with this site, its neighbours' shares opened: checked before any
     training (and budget) is spent, as is ``masked``, the site's record of the rounds it already
     sent a masked input for (a resumed server's retry of such a round is refused)."""
@@ -146,7 +156,7 @@ def _secure_round(msg: Message, request: TrainPlan, context: Context, masked: Ma
     if tag != round_tag(request.run_id, request.round):
         raise SiteRefusal(f"secure aggregation: shares for {tag!r} in the request for round {request.round}")
     try:
-        return secure_aggregation.open_inbox(context, tag, inbox, masked)
+        return secure_aggregation.open_inbox(context, tag, inbox, masked, membership)
     except AlreadyMasked as exc:  # its reason begins with ALREADY_MASKED, for the server's record
         raise SiteRefusal(str(exc)) from exc
     except (ProtocolViolation, ShareDecryptionError, ValueError) as exc:
@@ -176,7 +186,7 @@ def build_client_app(site_for: SiteFactory, mods: Sequence[Mod] = ()) -> ClientA
         try:
             request = decode_request(msg.content)
             if request.secure_aggregation:
-                secure_round = _secure_round(msg, request, context, site.masked_rounds)
+                secure_round = _secure_round(msg, request, context, site.masked_rounds, site.membership)
             # Site-level DP's refusals need only the plan and the round: made before training spends budget.
             check_round(
                 request, secure_round.params if request.secure_aggregation else None, site.policy.min_aggregation_sites

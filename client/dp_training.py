@@ -52,6 +52,9 @@ class LocalTrainPlan:
     class_weights: tuple[float, ...] = ()
     proximal_mu: float = 0.0  # FedProx: weight of mu/2 * ||w - w_global||^2 (0: off)
     max_physical_batch_size: int = 0  # records a forward/backward pass at most (0: the whole batch at once)
+    #: Opacus' secure_mode noise: each Gaussian value is drawn as a sum of four, which closes the
+    #: floating-point attacks on the noise's low bits (Holohan et al. 2021, Jin et al. 2022).
+    secure_noise: bool = False
 
     def sample_rate(self, num_records: int) -> float:
         """Poisson rate giving ``batch_size`` records per step on average."""
@@ -164,6 +167,7 @@ def train_adapter(
             max_grad_norm=plan.max_grad_norm,
             expected_batch_size=plan.batch_size,
             loss_reduction="mean",
+            secure_mode=plan.secure_noise,
         )
         if hasattr(dp_optimizer, "generator"):
             # Opacus draws the noise with this generator on the gradients' device.

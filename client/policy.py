@@ -50,6 +50,11 @@ class SitePolicy(BaseModel):
         description="LoRA rank this site trains at, from its compute (0: the federation's lora.rank). Above "
         "lora.rank it trains at lora.rank; below, only the global adapter's first lora_rank components.",
     )
+    secure_noise: bool = Field(
+        False,
+        description="Draw DP-SGD noise with Opacus' secure_mode (each value a sum of four Gaussian draws), "
+        "which closes floating-point attacks on the noise; `fedtune deploy init` turns it on.",
+    )
     roster: Path | None = Field(
         None,
         description="The federation's roster this site pins (common.roster); with it, the site signs its "

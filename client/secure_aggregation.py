@@ -31,8 +31,10 @@ from fedtune.common.secure_aggregation.records import (
     int_list_field,
     params_from,
     params_record,
+    signature_record,
     str_field,
     unmask_reply_record,
+    unmask_request_from,
 )
 from fedtune.common.wire import SECAGG, STATUS, SiteState, SiteStatus
 
@@ -64,6 +66,9 @@ def _save(context: Context, slot: str, state: ClientRound, tag: bytes) -> None:
             "unmasked": state.unmasked,
             "sent-masked": state.sent_masked,
             "clipped": state.clipped,
+            "has-signed-view": state.signed_view is not None,
+            "signed-survivors": list(state.signed_view[0]) if state.signed_view else [],
+            "signed-dropped": list(state.signed_view[1]) if state.signed_view else [],
         }
     )
     if state.params is not None:
@@ -105,6 +110,11 @@ def _load(context: Context, slot: str, tag: bytes, membership: Membership | None
         unmasked=bool_field(r, "unmasked", name),
         clipped=int_field(r, "clipped", name),
         sent_masked=bool_field(r, "sent-masked", name),
+        signed_view=(
+            (tuple(int_list_field(r, "signed-survivors", name)), tuple(int_list_field(r, "signed-dropped", name)))
+            if bool_field(r, "has-signed-view", name)
+            else None
+        ),
         roster=membership.roster if membership else None,
         identity=membership.identity if membership else None,
     )
@@ -148,7 +158,11 @@ def _share_keys(context: Context, params_rec: ConfigRecord, membership: Membersh
 
 
 def open_inbox(
-    context: Context, tag: bytes, inbox: Mapping[int, bytes], masked: MaskedRounds | None = None
+    context: Context,
+    tag: bytes,
+    inbox: Mapping[int, bytes],
+    masked: MaskedRounds | None = None,
+    membership: Membership | None = None,
 ) -> ClientRound:
     """Round ``tag``, set up with this site, with the shares its neighbours sent opened.
 
@@ -159,7 +173,7 @@ def open_inbox(
     """
     if masked is not None:
         masked.check(tag)
-    state = _load(context, NEXT, tag)
+    state = _load(context, NEXT, tag, membership)
     if state.params is None:
         raise ProtocolViolation(f"this site never shared its keys for {tag!r}")
     state.receive_shares(inbox)
@@ -200,9 +214,10 @@ def mask_update(
     update: np.ndarray,
     site_id: str,
     masked: MaskedRounds | None = None,
+    membership: Membership | None = None,
 ) -> np.ndarray:
     """:func:`open_inbox` then :func:`mask_opened`, for an update that is already at hand."""
-    return mask_opened(context, open_inbox(context, tag, inbox, masked), update, site_id, masked)
+    return mask_opened(context, open_inbox(context, tag, inbox, masked, membership), update, site_id, masked)
 
 
 def _refuse(msg: Message, site_id: str, reason: str) -> Message:
@@ -238,6 +253,18 @@ def share_keys(msg: Message, context: Context, site_id: str, membership: Members
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
 
 
+def sign_survivors(msg: Message, context: Context, site_id: str, membership: Membership | None = None) -> Message:
+    """This site's signature on the lists of finished and dropped sites it was given (the consistency step)."""
+    try:
+        tag, survivors, dropped, _ = unmask_request_from(msg.content.config_records[SECAGG])
+        state = _load(context, CURRENT, tag, membership)
+        signature = state.sign_survivors(survivors, dropped)
+    except (ProtocolViolation, KeyError, ValueError) as exc:
+        return _refuse(msg, site_id, str(exc))
+    _save(context, CURRENT, state, tag)
+    return Message(RecordDict({SECAGG: signature_record(signature), STATUS: _ok(site_id)}), reply_to=msg)
+
+
 def unmask(
     msg: Message,
     context: Context,
@@ -252,12 +279,9 @@ def unmask(
     there before its shares leave, and a second request for it (after a restart) is refused.
     """
     try:
-        request = msg.content.config_records[SECAGG]
-        tag = bytes_field(request, "round-tag", "unmask request")
-        state = _load(context, CURRENT, tag)
-        b_shares, s_shares = state.unmask(
-            int_list_field(request, "survivors", "unmask request"), int_list_field(request, "dropped", "unmask request")
-        )
+        tag, survivors, dropped, signatures = unmask_request_from(msg.content.config_records[SECAGG])
+        state = _load(context, CURRENT, tag, membership)
+        b_shares, s_shares = state.unmask(survivors, dropped, signatures)
         if revealed is not None:
             revealed.claim(tag)
     except (ProtocolViolation, KeyError, ValueError) as exc:
@@ -283,5 +307,6 @@ __all__ = [
     "mask_update",
     "open_inbox",
     "share_keys",
+    "sign_survivors",
     "unmask",
 ]

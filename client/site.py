@@ -259,6 +259,7 @@ class Site:
             max_grad_norm=request.max_grad_norm,
             proximal_mu=request.proximal_mu,  # w_global: the adapter _set_global has just loaded
             max_physical_batch_size=self.cfg.train.max_physical_batch_size,
+            secure_noise=self.policy.secure_noise,
             # Sampling and noise seeds come from the OS CSPRNG and never leave the site: noise
             # derived from anything the server knows could be subtracted again.
             seed=secrets.randbits(63),

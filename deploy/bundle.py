@@ -102,6 +102,8 @@ def _policy_template(cfg: FedtuneConfig) -> str:
             f"min_aggregation_sites = {max(2, cfg.federation.min_clients)}",
             f'accepted_run_ids = ["{cfg.run.name}"]',
             "allow_site_metrics = true",
+            "# DP-SGD noise robust to floating-point attacks (Opacus secure_mode; cost: docs/benchmarks.md).",
+            "secure_noise = true",
             "# The only records this site trains on (any format `fedtune data check` accepts).",
             '# data_path = "/srv/fedtune/data/train.jsonl"',
             "# This site's LoRA rank, from its compute (0: the federation's lora.rank, the most any site trains).",

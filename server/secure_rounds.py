@@ -40,11 +40,13 @@ from fedtune.common.secure_aggregation.records import (
     ADVERTISE,
     SECAGG_NEXT,
     SHARE_KEYS,
+    SIGN_SURVIVORS,
     UNMASK,
     advertisement_from,
     inbox_record,
     indexed_bytes_from,
     params_record,
+    signature_from,
     tag_record,
     unmask_reply_from,
     unmask_request_record,
@@ -58,6 +60,7 @@ Sender = Callable[[Grid, list[Message], str, float], list[Message]]
 T = TypeVar("T")
 
 UNMASK_STEP = "secagg unmask"
+SIGN_STEP = "secagg sign survivors"
 NEXT_SET_UP_STEP = "secagg share keys (next round)"
 
 
@@ -216,9 +219,19 @@ def finish_round(
     if next_tag is not None and len(advertised) >= settings.min_survivors:
         upcoming = settings.server_round(next_tag, advertised)
     next_params = upcoming.share_keys_requests() if upcoming else {}
+    signatures: dict[int, bytes] = {}
+    if prepared.server.needs_survivor_signatures:
+        # The consistency step: every survivor signs the list it was given; sites reveal a dropped
+        # neighbour's mask key only with a majority of their neighbourhood's signatures on that list.
+        signed = exchange(
+            SIGN_STEP, SIGN_SURVIVORS, {n: unmask_request_record(prepared.tag, *view) for n, view in requests.items()}
+        )
+        signatures = prepared.server.signatures_by_index(
+            exchange.parsed(SIGN_STEP, signed, lambda c: signature_from(c.config_records[SECAGG]))
+        )
     records = {}
     for node, (survivors, dropped) in requests.items():
-        content = RecordDict({SECAGG: unmask_request_record(prepared.tag, survivors, dropped)})
+        content = RecordDict({SECAGG: unmask_request_record(prepared.tag, survivors, dropped, signatures)})
         if node in next_params:
             content[SECAGG_NEXT] = params_record(next_params[node])
         records[node] = content
@@ -252,7 +265,7 @@ def _missing(exchange: SecureExchange) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {"dropped": {}, "absent-at-unmask": {}}
     for site in sorted(exchange.dropped):
         step = exchange.steps[site]
-        if step == UNMASK_STEP:
+        if step in (UNMASK_STEP, SIGN_STEP):
             out["absent-at-unmask"][site] = exchange.reasons[site]
         elif step != NEXT_SET_UP_STEP:
             out["dropped"][site] = exchange.dropped[site]

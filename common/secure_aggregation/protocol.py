@@ -46,7 +46,7 @@ from fedtune.common.secure_aggregation.neighbours import (
 from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
 from fedtune.common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError, associated_data, open_sealed, seal
-from fedtune.common.secure_aggregation.signed_keys import SignedKeys, keys_problem, sign_keys
+from fedtune.common.secure_aggregation.signed_keys import SignedKeys, keys_problem, sign_keys, survivors_message
 from fedtune.common.site_identity import SiteIdentity
 
 SEED_BYTES = 32
@@ -171,6 +171,8 @@ class ClientRound:
     #: With a roster, every key relayed by the server must carry a member's signature.
     roster: Roster | None = None
     identity: SiteIdentity | None = None
+    #: The list of (finished, dropped) sites this site signed for the round; it signs one only.
+    signed_view: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def floor(self) -> int:
@@ -338,8 +340,8 @@ class ClientRound:
             add_mask(vector, seed, +1 if p.index < j else -1)
         return vector
 
-    def unmask(self, survivors: Sequence[int], dropped: Sequence[int]) -> tuple[dict[int, bytes], dict[int, bytes]]:
-        """Shares of ``b`` for neighbours that finished and of ``s`` for those that dropped."""
+    def _check_view(self, survivors: Sequence[int], dropped: Sequence[int]) -> tuple[set[int], set[int]]:
+        """The lists of finished and dropped sites, provided revealing under them keeps this site's floor."""
         p = self.params
         if p is None or not self.sent_masked:
             raise ProtocolViolation("unmasking requested out of order")
@@ -374,7 +376,60 @@ class ClientRound:
                 f"themselves, the smallest of {group} sites; unmasking would let the server read its sum, "
                 f"below this site's min_aggregation_sites = {floor}"
             )
+        return alive_survivors, alive_dropped
+
+    def sign_survivors(self, survivors: Sequence[int], dropped: Sequence[int]) -> bytes:
+        """This site's signature on the lists it was given; one list a round, checked as :meth:`unmask` would."""
+        if self.identity is None or self.params is None:
+            raise ProtocolViolation("only a roster member signs lists of survivors")
+        self._check_view(survivors, dropped)
+        view = (tuple(sorted(survivors)), tuple(sorted(dropped)))
+        if self.signed_view is not None and self.signed_view != view:
+            raise ProtocolViolation(
+                "this site already signed another list of survivors for this round; the server is telling "
+                "sites different stories about who dropped"
+            )
+        self.signed_view = view
+        return self.identity.sign(survivors_message(_bound_tag_of(self.params), *view))
+
+    def _check_signatures(self, survivors: set[int], signatures: Mapping[int, bytes]) -> None:
+        """A majority of this site's neighbourhood (the threshold) signed the list it signed itself."""
+        p = self.params
+        assert p is not None and self.roster is not None and self.signed_view is not None
+        message = survivors_message(_bound_tag_of(p), *self.signed_view)
+        voters = (set(self.alive) | {p.index}) & survivors
+        valid = {
+            i
+            for i in voters
+            if i in signatures and i in p.members and self.roster.verify(p.members[i].member, message, signatures[i])
+        }
+        if len(valid) < p.threshold:
+            raise ProtocolViolation(
+                f"only {len(valid)} of this site's neighbourhood signed the same list of survivors, "
+                f"{p.threshold} are needed before it reveals a dropped neighbour's mask key; the server may be "
+                "telling sites different stories about who dropped"
+            )
+
+    def unmask(
+        self, survivors: Sequence[int], dropped: Sequence[int], signatures: Mapping[int, bytes] | None = None
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """Shares of ``b`` for neighbours that finished and of ``s`` for those that dropped.
+
+        With a roster, a dropped neighbour's ``s`` share leaves only for the list this site signed
+        (:meth:`sign_survivors`) and with ``signatures`` on it from a majority of its neighbourhood.
+        """
+        alive_survivors, alive_dropped = self._check_view(survivors, dropped)
+        p = self.params
+        assert p is not None
+        reveals_keys = bool(set(self.alive) & alive_dropped)
+        if self.roster is not None and reveals_keys:
+            if self.signed_view != (tuple(sorted(survivors)), tuple(sorted(dropped))):
+                raise ProtocolViolation(
+                    "asked to reveal dropped neighbours' mask keys for a list of survivors this site did not sign"
+                )
+            self._check_signatures(alive_survivors, signatures or {})
         self.unmasked = True
+        mine = set(self.alive) | {p.index}
         b_out = {j: self.held_shares[j][0] for j in sorted(mine & alive_survivors)}
         s_out = {j: self.held_shares[j][1] for j in sorted(set(self.alive) & alive_dropped)}
         return b_out, s_out
@@ -467,6 +522,15 @@ class ServerRound:
         survivors = sorted(self.masked)
         dropped = sorted(self.shared - set(self.masked))
         return {self.node_of[i]: (survivors, dropped) for i in survivors}
+
+    @property
+    def needs_survivor_signatures(self) -> bool:
+        """Whether sites will ask for signatures on the list of survivors: a roster round in which some dropped."""
+        return bool(self.members) and bool(self.shared - set(self.masked))
+
+    def signatures_by_index(self, signatures: Mapping[int, bytes]) -> dict[int, bytes]:
+        """The survivors' signatures on the list (by node) keyed by index, as sites check them."""
+        return {self.index[n]: sig for n, sig in signatures.items() if n in self.index}
 
     @property
     def dropped_nodes(self) -> list[int]:

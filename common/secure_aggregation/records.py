@@ -4,7 +4,9 @@ Every value is a public key, a ciphertext, an index or a masked vector: nothing 
 sends here reveals its update without the masks that only the protocol can remove.
 
 Message types: ``ADVERTISE`` and ``SHARE_KEYS`` set a round up before its training request
-(only when it was not set up during the previous round), ``UNMASK`` ends a round. The
+(only when it was not set up during the previous round), ``UNMASK`` ends a round; in a round
+with a roster in which some site dropped, ``SIGN_SURVIVORS`` comes before it (the consistency
+step) and the unmask request carries the survivors' signatures. The
 train request carries the shares addressed to the site (``SECAGG``), its reply the masked
 vector (``MASKED``) and the next round's keys (``SECAGG_NEXT``); the unmask request and
 reply carry the next round's parameters and share ciphertexts in ``SECAGG_NEXT``.
@@ -23,6 +25,7 @@ from fedtune.common.secure_aggregation.signed_keys import SignedKeys
 ADVERTISE = "train.secagg_advertise"
 SHARE_KEYS = "train.secagg_share_keys"
 UNMASK = "train.secagg_unmask"
+SIGN_SURVIVORS = "train.secagg_sign_survivors"
 SECAGG_NEXT = "secagg-next"
 
 
@@ -210,8 +213,34 @@ def indexed_bytes_from(
     return dict(zip(keys, values, strict=True))
 
 
-def unmask_request_record(tag: bytes, survivors: list[int], dropped: list[int]) -> ConfigRecord:
-    return ConfigRecord({"round-tag": tag, "survivors": list(survivors), "dropped": list(dropped)})
+def unmask_request_record(
+    tag: bytes, survivors: list[int], dropped: list[int], signatures: Mapping[int, bytes] | None = None
+) -> ConfigRecord:
+    """The lists of finished and dropped sites (and, after the consistency step, the survivors' signatures)."""
+    record = ConfigRecord({"round-tag": tag, "survivors": list(survivors), "dropped": list(dropped)})
+    if signatures:
+        signers = sorted(signatures)
+        record["signers"], record["signatures"] = signers, [signatures[i] for i in signers]
+    return record
+
+
+def unmask_request_from(record: ConfigRecord) -> tuple[bytes, list[int], list[int], dict[int, bytes]]:
+    """(round tag, survivors, dropped, signatures by index) of an unmask or sign-survivors request."""
+    what = "unmask request"
+    return (
+        bytes_field(record, "round-tag", what),
+        int_list_field(record, "survivors", what),
+        int_list_field(record, "dropped", what),
+        indexed_bytes_from(record, "signers", "signatures", what),
+    )
+
+
+def signature_record(signature: bytes) -> ConfigRecord:
+    return ConfigRecord({"signature": signature})
+
+
+def signature_from(record: ConfigRecord) -> bytes:
+    return bytes_field(record, "signature", "sign-survivors reply")
 
 
 def unmask_reply_record(b_shares: Mapping[int, bytes], s_shares: Mapping[int, bytes]) -> ConfigRecord:

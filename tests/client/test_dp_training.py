@@ -171,3 +171,31 @@ def test_the_proximal_gradient_is_mu_times_the_distance_from_the_global_adapter(
     if private:
         norm = torch.sqrt(sum((v**2).sum() for v in pull.values()))
         assert norm > 100 * lr * clip, "the proximal gradient was clipped with the records' gradients"
+
+
+def test_secure_noise_keeps_the_calibrated_std_and_draws_other_values(tiny_bert_spec):
+    """Opacus' secure_mode sums four draws (then halves): the noise std sigma * C / batch is unchanged, so the
+    accountant's epsilon still holds, and the values differ from the plain draw of the same seed."""
+    sigma, batch = 1_000.0, 6
+    updates = {}
+    for secure in (False, True):
+        model, data = _setup(tiny_bert_spec)
+        before = adapter_state(model, ffa=False)
+        plan = LocalTrainPlan(
+            steps=1,
+            batch_size=batch,
+            lr=1.0,
+            optimizer="sgd",
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            seed=5,
+            secure_noise=secure,
+        )
+        train_adapter(model, data, CLASSIFICATION, plan)
+        after = adapter_state(model, ffa=False)
+        updates[secure] = torch.cat([torch.from_numpy(after[k] - before[k]).flatten() for k in after])
+    expected = sigma * 1.0 / batch  # the clipped gradients add at most 1 to any value
+    for secure, u in updates.items():
+        assert u.numel() > 2_000
+        assert float(u.std()) == pytest.approx(expected, rel=0.06), f"secure_noise={secure}"
+    assert not torch.allclose(updates[True], updates[False])

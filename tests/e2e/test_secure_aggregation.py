@@ -21,7 +21,7 @@ import pytest
 
 from fedtune.common.config import load_config
 from fedtune.common.roster import load_roster
-from fedtune.common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, UNMASK, params_from
+from fedtune.common.secure_aggregation.records import ADVERTISE, SECAGG_NEXT, SIGN_SURVIVORS, UNMASK, params_from
 from fedtune.common.secure_aggregation.signed_keys import keys_problem
 from fedtune.common.wire import ADAPTER, MASKED, SECAGG, SiteStatus, TrainReport, flatten_adapter, from_array_record
 from tests.conftest import SAMPLES
@@ -125,7 +125,8 @@ def test_a_steady_round_costs_two_exchanges_its_set_up_rides_on_the_previous_rou
         "train",
         UNMASK,  # round 1, set up first
         "train",
-        UNMASK,  # round 2, set up by round 1's messages
+        SIGN_SURVIVORS,  # round 2, set up by round 1's messages; site-3 dropped: the survivors sign the list
+        UNMASK,
         ADVERTISE,
         "train.secagg_share_keys",
         "train",  # round 3: new set-up, fails unmasked
@@ -135,6 +136,8 @@ def test_a_steady_round_costs_two_exchanges_its_set_up_rides_on_the_previous_rou
         UNMASK,
     ]  # round 4 (last: sets nothing up)
     unmask_requests = [req for req, _ in _fanouts(seen, UNMASK)]
+    assert all("signers" not in m.content[SECAGG] for m in unmask_requests[0]), "no dropout, no signatures"
+    assert all(len(m.content[SECAGG]["signers"]) == 3 for m in unmask_requests[1]), "the 3 survivors signed"
     assert all(SECAGG_NEXT in m.content for m in unmask_requests[0]), "round 1 sets round 2 up"
     assert all(SECAGG_NEXT in m.content for m in unmask_requests[1]), "round 2 sets round 3 up"
     assert not any(SECAGG_NEXT in m.content for m in unmask_requests[2]), "the last round sets nothing up"
