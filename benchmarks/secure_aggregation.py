@@ -7,7 +7,10 @@ two kinds of round alternately; the first round of each kind is a warm-up, the r
 the median. A secure round is what fedtune runs in steady state (``server.secure_rounds``):
 the train exchange, whose replies carry the masked vectors and the next round's keys, and
 one unmask exchange that also sets the next round up. The first secure round (the warm-up)
-is set up with two exchanges of its own. Prints a table, writes JSON and a PNG.
+is set up with two exchanges of its own. By default the sites are members of a roster, as in
+every fedtune simulation: they sign their round keys and check every participant's signature
+and the public neighbour graph (issue 15); ``--no-roster`` runs the protocol as it was before.
+Prints a table, writes JSON and a PNG.
 
     python benchmarks/secure_aggregation.py            # 5, 10, 20 sites x 0.1M, 1M values
     python benchmarks/secure_aggregation.py --quick    # 5, 10 sites x 0.1M values
@@ -39,6 +42,8 @@ from harness import benchmark_parser, figure, grouped, header, quiet, write_repo
 
 from fedtune.client import secure_aggregation
 from fedtune.client.app import register_secure_aggregation
+from fedtune.client.membership import Membership
+from fedtune.common.roster import Roster
 from fedtune.common.secure_aggregation.records import (
     SECAGG_NEXT,
     advertisement_from,
@@ -47,6 +52,7 @@ from fedtune.common.secure_aggregation.records import (
     masked_record,
     round_tag,
 )
+from fedtune.common.site_identity import SiteIdentity
 from fedtune.common.wire import MASKED, SECAGG, STATUS, SiteState, SiteStatus, payload_nbytes
 from fedtune.server.messaging import send_and_collect, wait_for_nodes
 from fedtune.server.secure_rounds import (
@@ -63,8 +69,18 @@ UPDATE_SCALE = 1e-3
 CLIP = 0.02
 
 
-def client_app() -> ClientApp:
+def memberships(n: int) -> dict[int, Membership]:
+    """Roster memberships of ``n`` dummy sites, by partition id."""
+    identities = {i: SiteIdentity.generate(f"site-{i}") for i in range(n)}
+    roster = Roster("bench", {x.member: x.public for x in identities.values()})
+    return {i: Membership(roster, x) for i, x in identities.items()}
+
+
+def client_app(members: dict[int, Membership] | None = None) -> ClientApp:
     app = ClientApp()
+
+    def membership_of(context: Context) -> Membership | None:
+        return members[int(context.node_config["partition-id"])] if members else None
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -75,8 +91,11 @@ def client_app() -> ClientApp:
         metrics = MetricRecord({"num-examples": 100})
         if plan["secure"]:
             tag, inbox = inbox_from(msg.content[SECAGG])
-            vector = secure_aggregation.mask_update(context, tag, inbox, update, f"site-{context.node_id}")
-            keys = secure_aggregation.advertise(context, bytes(plan["next-tag"]), 100, 2)
+            member = membership_of(context)
+            vector = secure_aggregation.mask_update(
+                context, tag, inbox, update, f"site-{context.node_id}", membership=member
+            )
+            keys = secure_aggregation.advertise(context, bytes(plan["next-tag"]), 100, 2, member)
             return Message(
                 RecordDict({MASKED: masked_record(vector), SECAGG_NEXT: keys, "metrics": metrics, STATUS: status}),
                 reply_to=msg,
@@ -85,7 +104,7 @@ def client_app() -> ClientApp:
         adapter = ArrayRecord(array_dict={"w": Array(weights + update)})
         return Message(RecordDict({"adapter": adapter, "metrics": metrics, STATUS: status}), reply_to=msg)
 
-    register_secure_aggregation(app, lambda context: (100, 2))
+    register_secure_aggregation(app, lambda context: (100, 2), membership_of=membership_of)
     return app
 
 
@@ -190,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=12, help="rounds of each kind per size (the first is warm-up)")
+    parser.add_argument(
+        "--no-roster", action="store_true", help="the protocol without roster signatures (before issue 15)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.clients, args.params, args.rounds = [5, 10], [100_000], 3
@@ -203,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.clients:
         run_simulation(
             server_app=server_app(args.params, args.rounds, n, rows),
-            client_app=client_app(),
+            client_app=client_app(None if args.no_roster else memberships(n)),
             num_supernodes=n,
             backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -213,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     wall_s = time.time() - started
     report = {
         **header("secure_aggregation", argv),
+        "roster": not args.no_roster,
         "wall_s": wall_s,
         "rows": rows,
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from fedtune.common.config import FedtuneConfig, config_to_toml_dict
@@ -38,6 +39,7 @@ from fedtune.deploy.credentials import (
     make_server_certificate,
     make_signing_key,
     make_site_auth_key,
+    read_auth_public_key,
     trusted_entities_yaml,
 )
 from fedtune.deploy.layout import APP_NAME, CONNECTION, SUPERLINK_SERVICE, Deployment
@@ -128,14 +130,24 @@ def init_deployment(
     site_ids: list[str] | None = None,
     output_dir: Path | None = None,
     registry_port: int | None = None,
+    site_public_keys: Mapping[str, Path] | None = None,
 ) -> Deployment:
-    """Write credentials, the signed app bundle, site folders and scripts under ``root`` (which must not exist)."""
+    """Write credentials, the signed app bundle, site folders and scripts under ``root`` (which must not exist).
+
+    ``site_public_keys``: a site's Flower authentication public key (``auth.pub``, made on the site
+    by ``fedtune site init``), by site; such a site's folder gets no private key, the site puts its
+    own ``auth`` there. Sites not listed get a key pair made here, for trials on one machine.
+    """
     root = Path(root).resolve()
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(
             f"{root} already exists and is not empty; choose a new folder (keys are never overwritten)"
         )
     sites = tuple(site_ids or [f"site-{i}" for i in range(cfg.partition.num_clients)])
+    given = dict(site_public_keys or {})
+    if unknown := sorted(set(given) - set(sites)):
+        raise ValueError(f"--site-key names sites that are not in the federation: {unknown} (sites: {list(sites)})")
+    publics = {site: read_auth_public_key(path) for site, path in given.items()}
     d = Deployment(root, host, port, sites, registry_port or port + 1)
     o = d.operator
     ca_key, ca_cert = make_ca(o)
@@ -148,9 +160,12 @@ def init_deployment(
     )
     for site in sites:
         s = d.site_dir(site)
-        public = make_site_auth_key(s, site)
         (o / "site-keys").mkdir(parents=True, exist_ok=True)
-        (o / "site-keys" / f"{site}.pub").write_bytes(public.read_bytes())
+        if site in publics:
+            s.mkdir(parents=True, exist_ok=True)
+            (o / "site-keys" / f"{site}.pub").write_bytes(publics[site])
+        else:
+            (o / "site-keys" / f"{site}.pub").write_bytes(make_site_auth_key(s, site).read_bytes())
         (s / "ca.crt").write_bytes((o / "ca.crt").read_bytes())
         (s / "trusted_entities.yaml").write_text(trusted_entities_yaml(key_id, signer_public))
         (s / "policy.toml").write_text(_policy_template(cfg))

@@ -129,6 +129,22 @@ def make_site_auth_key(directory: Path, site_id: str) -> Path:
     return _write(directory / "auth.pub", _openssh_public(key, f"{site_id}@fedtune"))
 
 
+def read_auth_public_key(path: Path) -> bytes:
+    """A site's ``auth.pub`` as the operator received it; ValueError naming the file when it is not one."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: site public key not found") from exc
+    if not data.startswith(b"ecdsa-sha2-nistp384 ") or b"PRIVATE" in data:
+        raise ValueError(
+            f"{path}: expected a site's Flower public key (auth.pub, 'ecdsa-sha2-nistp384 ...', from `fedtune site "
+            "init`); never send or accept a private key"
+        )
+    serialization.load_ssh_public_key(data.split(b"\n")[0])  # raises ValueError when malformed
+    return data
+
+
 def make_signing_key(directory: Path) -> tuple[str, str]:
     """The operator's Ed25519 app-signing key; returns (key id, public key line) for trusted entities."""
     key = ed25519.Ed25519PrivateKey.generate()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedtune.cli.config_options import add_config_options, config_from_args
 from fedtune.cli.exit_codes import ExitCode
+from fedtune.common.config import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--host", default="127.0.0.1", help="address sites use to reach the SuperLink")
     init.add_argument("--port", type=int, default=8000, help="SuperLink port (Fleet, Control and Runtime APIs)")
     init.add_argument("--sites", nargs="+", metavar="SITE_ID", help="site names (default: site-0 .. site-N-1)")
+    init.add_argument(
+        "--site-key",
+        action="append",
+        default=[],
+        metavar="SITE_ID=AUTH_PUB",
+        help="a site's Flower public key, made on the site by `fedtune site init` (repeat per site); sites "
+        "without one get a key pair made here, for trials on one machine",
+    )
     sign = deploy.add_parser(
         "sign",
         help="rebuild and sign the app bundle after editing OUT/operator/app (bump its version)",
@@ -47,7 +56,16 @@ def _deploy_init(args: argparse.Namespace) -> ExitCode:
     from fedtune.deploy.bundle import init_deployment
 
     cfg = config_from_args(args)
-    d = init_deployment(args.out, cfg, args.host, args.port, args.sites)
+    keys = {}
+    for item in args.site_key:
+        site, sep, path = item.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"--site-key {item!r}: expected SITE_ID=PATH/TO/auth.pub")
+        keys[site] = Path(path)
+    try:
+        d = init_deployment(args.out, cfg, args.host, args.port, args.sites, site_public_keys=keys)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     o = d.operator
     print(
         f"wrote {d.root}\n\noperator (keep {o} private):\n  {o / 'start-registry.sh'}   # serves the signed app\n"

@@ -22,6 +22,7 @@ from fedtune.common.site_identity import (
     key_fingerprint,
     load_identity,
 )
+from fedtune.deploy.credentials import make_site_auth_key
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     init = site.add_parser(
         "init",
         help="make this site's identity key (on the site's own machine)",
-        description=f"Writes DIR/{IDENTITY_FILE} (mode 0600; it never leaves this machine) and prints the public "
-        "key line to send to the operator for the roster.",
+        description=f"Writes DIR/{IDENTITY_FILE} (the secure-aggregation identity) and DIR/auth (the Flower "
+        "SuperNode key), both mode 0600, neither leaving this machine; prints what to send the operator: "
+        "DIR/auth.pub and the public key line for the roster.",
     )
     init.add_argument("dir", type=Path, help="the site's folder (e.g. the one with its policy.toml)")
     init.add_argument("--name", required=True, help="this site's member name on the roster, e.g. hospital-a")
@@ -79,12 +81,20 @@ def _site_init(args: argparse.Namespace) -> ExitCode:
         except IdentityError:
             line = ""
         raise FileExistsError(f"{path} exists; a site keeps one identity{line}")
+    if (Path(args.dir) / "auth").exists():
+        raise FileExistsError(
+            f"{Path(args.dir) / 'auth'} exists (a Flower key made by `fedtune deploy init` on the operator's "
+            "machine?): move it away to make this site's own, then send the new auth.pub to the operator"
+        )
     if not MEMBER_NAME.fullmatch(args.name):
         raise ConfigError(f"--name {args.name!r}: a member name is 1-64 letters, digits, '.', '_' or '-'")
     identity = SiteIdentity.generate(args.name)
     identity.save(path)
+    auth_public = make_site_auth_key(Path(args.dir), args.name)
     print(
-        f"wrote {path} (private: it never leaves this machine)\n\nsend this line to the operator for the roster:\n"
+        f"wrote {path} and {Path(args.dir) / 'auth'} (private: they never leave this machine)\n\n"
+        f"send the operator {auth_public} (this site's Flower key: `fedtune deploy init --site-key "
+        f"{args.name}={auth_public.name}`) and this line for the roster:\n"
         f"  {_public_line(identity)}\n\nkey fingerprint (to read out when asked): "
         f"{key_fingerprint(identity.public)}"
     )

@@ -66,3 +66,27 @@ def test_an_identity_missing_from_the_roster_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["site", "pin", str(tmp_path / "r.toml"), "--identity", str(tmp_path / "b" / "identity.pem")]) == 2
     assert "identity 'b' is not on the roster of 'f'" in capsys.readouterr().err
+
+
+def test_the_operator_registers_a_sites_own_flower_key_and_never_holds_its_private_half(tmp_path, capsys):
+    """`fedtune site init` also makes the site's Flower SuperNode key; `deploy init --site-key` takes its public
+    half: the site's folder in the operator's output has no private key, and the registered key is the site's."""
+    _init(tmp_path, "north", capsys)
+    assert (tmp_path / "north" / "auth").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "north" / "auth.pub").read_bytes().startswith(b"ecdsa-sha2-nistp384 ")
+    args = ["deploy", "init", str(tmp_path / "fed"), "--preset", "banking77-minilm", "--sites", "north", "south"]
+    assert main([*args, "--site-key", f"north={tmp_path / 'north' / 'auth.pub'}"]) == ExitCode.OK
+    capsys.readouterr()
+    fed = tmp_path / "fed"
+    assert (fed / "operator" / "site-keys" / "north.pub").read_bytes() == (tmp_path / "north" / "auth.pub").read_bytes()
+    assert not (fed / "sites" / "north" / "auth").exists(), "the operator made no key for north"
+    assert (fed / "sites" / "south" / "auth").exists(), "a site without --site-key gets one (trials on one machine)"
+    # A private key handed over by mistake, or a site that is not in the federation, is refused.
+    bad = [*args[:2], str(tmp_path / "fed2"), *args[3:]]
+    assert main([*bad, "--site-key", f"north={tmp_path / 'north' / 'auth'}"]) == ExitCode.USAGE
+    assert "never send or accept a private key" in capsys.readouterr().err
+    assert main([*bad, "--site-key", f"east={tmp_path / 'north' / 'auth.pub'}"]) == ExitCode.USAGE
+    assert "not in the federation" in capsys.readouterr().err
+    # Running site init over an operator-made key refuses rather than replace it silently.
+    assert main(["site", "init", str(fed / "sites" / "south"), "--name", "south"]) == ExitCode.USAGE
+    assert "move it away to make this site's own" in capsys.readouterr().err

@@ -7,8 +7,9 @@ signed bundle runs by name for two rounds with secure aggregation and DP-SGD; ea
 only the data its own policy names, and one site is killed in the middle of round 2, as its
 train request (which round 1 set up for secure aggregation) arrives, so it never sends its
 masked vector and its neighbours' masks with it must be rebuilt from the shares it left. Each
-site made its identity key itself (``fedtune site init``) and pins the roster the operator built
-from the public halves, so every key relayed for secure aggregation carries a member's signature. The
+site made its identity key and its Flower authentication key itself (``fedtune site init``; the
+operator only ever holds public keys) and pins the roster the operator built from the public
+halves, so every key relayed for secure aggregation carries a member's signature. The
 server's record of what it received shows masked vectors unrelated to each site's true
 update, whose sum is the true sum. Then the refusals: a site whose key was never
 registered, and a site that pins another CA.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -132,16 +134,22 @@ class Federation:
                     continue
 
 
-def _pinned_roster(d: Deployment, roster: Path) -> dict[str, str]:
-    """Each site makes its identity in its own folder; the operator builds the roster from the public
-    lines; each site pins it. Returns each site's policy lines."""
-    lines = []
-    for site in d.sites:
+def _site_machines(tmp: Path, sites: list[str]) -> tuple[dict[str, Path], list[str]]:
+    """Each site makes its identity and its Flower key on its own machine (here, its own folder):
+    returns the folders and the public lines for the roster."""
+    folders, lines = {}, []
+    for site in sites:
+        folders[site] = tmp / "machines" / site
         out = subprocess.run(
-            [*FEDTUNE, "site", "init", str(d.site_dir(site)), "--name", site], capture_output=True, text=True
+            [*FEDTUNE, "site", "init", str(folders[site]), "--name", site], capture_output=True, text=True
         )
         assert out.returncode == 0, out.stderr
         lines += [line.strip() for line in out.stdout.splitlines() if "=ed25519:" in line]
+    return folders, lines
+
+
+def _pinned_roster(d: Deployment, roster: Path, lines: list[str]) -> dict[str, str]:
+    """The operator builds the roster from the public lines; each site pins it. Returns each site's policy lines."""
     members = [a for line in lines for a in ("--member", line)]
     build = [*FEDTUNE, "roster", "build", str(roster), "--federation", "loopback", *members]
     assert subprocess.run(build, capture_output=True).returncode == 0
@@ -181,8 +189,21 @@ def deployment(tmp_path_factory):
         "test",
         tmp,
     )
-    d = init_deployment(tmp / "fed", cfg, port=_free_port(), registry_port=_free_port())
-    pins = _pinned_roster(d, tmp / "roster.toml")
+    sites = [f"site-{i}" for i in range(3)]
+    machines, lines = _site_machines(tmp, sites)
+    d = init_deployment(
+        tmp / "fed",
+        cfg,
+        port=_free_port(),
+        registry_port=_free_port(),
+        site_public_keys={site: machines[site] / "auth.pub" for site in sites},
+    )
+    # The operator's output holds no site's private key: each site brings its own into its folder.
+    assert not any(p.name in ("auth", "identity.pem") for p in d.root.rglob("*"))
+    for site in sites:
+        for name in ("auth", "identity.pem"):
+            shutil.copy2(machines[site] / name, d.site_dir(site) / name)
+    pins = _pinned_roster(d, tmp / "roster.toml", lines)
     for site, path in zip(d.sites, paths, strict=False):
         policy = d.site_dir(site) / "policy.toml"
         policy.write_text(
