@@ -115,21 +115,18 @@ def register_secure_aggregation(
         )
     )
 
-    @app.train("secagg_share_keys")
-    def share_keys(msg: Message, context: Context) -> Message:
-        try:
-            membership = membership_of(context) if membership_of is not None else None
-        except SiteNotReady as exc:
-            return _not_ready(msg, context, exc)
-        return secure_aggregation.share_keys(msg, context, site_id_of(context), membership)
+    def with_membership(step: Callable[[Message, Context, str, Membership | None], Message]) -> Callable:
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                membership = membership_of(context) if membership_of is not None else None
+            except SiteNotReady as exc:
+                return _not_ready(msg, context, exc)
+            return step(msg, context, site_id_of(context), membership)
 
-    @app.train("secagg_sign_survivors")
-    def sign_survivors(msg: Message, context: Context) -> Message:
-        try:
-            membership = membership_of(context) if membership_of is not None else None
-        except SiteNotReady as exc:
-            return _not_ready(msg, context, exc)
-        return secure_aggregation.sign_survivors(msg, context, site_id_of(context), membership)
+        return handler
+
+    app.train("secagg_share_keys")(with_membership(secure_aggregation.share_keys))
+    app.train("secagg_sign_survivors")(with_membership(secure_aggregation.sign_survivors))
 
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:

@@ -8,7 +8,8 @@ that site keeps (its authentication key, its local policy, its state directory).
 commands are built here once, as argument lists, so the scripts, the README and the
 end-to-end test all run the same thing.
 
-Sites run only code the operator signed: the app bundle is signed at init (and again by
+Sites run only signed code (and, once they pin their own approval key, only code they approved:
+``deploy.app_approval``): the app bundle is signed at init (and again by
 ``fedtune deploy sign`` after an edit), served to the SuperLink by the operator's app
 registry, and run by name (``flwr run @fedtune/fedtune-app==VERSION``); every SuperNode
 starts with ``--trusted-entities``.
@@ -61,6 +62,19 @@ def _script(path: Path, lines: list[list[str]], env_home: Path, env: dict[str, s
     path.chmod(0o755)
 
 
+#: The bundle's Python files: entry points into the installed fedtune package and nothing else, so a
+#: site can check a bundle holds no code of the operator's (``deploy.app_approval``).
+APP_PACKAGE = {
+    "fedtune_app/__init__.py": '"""Entry points of the fedtune Flower app."""\n',
+    **{
+        f"fedtune_app/{role}_app.py": f'"""The {role} side, from the installed fedtune package."""\n\n'
+        f'from fedtune.{role}.deployment import app\n\n__all__ = ["app"]\n'
+        for role in ("server", "client")
+    },
+}
+CLIENT_COMPONENT = "fedtune_app.client_app:app"
+
+
 def _app_pyproject(cfg: FedtuneConfig, output_dir: Path) -> str:
     config_json = json.dumps(config_to_toml_dict(cfg), sort_keys=True)
     return "\n".join(
@@ -81,7 +95,7 @@ def _app_pyproject(cfg: FedtuneConfig, output_dir: Path) -> str:
             "",
             "[tool.flwr.app.components]",
             'serverapp = "fedtune_app.server_app:app"',
-            'clientapp = "fedtune_app.client_app:app"',
+            f'clientapp = "{CLIENT_COMPONENT}"',
             "",
             "[tool.flwr.app.config]",
             f"fedtune-config = {json.dumps(config_json)}",
@@ -186,14 +200,9 @@ def init_deployment(
             ]
         )
     )
-    package = d.app / "fedtune_app"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('"""Entry points of the fedtune Flower app."""\n')
-    for role in ("server", "client"):
-        (package / f"{role}_app.py").write_text(
-            f'"""The {role} side, from the installed fedtune package."""\n\n'
-            f'from fedtune.{role}.deployment import app\n\n__all__ = ["app"]\n'
-        )
+    (d.app / "fedtune_app").mkdir(parents=True)
+    for name, text in APP_PACKAGE.items():
+        (d.app / name).write_text(text)
     (d.app / "pyproject.toml").write_text(_app_pyproject(cfg, Path(output_dir or o / "runs").resolve()))
     publish_app(d.app, o / "signing.key", key_id, d.registry)
     _script(o / "start-registry.sh", [registry_command(d)], home)

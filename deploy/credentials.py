@@ -145,12 +145,13 @@ def read_auth_public_key(path: Path) -> bytes:
     return data
 
 
-def make_signing_key(directory: Path) -> tuple[str, str]:
-    """The operator's Ed25519 app-signing key; returns (key id, public key line) for trusted entities."""
+def make_signing_key(directory: Path, name: str = "signing.key", comment: str = "fedtune-operator") -> tuple[str, str]:
+    """An Ed25519 app-signing key (the operator's, or a site's approval key); returns (key id, public key
+    line) for trusted entities."""
     key = ed25519.Ed25519PrivateKey.generate()
-    _write(directory / "signing.key", _openssh_private(key), private=True)
-    public = _openssh_public(key, "fedtune-operator").decode().strip()
-    _write(directory / "signing.pub", (public + "\n").encode())
+    _write(directory / name, _openssh_private(key), private=True)
+    public = _openssh_public(key, comment).decode().strip()
+    _write(directory / (name.removesuffix(".key") + ".pub"), (public + "\n").encode())
     key_id = f"fpk_{uuid.uuid4()}"
     return key_id, public
 

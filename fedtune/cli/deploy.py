@@ -47,6 +47,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "It holds no secret: sites check the signatures themselves.",
     )
     registry.add_argument("out", type=Path, help="the folder `fedtune deploy init` wrote")
+    add = deploy.add_parser(
+        "add-approval",
+        help="add a site's approval (from `fedtune site approve`) to the bundle the registry serves",
+        description="Sites run only bundles they approved: the registry serves each site's signature with the "
+        "bundle whose sha256 the approval names.",
+    )
+    add.add_argument("out", type=Path, help="the folder `fedtune deploy init` wrote")
+    add.add_argument("approvals", type=Path, nargs="+", help="approval files the sites sent")
+    add.set_defaults(run=_deploy_add_approval)
     init.set_defaults(run=_deploy_init)
     sign.set_defaults(run=_deploy_sign)
     registry.set_defaults(run=_deploy_registry)
@@ -103,4 +112,24 @@ def _deploy_registry(args: argparse.Namespace) -> ExitCode:
         pass
     finally:
         registry.close()
+    return ExitCode.OK
+
+
+def _deploy_add_approval(args: argparse.Namespace) -> ExitCode:
+    import hashlib
+    import json
+
+    from fedtune.deploy.app_approval import add_approval
+    from fedtune.deploy.layout import load_deployment
+
+    registry = load_deployment(args.out).registry
+    fabs = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in sorted(registry.glob("*.fab"))}
+    for path in args.approvals:
+        try:
+            approval = json.loads(Path(path).read_text())
+            fab = fabs[approval.pop("fab_sha256")]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{path}: not an approval of a bundle in {registry} ({exc})") from exc
+        count = add_approval(fab, approval)
+        print(f"{fab.name}: added {path} ({count} signature(s) served with it)")
     return ExitCode.OK

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedtune.cli.exit_codes import ExitCode
 from fedtune.client.membership import IDENTITY_FILE, MembershipError, load_membership
+from fedtune.common.atomic_files import atomic_write_json
 from fedtune.common.config import ConfigError
 from fedtune.common.roster import MEMBER_NAME, Roster, RosterError, load_roster
 from fedtune.common.site_identity import (
@@ -21,6 +22,14 @@ from fedtune.common.site_identity import (
     encode_public_key,
     key_fingerprint,
     load_identity,
+)
+from fedtune.deploy.app_approval import (
+    APPROVAL_KEY,
+    TRUSTED_ENTITIES,
+    BundleRefused,
+    approve_bundle,
+    make_approval_key,
+    review_bundle,
 )
 from fedtune.deploy.credentials import make_site_auth_key
 
@@ -48,6 +57,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     pin.add_argument("roster", type=Path, help="the roster file the operator sent")
     pin.add_argument("--identity", type=Path, required=True, help=f"this site's {IDENTITY_FILE}")
     pin.set_defaults(run=_site_pin)
+    approve = site.add_parser(
+        "approve",
+        help="review an app bundle and sign it with this site's approval key",
+        description="Refuses a bundle that carries any code but fedtune's own entry points; prints the "
+        "federation's config to read; writes the approval for the operator to add to the registry "
+        "(`fedtune deploy add-approval`). The site's SuperNode runs only bundles it approved.",
+    )
+    approve.add_argument("fab", type=Path, help="the bundle (.fab) the operator sent")
+    approve.add_argument("--dir", type=Path, required=True, help="this site's folder (where `fedtune site init` ran)")
+    approve.set_defaults(run=_site_approve)
 
     roster = sub.add_parser("roster", help="the operator's side of the roster").add_subparsers(
         dest="roster_command", required=True
@@ -91,8 +110,11 @@ def _site_init(args: argparse.Namespace) -> ExitCode:
     identity = SiteIdentity.generate(args.name)
     identity.save(path)
     auth_public = make_site_auth_key(Path(args.dir), args.name)
+    make_approval_key(Path(args.dir), args.name)
     print(
-        f"wrote {path} and {Path(args.dir) / 'auth'} (private: they never leave this machine)\n\n"
+        f"wrote {path}, {Path(args.dir) / 'auth'} and {Path(args.dir) / APPROVAL_KEY} (private: they never leave "
+        f"this machine), and {Path(args.dir) / TRUSTED_ENTITIES} (this site runs only bundles it approved: "
+        "`fedtune site approve`)\n\n"
         f"send the operator {auth_public} (this site's Flower key: `fedtune deploy init --site-key "
         f"{args.name}={auth_public.name}`) and this line for the roster:\n"
         f"  {_public_line(identity)}\n\nkey fingerprint (to read out when asked): "
@@ -117,6 +139,28 @@ def _site_pin(args: argparse.Namespace) -> ExitCode:
         "compare the fingerprint with the other members out of band, then add to policy.toml's [policy]:\n"
         f'  roster = "{Path(args.roster).resolve()}"\n  roster_fingerprint = "{roster.fingerprint}"\n'
         f'  identity_key = "{Path(args.identity).resolve()}"'
+    )
+    return ExitCode.OK
+
+
+def _site_approve(args: argparse.Namespace) -> ExitCode:
+    try:
+        fab = Path(args.fab).read_bytes()
+        review = review_bundle(fab)
+        verification = approve_bundle(fab, args.dir)
+    except BundleRefused as exc:
+        raise ConfigError(f"{args.fab}: refused: {exc}") from exc
+    out = Path(args.dir) / "approvals" / f"{Path(args.fab).stem}.approval.json"
+    atomic_write_json(out, {**verification, "fab_sha256": review.sha256})
+    settings = ", ".join(
+        f"{section}.{key} = {value!r}"
+        for section, key in (("run", "name"), ("privacy", "epsilon"), ("privacy", "delta"), ("federation", "rounds"))
+        if (value := review.config.get(section, {}).get(key)) is not None
+    )
+    print(
+        f"{review.app_id}=={review.version} (sha256 {review.sha256[:16]}…): fedtune's entry points only\n"
+        f"  {settings}\n  (your policy.toml still caps what any plan can make this site do)\n"
+        f"wrote {out}: send it to the operator (`fedtune deploy add-approval`)"
     )
     return ExitCode.OK
 

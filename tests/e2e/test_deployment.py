@@ -34,6 +34,7 @@ import pytest
 
 from fedtune.common.config import config_from_dict
 from fedtune.common.wire import flatten_adapter
+from fedtune.deploy.app_registry import publish_app
 from fedtune.deploy.bundle import init_deployment
 from fedtune.deploy.commands import (
     flower_env,
@@ -50,7 +51,11 @@ from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.e2e
 
-FEDTUNE = [sys.executable, "-m", "fedtune"]  # each role's command line, as the README gives it
+FEDTUNE = [sys.executable, "-m", "fedtune"]
+#: What Flower's SuperNode logs for a signed bundle that no key of its trusted entities signed.
+UNTRUSTED_SIGNER = (
+    "the provided trusted entities could not verify the FAB"  # each role's command line, as the README gives it
+)
 
 
 def _free_port() -> int:
@@ -148,6 +153,18 @@ def _site_machines(tmp: Path, sites: list[str]) -> tuple[dict[str, Path], list[s
     return folders, lines
 
 
+def _approve_bundle(d: Deployment) -> None:
+    """Each site reviews and signs the bundle the operator published; the operator adds the approvals."""
+    (fab,) = d.registry.glob("*.fab")
+    for site in d.sites:
+        out = subprocess.run(
+            [*FEDTUNE, "site", "approve", str(fab), "--dir", str(d.site_dir(site))], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+    approvals = [str(p) for site in d.sites for p in (d.site_dir(site) / "approvals").glob("*.json")]
+    assert subprocess.run([*FEDTUNE, "deploy", "add-approval", str(d.root), *approvals]).returncode == 0
+
+
 def _pinned_roster(d: Deployment, roster: Path, lines: list[str]) -> dict[str, str]:
     """The operator builds the roster from the public lines; each site pins it. Returns each site's policy lines."""
     members = [a for line in lines for a in ("--member", line)]
@@ -201,8 +218,10 @@ def deployment(tmp_path_factory):
     # The operator's output holds no site's private key: each site brings its own into its folder.
     assert not any(p.name in ("auth", "identity.pem") for p in d.root.rglob("*"))
     for site in sites:
-        for name in ("auth", "identity.pem"):
+        # The site's own keys, and its trusted entities: its own approval key, not the operator's.
+        for name in ("auth", "identity.pem", "approval.key", "approval.key.id", "trusted_entities.yaml"):
             shutil.copy2(machines[site] / name, d.site_dir(site) / name)
+    _approve_bundle(d)
     pins = _pinned_roster(d, tmp / "roster.toml", lines)
     for site, path in zip(d.sites, paths, strict=False):
         policy = d.site_dir(site) / "policy.toml"
@@ -231,6 +250,29 @@ def test_sites_refuse_an_unsigned_app(deployment, tmp_path):
     assert not (tmp_path / "loopback" / "result.json").exists(), "the unsigned run must not complete"
     for site in d.sites:
         assert "The FAB could not be verified" in fed.log(site), fed.log(site)[-2000:]
+        assert not (d.site_dir(site) / "state" / "privacy_ledger.json").exists(), "no site trained"
+    assert "every site failed" in r.stdout + r.stderr
+
+
+def test_a_bundle_the_operator_edited_and_re_signed_is_refused_by_every_site(deployment, tmp_path):
+    """The operator changes the client entry point and signs the new version with its own key: sites trust
+    only their own approvals, so each refuses it before anything runs. (The app folder is put back after,
+    so the next test runs the approved 1.0.0.)"""
+    fed, d = deployment, deployment.d
+    client_app, pyproject = d.app / "fedtune_app" / "client_app.py", d.app / "pyproject.toml"
+    original = {client_app: client_app.read_text(), pyproject: pyproject.read_text()}
+    try:
+        client_app.write_text("from fedtune.client.deployment import app  # edited\n")
+        pyproject.write_text(original[pyproject].replace('version = "1.0.0"', 'version = "1.0.1"'))
+        publish_app(d.app, d.operator / "signing.key", d.signing_key_id, d.registry)
+        before = {site: fed.log(site).count(UNTRUSTED_SIGNER) for site in d.sites}
+        r = fed.cli(run_command(d) + ["--run-config", f"output-dir={json.dumps(str(tmp_path))}"], timeout=600)
+    finally:
+        for path, text in original.items():
+            path.write_text(text)
+    assert not (tmp_path / "loopback" / "result.json").exists(), "the re-signed run must not complete"
+    for site in d.sites:
+        assert fed.log(site).count(UNTRUSTED_SIGNER) > before[site], fed.log(site)[-2000:]
         assert not (d.site_dir(site) / "state" / "privacy_ledger.json").exists(), "no site trained"
     assert "every site failed" in r.stdout + r.stderr
 
