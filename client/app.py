@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedtune.client import secure_aggregation
-from fedtune.client.membership import IDENTITY_FILE, SIMULATED_ROSTER, Membership, load_membership
+from fedtune.client.membership import SIMULATED_ROSTER, Membership, load_membership, simulated_identity_path
 from fedtune.client.revealed_rounds import AlreadyMasked, MaskedRounds, RevealedRounds
 from fedtune.client.site import Site, SiteRefusal
 from fedtune.client.site_level import adapter_with_update, check_round, clipped_update, noised_update
@@ -313,7 +313,8 @@ def simulated_site_factory(cfg, spec, run_dir: Path, verbose: bool = False) -> S
                 raise SiteNotReady(DATA_INVALID) from exc
             state_dir = Path(run_dir) / "sites" / f"site-{pid}"
             roster = Path(run_dir) / SIMULATED_ROSTER
-            membership = load_membership(roster, state_dir / IDENTITY_FILE) if roster.exists() else None
+            identity = simulated_identity_path(run_dir, f"site-{pid}")
+            membership = load_membership(roster, identity) if roster.exists() else None
             cache[pid] = Site(
                 site_id_of(context),
                 cfg,

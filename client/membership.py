@@ -38,9 +38,15 @@ class Membership:
 #: Where a site's membership comes from (None: a federation without a roster).
 MembershipSource = Callable[[Context], Membership | None]
 
-#: In a simulation: the roster in the run directory, each site's identity in its state directory.
-SIMULATED_ROSTER = "roster.toml"
+#: A site's identity key in its folder (``fedtune site init``).
 IDENTITY_FILE = "identity.pem"
+#: In a simulation: the roster in the run directory, and each site's identity in ``identities/<site>.pem``
+#: there (apart from the sites' state directories, which a site creates only once its data is valid).
+SIMULATED_ROSTER = "roster.toml"
+
+
+def simulated_identity_path(run_dir: Path, site: str) -> Path:
+    return Path(run_dir) / "identities" / f"{site}.pem"
 
 
 def load_membership(roster_path: Path, identity_path: Path, pinned_fingerprint: str = "") -> Membership:

@@ -16,7 +16,7 @@ from pathlib import Path
 from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid
 
-from fedtune.client.membership import IDENTITY_FILE, SIMULATED_ROSTER
+from fedtune.client.membership import SIMULATED_ROSTER, simulated_identity_path
 from fedtune.common.config import ConfigError, FedtuneConfig
 from fedtune.common.data.federation_data import SiteSplit, build_site_splits, load_test_set
 from fedtune.common.devices import resolve_device
@@ -49,7 +49,7 @@ def check_privacy_feasible(cfg: FedtuneConfig, sites: list[SiteSplit]) -> None:
 
 
 def simulated_roster(run_dir: Path, members: list[str]) -> Roster:
-    """The simulated sites' roster, each member's identity made in its own state directory (kept on resume).
+    """The simulated sites' roster, each member's identity in ``RUN_DIR/identities`` (kept on resume).
 
     Simulated sites sign their secure-aggregation keys and check each other's as deployed ones
     do, so every simulation runs the authenticated protocol.
@@ -60,7 +60,7 @@ def simulated_roster(run_dir: Path, members: list[str]) -> Roster:
     keys = {}
     for member in members:
         identity = SiteIdentity.generate(member)
-        identity.save(run_dir / "sites" / member / IDENTITY_FILE)
+        identity.save(simulated_identity_path(run_dir, member))
         keys[member] = identity.public
     roster = Roster(federation=run_dir.name, members=keys)
     roster.save(roster_path)
