@@ -135,9 +135,7 @@ def advertise(
     context: Context, tag: bytes, num_examples: int, floor: int, membership: Membership | None = None
 ) -> ConfigRecord:
     """Fresh keys for round ``tag`` (replacing any round set up before); the public half to send,
-    signed when the site is a roster member. The roster's floor, if higher, becomes the site's."""
-    if membership is not None:
-        floor = max(floor, membership.roster.min_aggregation_sites)
+    signed when the site is a roster member (whose floor, if higher, ``ClientRound.floor`` applies)."""
     state = ClientRound(
         num_examples=num_examples,
         min_survivors_floor=floor,

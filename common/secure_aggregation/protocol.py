@@ -463,10 +463,11 @@ class ServerRound:
         self.total_examples = sum(a.num_examples for a in self.ads.values())
         signed = {i: a.signed_keys for i, a in self.ads.items()}
         self.members = {i: s for i, s in signed.items() if s is not None} if all(signed.values()) else {}
-        bound = bound_round_tag(
+        #: The round tag bound to the parameters every site is told (:func:`bound_round_tag`).
+        self.bound_tag = bound_round_tag(
             round_tag, self.threshold, self.min_survivors, clip_range, len(self.nodes), self.total_examples
         )
-        self.graph = public_graph(len(self.nodes), k, graph_seed(bound, self.members))
+        self.graph = public_graph(len(self.nodes), k, graph_seed(self.bound_tag, self.members))
         self.shared: set[int] = set()
         self.masked: dict[int, np.ndarray] = {}
 
@@ -558,9 +559,7 @@ class ServerRound:
             np.add(total, self.masked[i], out=total)
         for i in sorted(self.masked):
             add_mask(total, self._combine(i, 0, answers), -1)
-        tag = bound_round_tag(
-            self.round_tag, self.threshold, self.min_survivors, self.clip_range, len(self.nodes), self.total_examples
-        )
+        tag = self.bound_tag
         for j in sorted(self.shared - set(self.masked)):
             s_private = self._combine(j, 1, answers)
             if public_key_of(s_private) != self.ads[j].s_public:

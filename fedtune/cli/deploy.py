@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 
 from fedtune.cli.config_options import add_config_options, config_from_args
@@ -116,9 +118,6 @@ def _deploy_registry(args: argparse.Namespace) -> ExitCode:
 
 
 def _deploy_add_approval(args: argparse.Namespace) -> ExitCode:
-    import hashlib
-    import json
-
     from fedtune.deploy.app_approval import add_approval
     from fedtune.deploy.layout import load_deployment
 

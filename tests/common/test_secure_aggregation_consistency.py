@@ -20,7 +20,6 @@ from fedtune.common.secure_aggregation.protocol import (
     ProtocolViolation,
     ServerRound,
     _info,
-    bound_round_tag,
 )
 from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise
 from fedtune.common.site_identity import SiteIdentity
@@ -52,7 +51,7 @@ def _strip_victim(server: ServerRound, masked, answers, victim: int) -> np.ndarr
     """The victim's update from its masked vector, its self-mask seed and its neighbours' mask keys."""
     vector = masked[victim].copy()
     add_mask(vector, server._combine(victim, 0, answers), -1)
-    tag = bound_round_tag(TAG, server.threshold, server.min_survivors, CLIP, N, server.total_examples)
+    tag = server.bound_tag
     for j in server.graph[victim]:
         seed = agree(server._combine(j, 1, answers), server.ads[victim].s_public, _info("mask", tag, victim, j))
         add_mask(vector, seed, -1 if victim < j else +1)

@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedtune.common.secure_aggregation import protocol
 from fedtune.common.secure_aggregation.neighbours import public_graph, public_ring, smallest_group
 from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
     ProtocolViolation,
     ServerRound,
-    bound_round_tag,
     graph_seed,
 )
 
@@ -78,6 +78,4 @@ def test_a_site_refuses_to_unmask_when_dropouts_cut_the_survivors_into_a_group_b
 
 
 def _bound(p):
-    return bound_round_tag(
-        p.round_tag, p.threshold, p.min_survivors, p.clip_range, p.num_participants, p.total_examples
-    )
+    return protocol._bound_tag_of(p)
