@@ -33,8 +33,9 @@ lint: $(STAMP) typecheck-tree
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Two workers, each test file on one (module fixtures such as the loopback deployment stay whole).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .cache .pytest_cache .hypothesis .mypy_cache .ruff_cache build

@@ -643,7 +643,7 @@ class SecureAggregationConfig(_Section):
     record_masked_inputs: bool = Field(
         False,
         description="Keep every masked vector the server received in the run "
-        "directory, for an auditor (d+1 uint32 a site a round).",
+        "directory, for an auditor (d+1 uint64 a site a round).",
     )
 
 

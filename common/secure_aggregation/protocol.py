@@ -43,7 +43,7 @@ from fedtune.common.secure_aggregation.neighbours import (
     reconstruction_threshold,
     smallest_group,
 )
-from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
+from fedtune.common.secure_aggregation.quantisation import MAX_TOTAL_EXAMPLES, QuantisationGrid, dequantise, quantise
 from fedtune.common.secure_aggregation.shamir import ShamirError, combine_shares, split_secret
 from fedtune.common.secure_aggregation.share_transport import ShareDecryptionError, associated_data, open_sealed, seal
 from fedtune.common.secure_aggregation.signed_keys import SignedKeys, keys_problem, sign_keys, survivors_message
@@ -239,8 +239,12 @@ class ClientRound:
                 f"threshold {params.threshold} of {len(params.neighbours) + 1} shares is not a majority: the "
                 "server could collect both this site's self-mask seed and its mask key"
             )
-        if params.total_examples < self.num_examples:
-            raise ProtocolViolation("the round's total example count is below this site's own")
+        if not 1 <= self.num_examples <= params.total_examples:
+            raise ProtocolViolation(
+                f"the round's total example count {params.total_examples} is below this site's own {self.num_examples}"
+            )
+        if params.total_examples >= MAX_TOTAL_EXAMPLES:
+            raise ProtocolViolation(f"{params.total_examples} examples in the round; the grid allows fewer than 2**40")
         publics = [pk for pair in params.neighbours.values() for pk in pair]
         if len(set(publics)) != len(publics) or {self.c_keys.public, self.s_keys.public} & set(publics):
             raise ProtocolViolation("neighbours' public keys repeat or copy this site's")
@@ -315,7 +319,7 @@ class ClientRound:
     def masked_input(
         self, ciphertexts: Mapping[int, bytes] | None, update: np.ndarray, rng: np.random.Generator | None = None
     ) -> np.ndarray:
-        """``update`` quantised and weighted, plus a clipped-value count, masked (uint32).
+        """``update`` quantised and weighted, plus a clipped-value count, masked (uint64).
 
         ``ciphertexts`` are the neighbours' shares, or None when :meth:`receive_shares` has
         already opened them.
@@ -327,10 +331,10 @@ class ClientRound:
             # A second vector under the same masks would reveal the difference of two updates.
             raise ProtocolViolation("masked input requested out of order")
         self.sent_masked = True
-        grid = QuantisationGrid(p.clip_range, p.num_participants)
+        grid = QuantisationGrid(p.clip_range, p.total_examples)
         rng = rng or np.random.default_rng(secrets.randbits(128))
-        vector = np.empty(np.size(update) + 1, dtype=np.uint32)
-        _, clipped = quantise(update, self.num_examples / p.total_examples, grid, rng, out=vector[:-1])
+        vector = np.empty(np.size(update) + 1, dtype=np.uint64)
+        _, clipped = quantise(update, self.num_examples, grid, rng, out=vector[:-1])
         self.clipped = clipped
         vector[-1] = clipped
         add_mask(vector, self.self_seed, +1)
@@ -461,6 +465,8 @@ class ServerRound:
         k = neighbour_count(len(self.nodes), neighbours)
         self.threshold = reconstruction_threshold(k, threshold_fraction)
         self.total_examples = sum(a.num_examples for a in self.ads.values())
+        if self.total_examples >= MAX_TOTAL_EXAMPLES:
+            raise SecureAggregationError(f"{self.total_examples} examples advertised; a round holds fewer than 2**40")
         signed = {i: a.signed_keys for i, a in self.ads.items()}
         self.members = {i: s for i, s in signed.items() if s is not None} if all(signed.values()) else {}
         #: The round tag bound to the parameters every site is told (:func:`bound_round_tag`).
@@ -507,8 +513,8 @@ class ServerRound:
     def malformed(self, vector: np.ndarray) -> str | None:
         """What is wrong with a masked vector's type or shape, or None when it fits this round."""
         expected = (self.vector_length + 1,)
-        if vector.dtype != np.uint32 or vector.shape != expected:
-            return f"a masked vector of {vector.dtype} {vector.shape}; expected uint32 {expected}"
+        if vector.dtype != np.uint64 or vector.shape != expected:
+            return f"a masked vector of {vector.dtype} {vector.shape}; expected uint64 {expected}"
         return None
 
     def receive_masked(self, replies: Mapping[int, np.ndarray]) -> dict[int, tuple[list[int], list[int]]]:
@@ -554,7 +560,7 @@ class ServerRound:
     def unmask(self, replies: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]]) -> SecureSum:
         """Remove all masks from the sum of the masked vectors."""
         answers = {self.index[n]: r for n, r in replies.items() if self.index[n] in self.masked}
-        total = np.zeros(self.vector_length + 1, dtype=np.uint32)
+        total = np.zeros(self.vector_length + 1, dtype=np.uint64)
         for i in sorted(self.masked):
             np.add(total, self.masked[i], out=total)
         for i in sorted(self.masked):
@@ -568,14 +574,14 @@ class ServerRound:
                 if i in self.masked:
                     seed = agree(s_private, self.ads[i].s_public, _info("mask", tag, i, j))
                     add_mask(total, seed, -1 if i < j else +1)
-        weight = sum(self.ads[i].num_examples for i in self.masked) / self.total_examples
-        grid = QuantisationGrid(self.clip_range, len(self.nodes))
+        finished = sum(self.ads[i].num_examples for i in self.masked)
+        grid = QuantisationGrid(self.clip_range, self.total_examples)
         return SecureSum(
-            mean_update=dequantise(total[:-1], grid) / weight,
+            mean_update=dequantise(total[:-1], grid, finished),
             survivors=[self.node_of[i] for i in sorted(self.masked)],
             dropped=self.dropped_nodes,
             clipped_values=int(total[-1]),
-            weight=weight,
+            weight=finished / self.total_examples,
         )
 
 

@@ -258,7 +258,7 @@ def unmask_reply_from(record: ConfigRecord) -> tuple[dict[int, bytes], dict[int,
 
 
 def masked_record(vector: np.ndarray) -> ArrayRecord:
-    return ArrayRecord(array_dict={"vector": Array(np.ascontiguousarray(vector, dtype=np.uint32))})
+    return ArrayRecord(array_dict={"vector": Array(np.ascontiguousarray(vector, dtype=np.uint64))})
 
 
 def masked_from(record: ArrayRecord) -> np.ndarray:

@@ -232,10 +232,10 @@ def _attack_round(forge, claimed_survivors, floor: int = 2, n: int = 3, d: int =
     result = server.unmask(
         {node: clients[node].unmask(claimed_survivors, dropped) for node, (_, dropped) in asks.items()}
     )
-    # The server re-reads the integer sum on the grid the sites used (its own dequantisation assumed n sites).
-    ints = np.rint(result.mean_update * result.weight / QuantisationGrid(clip, n).step)
-    stated = params[0].num_participants
-    revealed_sum = ints * QuantisationGrid(clip, stated).step * stated
+    # The server re-reads the integer sum (weights 1) on the grid the sites used (its own assumed n examples).
+    finished = round(result.weight * server.total_examples)
+    ints = np.rint(result.mean_update * finished / QuantisationGrid(clip, server.total_examples).step)
+    revealed_sum = ints * QuantisationGrid(clip, params[0].total_examples).step
     return revealed_sum - sum(updates.values())
 
 

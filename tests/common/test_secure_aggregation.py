@@ -12,7 +12,7 @@ import pytest
 
 from fedtune.common.secure_aggregation import protocol
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, agree
-from fedtune.common.secure_aggregation.masks import add_mask, expand_mask
+from fedtune.common.secure_aggregation.masks import CHUNK, add_mask, expand_mask
 from fedtune.common.secure_aggregation.neighbours import neighbour_count, neighbour_graph, reconstruction_threshold
 from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
@@ -32,37 +32,55 @@ def _relative_rms_error(estimate: np.ndarray, truth: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("counts", [[1, 1, 1], [1, 5000, 20000], [1] + [10_000] * 9, [7] * 50])
-def test_dequantised_weighted_sum_is_within_1e_3_of_plaintext_for_any_example_counts(counts):
+def test_dequantised_weighted_mean_is_within_one_grid_step_for_any_example_counts(counts):
     rng = np.random.default_rng(len(counts))
     d = 20_000
     updates = [rng.normal(0, 1e-3, d) * rng.uniform(0.1, 10) for _ in counts]
-    grid = QuantisationGrid(clip_range=0.05, max_participants=len(counts))
-    total = np.zeros(d, dtype=np.uint32)
     n = sum(counts)
-    for u, c in zip(updates, counts, strict=False):
-        q, clipped = quantise(u, c / n, grid, rng)
-        assert q.dtype == np.uint32 and clipped == 0
+    grid = QuantisationGrid(clip_range=0.05, total_examples=n)
+    total = np.zeros(d, dtype=np.uint64)
+    for u, c in zip(updates, counts, strict=True):
+        q, clipped = quantise(u, c, grid, rng)
+        assert q.dtype == np.uint64 and clipped == 0
         np.add(total, q, out=total)
-    truth = sum(c / n * u for u, c in zip(updates, counts, strict=False))
-    assert _relative_rms_error(dequantise(total, grid), truth) < 1e-3
-    # Stochastic rounding moves each site's value by less than one grid step.
-    assert np.max(np.abs(dequantise(total, grid) - truth)) < len(counts) * grid.step
+    truth = sum(c / n * u for u, c in zip(updates, counts, strict=True))
+    mean = dequantise(total, grid, n)
+    assert _relative_rms_error(mean, truth) < 1e-9
+    # Stochastic rounding moves each site's value by less than one grid step, and the mean is a weighted mean.
+    assert np.max(np.abs(mean - truth)) < grid.step
 
 
 def test_values_beyond_the_clip_range_are_clipped_and_counted():
-    grid = QuantisationGrid(clip_range=1.0, max_participants=2)
+    grid = QuantisationGrid(clip_range=1.0, total_examples=2)
     update = np.array([0.5, -2.0, 3.0, -0.999, 1.0])
-    q, clipped = quantise(update, 1.0, grid, np.random.default_rng(0))
+    q, clipped = quantise(update, 1, grid, np.random.default_rng(0))
     assert clipped == 2
-    np.testing.assert_allclose(dequantise(q, grid), [0.5, -1.0, 1.0, -0.999, 1.0], atol=2 * grid.step)
+    np.testing.assert_allclose(dequantise(q, grid, 1), [0.5, -1.0, 1.0, -0.999, 1.0], atol=2 * grid.step)
+
+
+def test_the_grid_keeps_any_sum_of_the_round_inside_64_bits():
+    """The largest sum a round can make (every site at the clip range, rounded up) is still a signed 64-bit value."""
+    for total in (1, 2, 3, 1000, 2**22, 2**30 + 7, 2**40 - 1):
+        grid = QuantisationGrid(1.0, total)
+        assert total * (grid.levels + 1) < 2**63 and grid.levels >= 2**22
+    rng = np.random.default_rng(0)
+    grid = QuantisationGrid(1.0, 2**30 + 7)
+    q1, _ = quantise(np.full(4, 5.0), 2**30, grid, rng)
+    q2, _ = quantise(np.full(4, 5.0), 7, grid, rng)
+    np.testing.assert_allclose(dequantise(q1 + q2, grid, 2**30 + 7), 1.0, rtol=1e-9)
+    q3, _ = quantise(np.full(4, -5.0), 2**30 + 7, grid, rng)
+    np.testing.assert_allclose(dequantise(q3, grid, 2**30 + 7), -1.0, rtol=1e-9)
 
 
 def test_quantise_rejects_non_finite_updates_and_bad_weights():
     grid = QuantisationGrid(1.0, 2)
     with pytest.raises(ValueError, match="NaN or infinity"):
-        quantise(np.array([0.0, np.nan]), 0.5, grid, np.random.default_rng(0))
-    with pytest.raises(ValueError, match=r"weight must be in \(0, 1\]"):
-        quantise(np.zeros(3), 1.5, grid, np.random.default_rng(0))
+        quantise(np.array([0.0, np.nan]), 1, grid, np.random.default_rng(0))
+    for weight in (0.5, 0, 3):
+        with pytest.raises(ValueError, match=r"whole number in \[1, 2\]"):
+            quantise(np.zeros(3), weight, grid, np.random.default_rng(0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"total_examples must be in \[1, 2\*\*40\)"):
+        QuantisationGrid(1.0, 2**40)
 
 
 def test_auto_clip_range_bounds_an_adam_round():
@@ -100,8 +118,15 @@ def test_masks_are_aes_ctr_keystreams_and_pairwise_seeds_agree():
     assert agree(a.private, b.public, TAG) != agree(a.private, b.public, TAG + b"x")
     seed = os.urandom(32)
     long, short = expand_mask(seed, 100_000), expand_mask(seed, 10)
-    assert long.dtype == np.uint32 and np.array_equal(long[:10], short)
-    assert abs(long.astype(np.float64).mean() / 2**32 - 0.5) < 0.01
+    assert long.dtype == np.uint64 and np.array_equal(long[:10], short)
+    assert abs(long.astype(np.float64).mean() / 2**64 - 0.5) < 0.01
+    # Added a chunk at a time, the mask is the same keystream, and subtracting it undoes it exactly.
+    n = 3 * CHUNK + 5
+    vector = np.arange(n, dtype=np.uint64)
+    add_mask(vector, seed, +1)
+    np.testing.assert_array_equal(vector, np.arange(n, dtype=np.uint64) + expand_mask(seed, n))
+    add_mask(vector, seed, -1)
+    np.testing.assert_array_equal(vector, np.arange(n, dtype=np.uint64))
 
 
 def test_share_ciphertexts_are_bound_to_their_round_and_pair():
@@ -159,9 +184,9 @@ def test_full_round_reveals_the_weighted_mean_and_masked_vectors_look_random():
     assert result.survivors == sorted(updates) and result.dropped == [] and result.clipped_values == 0
     assert _relative_rms_error(result.mean_update, _weighted_mean(updates, counts, sorted(updates))) < 1e-6
     for node, vector in masked.items():
-        assert vector.dtype == np.uint32 and vector.shape == (5_001,), "32 bits a value, plus the clip count"
+        assert vector.dtype == np.uint64 and vector.shape == (5_001,), "64 bits a value, plus the clip count"
         quantised = updates[node].astype(np.float64) * counts[node]
-        corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), quantised)[0, 1]
+        corr = np.corrcoef(vector[:-1].view(np.int64).astype(np.float64), quantised)[0, 1]
         assert abs(corr) < 5 / np.sqrt(5_000), f"masked vector of {node} correlates with its update ({corr:.3f})"
 
 
@@ -241,10 +266,11 @@ def test_server_rejects_a_malformed_masked_vector():
 
 
 def _forge_weights(params, target: int, big: int = protocol.MAX_PARTICIPANTS):
-    """H2: the target is told the honest parameters; every other site num_participants = total_examples = big,
-    which shrinks their contributions 100,000 times (each site's own check, total >= its count, passes)."""
+    """H2: the target is told the honest parameters; every other site num_participants = big and
+    total_examples = 2**39, which coarsens their grid 2**16 times and so shrinks their contributions as
+    much (each site's own check, total >= its count, passes)."""
     return {
-        n: p if n == target else dataclasses.replace(p, num_participants=big, total_examples=big)
+        n: p if n == target else dataclasses.replace(p, num_participants=big, total_examples=2**39)
         for n, p in params.items()
     }
 
@@ -285,13 +311,13 @@ def _masks_of_a_pair(params_i, params_j, d: int = 1_000) -> np.ndarray:
     i, j = ClientRound(1), ClientRound(1)
     pi = dataclasses.replace(params_i, index=1, neighbours={2: (j.c_keys.public, j.s_keys.public)})
     pj = dataclasses.replace(params_j, index=2, neighbours={1: (i.c_keys.public, i.s_keys.public)})
-    total = np.zeros(d + 1, dtype=np.uint32)
+    total = np.zeros(d + 1, dtype=np.uint64)
     for site, p in ((i, pi), (j, pj)):
         site.params, site.alive = p, (3 - p.index,)
         vector = site.masked_input(None, np.zeros(d), np.random.default_rng(0))
         add_mask(vector, site.self_seed, -1)
         np.add(total, vector, out=total)
-    return dequantise(total[:-1], QuantisationGrid(params_i.clip_range, params_i.num_participants))
+    return dequantise(total[:-1], QuantisationGrid(params_i.clip_range, params_i.total_examples), 2)
 
 
 def test_sites_told_different_weights_derive_pairwise_masks_that_do_not_cancel():

@@ -55,8 +55,7 @@ def _strip_victim(server: ServerRound, masked, answers, victim: int) -> np.ndarr
     for j in server.graph[victim]:
         seed = agree(server._combine(j, 1, answers), server.ads[victim].s_public, _info("mask", tag, victim, j))
         add_mask(vector, seed, -1 if victim < j else +1)
-    weight = server.ads[victim].num_examples / server.total_examples
-    return dequantise(vector[:-1], QuantisationGrid(CLIP, N)) / weight
+    return dequantise(vector[:-1], QuantisationGrid(CLIP, server.total_examples), server.ads[victim].num_examples)
 
 
 def _stories(victim: int) -> dict[int, tuple[list[int], list[int]]]:

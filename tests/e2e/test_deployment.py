@@ -316,8 +316,8 @@ def test_two_signed_secure_dp_rounds_survive_a_site_killed_mid_round(deployment)
     dim = true_updates["site-0"].size
     for site in received:
         vector = np.load(run_dir / "masked-inputs" / "round-0002" / f"{site}.npy")
-        assert vector.dtype == np.uint32 and vector.shape == (dim + 1,)
-        corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), true_updates[site])[0, 1]
+        assert vector.dtype == np.uint64 and vector.shape == (dim + 1,)
+        corr = np.corrcoef(vector[:-1].view(np.int64).astype(np.float64), true_updates[site])[0, 1]
         assert abs(corr) < 5 / np.sqrt(dim), f"{site}'s masked vector correlates with its update ({corr:.3f})"
     total = sum(counts.values())
     expected = sum(counts[s] / total * true_updates[s].astype(np.float64) for s in received)

@@ -184,8 +184,8 @@ def test_the_server_never_holds_a_site_update_only_masked_vectors_and_their_sum(
     masked = {site_of_node[r.metadata.src_node_id]: r.content[MASKED]["vector"].numpy() for r in train_rep}
     assert sorted(masked) == sorted(counts) and len(masked) == 4
     for site, vector in masked.items():
-        assert vector.dtype == np.uint32 and vector.shape == (d + 1,), "32 bits a value, plus the clip count"
-        corr = np.corrcoef(vector[:-1].view(np.int32).astype(np.float64), true_updates[site])[0, 1]
+        assert vector.dtype == np.uint64 and vector.shape == (d + 1,), "64 bits a value, plus the clip count"
+        corr = np.corrcoef(vector[:-1].view(np.int64).astype(np.float64), true_updates[site])[0, 1]
         assert abs(corr) < 5 / np.sqrt(d), f"{site}'s masked vector correlates with its update ({corr:.3f})"
     total = sum(counts.values())
     expected = sum(counts[s] / total * true_updates[s].astype(np.float64) for s in counts)

@@ -10,7 +10,7 @@ from tests.plans import train_plan
 
 
 def test_a_site_that_sent_a_masked_vector_counts_as_a_contributor():
-    got = RoundReplies(masked={7: ("site-0", np.zeros(5, np.uint32))}, refused={"site-1": "budget", "site-2": "policy"})
+    got = RoundReplies(masked={7: ("site-0", np.zeros(5, np.uint64))}, refused={"site-1": "budget", "site-2": "policy"})
     assert got.contributors == 1
     assert not got.every_site_refused, "one site trained: the federation must not stop"
 
