@@ -584,9 +584,9 @@ class FederationServer:
         except SecureAggregationError as exc:
             log.error("round %d: secure aggregation failed: %s; the global adapter is unchanged", round_, exc)
             return failed_round(exchange, exc)
-        # Each coordinate of the revealed mean is off by at most a few grid steps of the fixed-point
-        # encoding (clip_range / 2**31 a site): allowed for on top of the bound's relative slack.
-        rounding = np.sqrt(settings.vector_length) * len(result.survivors) * settings.clip_range / 2**30
+        # Each coordinate of the revealed mean is off by under one grid step of the fixed-point
+        # encoding: allowed for (twice) on top of the bound's relative slack.
+        rounding = 2 * np.sqrt(settings.vector_length) * result.grid_step
         # Site-level DP with server noise: added here, to the sum, before anything else sees it.
         mean = self._site_level({"mean": result.mean_update}, len(result.survivors), round_)["mean"]
         problem = vector_problem(mean, settings.vector_length, self.cfg.train.max_update_norm, slack=rounding)

@@ -45,6 +45,8 @@ def add_mask(vector: np.ndarray, seed: bytes, sign: int) -> None:
     :func:`expand_mask`'s): the mask never goes to main memory, which halves the memory
     traffic of masking against expanding it whole and adding it after.
     """
+    if vector.dtype != np.uint64:
+        raise TypeError(f"masks are added to uint64 vectors, got {vector.dtype}")
     encryptor, n = _encryptor(seed), vector.shape[0]
     keystream = np.empty(min(n, CHUNK) + 2, dtype=np.uint64)
     zeros, view = _zero_bytes(8 * min(n, CHUNK)), keystream.data.cast("B")

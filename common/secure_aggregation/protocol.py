@@ -110,6 +110,8 @@ class SecureSum:
     dropped: list[int]
     clipped_values: int
     weight: float
+    #: The round's grid step: each coordinate of the mean is within one of the true weighted mean.
+    grid_step: float
 
 
 def bound_round_tag(
@@ -582,6 +584,7 @@ class ServerRound:
             dropped=self.dropped_nodes,
             clipped_values=int(total[-1]),
             weight=finished / self.total_examples,
+            grid_step=grid.step,
         )
 
 

@@ -1,20 +1,25 @@
-"""Fixed-point encoding of updates into the ring of 64-bit integers, weighted by whole example counts.
+"""Fixed-point encoding of example-weighted updates into the ring of 64-bit integers.
 
-A site clips each coordinate of its update to ``[-clip_range, clip_range]``, rounds it
-stochastically onto a grid of ``levels`` steps per ``clip_range`` and multiplies the integer
-by its example count ``n_i`` (its weight, a whole number). The server unmasks
-``sum(n_i * q_i)`` over the sites that finished and divides by their ``sum(n_i)``, which it
-knows from the advertisements. The grid is sized by the round's total example count ``N`` so
-that ``N * (levels + 1) < 2**63``: the sum never leaves the signed 64-bit range, whichever
-sites drop, and arithmetic modulo 2**64 keeps it exact.
+A site clips each coordinate of its update to ``[-clip_range, clip_range]``, scales it onto
+a grid of ``levels`` steps per ``clip_range``, multiplies it by its example count ``n_i``
+(its weight, a whole number) and rounds the product stochastically to an integer. The server
+unmasks ``sum(round(n_i * y_i))`` over the sites that finished and divides by their
+``sum(n_i)``, which it knows from the advertisements. The grid is sized by the round's total
+example count ``N`` so that ``N * (levels + 1) < 2**63``: the sum never leaves the signed
+64-bit range, whichever sites drop, and arithmetic modulo 2**64 keeps it exact.
 
-The only error is each site's rounding, at most one grid step and unbiased, and the mean
-of the survivors is a weighted mean of their rounding errors: it stays below one step
-(``clip_range / levels``, at most ``clip_range * N / 2**63``, and ``clip_range / 2**40``
-for rounds under four million examples) however many sites drop and however their examples
-are split. Pre-weighting by the share ``n_i / N`` in a 32-bit ring, as before, made the
-server divide the rounding error by the survivors' share of ``N``: relative error 9.4e-3
-when four 250,000-example sites dropped and six small ones finished (issue 15, attack 6).
+Each site's rounding is unbiased and under one unit, so the mean is off by less than
+``m / sum(n_i) <= 1`` grid step (``clip_range / levels``; ``clip_range / 2**40`` for rounds
+under eight million examples) however many sites drop and however their examples are split.
+Pre-weighting by the share ``n_i / N`` in a 32-bit ring, as before, made the server divide
+the rounding error by the finished sites' share of ``N`` (issue 15, attack 6: relative error
+9e-4 when four 250,000-example sites dropped and six 10-example sites finished).
+
+The product is rounded, not the update before it: ``n_i * round(y_i)`` would make every
+site's contribution a multiple of its known count, and a sum whose other terms share a
+factor ``g`` would give away the target's ``round(y_t)`` modulo ``g``. Rounding ``n_i * y_i``
+needs more precision than float64 holds at ``2**80``, so it is done in two parts: the whole
+part of ``y_i`` times ``n_i`` in integers, plus ``n_i`` times its fraction rounded in floats.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 MODULUS_BITS = 64
-#: Grid steps per clip range at most: float64 still resolves a stochastic rounding's
-#: fraction to 2**-12 of a step at this magnitude.
+#: Grid steps per clip range at most: far finer than any update needs, and the whole part of a
+#: scaled value stays exact in float64.
 MAX_LEVELS = 2**40
 #: The most examples a round may count (the grid keeps at least 2**23 levels below it).
 MAX_TOTAL_EXAMPLES = 2**40
@@ -55,40 +60,38 @@ class QuantisationGrid:
 
 
 def quantise(
-    update: np.ndarray,
-    weight: int,
-    grid: QuantisationGrid,
-    rng: np.random.Generator,
-    out: np.ndarray | None = None,
+    update: np.ndarray, weight: int, grid: QuantisationGrid, rng: np.random.Generator, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, int]:
-    """``update`` on the grid times the whole number ``weight``, as uint64 (two's complement), and
+    """``weight * update`` on the grid, stochastically rounded, as uint64 (two's complement), and
     how many coordinates were clipped.
 
-    This runs on every site in every secure round, so it makes few passes over one float64
-    buffer and writes into ``out`` (uint64, the update's length) when given, whose memory
-    also holds the rounding's random draws until the result replaces them. Shifting by
-    ``levels + 1`` before the cast makes every value positive, so the cast's truncation is
-    the floor of stochastic rounding; the shift comes off, times ``weight``, modulo 2**64.
+    This runs on every site in every secure round, so it makes few passes over two float64
+    buffers and writes into ``out`` (uint64, the update's length) when given. The update is
+    clipped in float64 (a float32 clip would let ``float32(clip_range)`` through, past the
+    bound the ring was sized for).
     """
     if not (isinstance(weight, int | np.integer) and 1 <= weight <= grid.total_examples):
         raise ValueError(f"aggregation weight must be a whole number in [1, {grid.total_examples}], got {weight}")
     x = np.asarray(update).ravel()
     if not np.isfinite(x.sum()) and not np.all(np.isfinite(x)):
         raise ValueError("the update contains NaN or infinity; it cannot be aggregated")
-    c, shift = grid.clip_range, grid.levels + 1
-    clipped = int(np.count_nonzero(x > c)) + int(np.count_nonzero(x < -c))
-    n = x.shape[0]
+    c, n = grid.clip_range, x.shape[0]
     y = np.empty(n, dtype=np.float64)
-    np.clip(x, -c, c, out=y)
-    y *= grid.levels / c
+    y[...] = x
+    clipped = int(np.count_nonzero(y > c)) + int(np.count_nonzero(y < -c))
+    np.clip(y, -c, c, out=y)
+    y *= grid.levels / c  # |y| <= levels <= 2**40
     out = np.empty(n, dtype=np.uint64) if out is None else out
-    # float32 draws (in out's first half): a rounding probability off by at most 2**-24 of one grid step.
-    y += rng.random(n, dtype=np.float32, out=out.view(np.float32)[:n])
-    y += shift
-    out.view(np.int64)[...] = y  # 0 <= y < 2 * shift <= 2**42: exact, and truncation is the floor
-    w = np.uint64(weight)
-    out *= w
-    out -= np.uint64((shift * int(weight)) % 2**MODULUS_BITS)
+    scratch = np.floor(y)  # the whole part, exact in float64; its memory is reused twice below
+    out.view(np.int64)[...] = scratch
+    y -= scratch  # the fraction, in [0, 1)
+    y *= weight  # in [0, weight), resolved to 2**-12 or finer since weight < 2**40
+    # float32 draws: a rounding probability off by at most 2**-24.
+    y += rng.random(n, dtype=np.float32, out=scratch.view(np.float32)[:n])
+    part = scratch.view(np.uint64)
+    part[...] = y  # y >= 0, so the cast's truncation is the floor: a whole number in [0, weight]
+    out *= np.uint64(weight)  # the whole part times weight, modulo 2**64 (two's complement)
+    out += part
     return out, clipped
 
 

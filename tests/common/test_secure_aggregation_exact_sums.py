@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fedtune.common.secure_aggregation.protocol import ClientRound, ServerRound
+from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise, quantise
 
 TAG = b"fedtune/run/attack-6"
 CLIP = 0.05
@@ -74,8 +75,8 @@ def test_pre_weighting_multiplied_the_error_when_heavy_sites_dropped():
 
 @pytest.mark.parametrize("scale", [1e-3, 1e-6])
 def test_the_secure_mean_is_exact_to_1e_6_when_the_heavy_sites_drop(scale):
-    """Heavy sites dropped: the six small ones' mean, through the protocol, to 1e-6 relative (measured 2e-11,
-    and 2e-8 for updates 2e-5 of the clip range, where the old grid failed even without dropouts)."""
+    """Heavy sites dropped: the six small ones' mean, through the protocol, to 1e-6 relative (measured 2e-12,
+    and 2e-9 for updates 2e-5 of the clip range, where the old grid failed even without dropouts)."""
     updates = _updates(scale)
     mean, survivors = _secure_mean(updates, dropped=[0, 1, 2, 3])
     assert survivors == [4, 5, 6, 7, 8, 9]
@@ -89,3 +90,48 @@ def test_the_secure_mean_is_exact_to_1e_6_without_dropouts_and_with_only_light_s
     mean, survivors = _secure_mean(updates, dropped=[7, 8, 9])
     assert survivors == [0, 1, 2, 3, 4, 5, 6]
     assert _relative_rms_error(mean, _weighted_mean(updates, survivors)) <= 1e-6
+
+
+def _weight_after_rounding(update: np.ndarray, weight: int, grid: QuantisationGrid, rng) -> np.ndarray:
+    """The first 64-bit encoding, restored: ``weight * round(y)``, every contribution a multiple of its count."""
+    y = np.clip(update, -grid.clip_range, grid.clip_range) * grid.levels / grid.clip_range
+    whole = np.floor(y + rng.random(y.shape[0])).astype(np.int64)
+    return whole.view(np.uint64) * np.uint64(weight)
+
+
+@pytest.mark.parametrize("encoding", ["count-times-rounded", "rounded-product"])
+def test_counts_sharing_a_factor_do_not_give_away_a_sites_low_digits(encoding):
+    """Three sites of 1000, 2000 and 3000 examples and a target of 7: with every contribution a multiple
+    of its count, the sum times 7^-1 modulo 1000 is the target's rounded value modulo 1000, coordinate
+    by coordinate (the reviewer's attack). Rounding the product leaves those digits at chance."""
+    counts, target = [1000, 2000, 3000, 7], 3
+    grid = QuantisationGrid(CLIP, sum(counts))
+    rng = np.random.default_rng(5)
+    updates = [rng.normal(0, 1e-3, D) for _ in counts]
+    encode = _weight_after_rounding if encoding == "count-times-rounded" else quantise
+    total = np.zeros(D, dtype=np.uint64)
+    for u, n in zip(updates, counts, strict=True):
+        contribution = encode(u, n, grid, rng)
+        np.add(total, contribution[0] if isinstance(contribution, tuple) else contribution, out=total)
+    revealed = total.view(np.int64)
+    guess = (revealed % 1000) * pow(7, -1, 1000) % 1000
+    y = updates[target] * grid.levels / CLIP
+    truth = np.floor(y) % 1000  # the target's rounded value mod 1000 is floor or floor + 1
+    hits = np.mean((guess == truth) | (guess == (truth + 1) % 1000))
+    if encoding == "count-times-rounded":
+        assert hits == 1.0, "the attack reads the target's low digits"
+    else:
+        assert hits < 0.01, f"{hits:.3f} of the target's low digits leaked"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_updates_in_low_precision_at_the_clip_range_keep_their_sign_in_a_large_round(dtype):
+    """The reviewer's case: float32(0.1) > 0.1, so a clip in float32 let values past the range the ring
+    was sized for, and with 10 million examples every site at the clip range wrapped the sum to -0.1."""
+    grid = QuantisationGrid(0.1, 10_000_000)
+    rng = np.random.default_rng(0)
+    x = np.full(4, 1.0, dtype)
+    total = quantise(x, 6_000_000, grid, rng)[0] + quantise(x, 4_000_000, grid, rng)[0]
+    np.testing.assert_allclose(dequantise(total, grid, 10_000_000), 0.1, rtol=1e-9)
+    total = quantise(-x, 6_000_000, grid, rng)[0] + quantise(-x, 4_000_000, grid, rng)[0]
+    np.testing.assert_allclose(dequantise(total, grid, 10_000_000), -0.1, rtol=1e-9)
