@@ -241,7 +241,9 @@ class ClientRound:
                 f"threshold {params.threshold} of {len(params.neighbours) + 1} shares is not a majority: the "
                 "server could collect both this site's self-mask seed and its mask key"
             )
-        if not 1 <= self.num_examples <= params.total_examples:
+        if self.num_examples < 1:
+            raise ProtocolViolation(f"this site declared {self.num_examples} examples; a secure round needs at least 1")
+        if params.total_examples < self.num_examples:
             raise ProtocolViolation(
                 f"the round's total example count {params.total_examples} is below this site's own {self.num_examples}"
             )

@@ -92,11 +92,12 @@ def test_the_secure_mean_is_exact_to_1e_6_without_dropouts_and_with_only_light_s
     assert _relative_rms_error(mean, _weighted_mean(updates, survivors)) <= 1e-6
 
 
-def _weight_after_rounding(update: np.ndarray, weight: int, grid: QuantisationGrid, rng) -> np.ndarray:
-    """The first 64-bit encoding, restored: ``weight * round(y)``, every contribution a multiple of its count."""
+def _weight_after_rounding(update: np.ndarray, weight: int, grid: QuantisationGrid, rng) -> tuple[np.ndarray, int]:
+    """The first 64-bit encoding, restored: ``weight * round(y)``, every contribution a multiple of its count
+    (returned as :func:`quantise` returns, with no clipped values)."""
     y = np.clip(update, -grid.clip_range, grid.clip_range) * grid.levels / grid.clip_range
     whole = np.floor(y + rng.random(y.shape[0])).astype(np.int64)
-    return whole.view(np.uint64) * np.uint64(weight)
+    return whole.view(np.uint64) * np.uint64(weight), 0
 
 
 @pytest.mark.parametrize("encoding", ["count-times-rounded", "rounded-product"])
@@ -111,8 +112,7 @@ def test_counts_sharing_a_factor_do_not_give_away_a_sites_low_digits(encoding):
     encode = _weight_after_rounding if encoding == "count-times-rounded" else quantise
     total = np.zeros(D, dtype=np.uint64)
     for u, n in zip(updates, counts, strict=True):
-        contribution = encode(u, n, grid, rng)
-        np.add(total, contribution[0] if isinstance(contribution, tuple) else contribution, out=total)
+        np.add(total, encode(u, n, grid, rng)[0], out=total)
     revealed = total.view(np.int64)
     guess = (revealed % 1000) * pow(7, -1, 1000) % 1000
     y = updates[target] * grid.levels / CLIP
