@@ -27,8 +27,6 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Message,
@@ -53,7 +51,7 @@ from fedtune.common.secure_aggregation.records import (
     round_tag,
 )
 from fedtune.common.site_identity import SiteIdentity
-from fedtune.common.wire import MASKED, SECAGG, STATUS, SiteState, SiteStatus, payload_nbytes
+from fedtune.common.wire import MASKED, SECAGG, STATUS, SiteState, SiteStatus, payload_nbytes, to_array_record
 from fedtune.server.messaging import send_and_collect, wait_for_nodes
 from fedtune.server.secure_rounds import (
     PreparedRound,
@@ -101,7 +99,7 @@ def client_app(members: dict[int, Membership] | None = None) -> ClientApp:
                 reply_to=msg,
             )
         weights = msg.content["adapter"]["w"].numpy()
-        adapter = ArrayRecord(array_dict={"w": Array(weights + update)})
+        adapter = to_array_record({"w": weights + update})
         return Message(RecordDict({"adapter": adapter, "metrics": metrics, STATUS: status}), reply_to=msg)
 
     register_secure_aggregation(app, lambda context: (100, 2), membership_of=membership_of)
@@ -112,7 +110,7 @@ def train_requests(
     nodes: list[int], weights: np.ndarray, prepared: PreparedRound | None = None, next_tag: bytes = b""
 ) -> list[Message]:
     plan = ConfigRecord({"params": weights.size, "secure": prepared is not None, "next-tag": next_tag})
-    record = ArrayRecord(array_dict={"w": Array(weights)})
+    record = to_array_record({"w": weights})
     return [
         Message(
             RecordDict({"adapter": record, "plan": plan, **({SECAGG: prepared.train_record(n)} if prepared else {})}),

@@ -21,6 +21,7 @@ rather than guess what its fields mean.
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -29,6 +30,7 @@ from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
 
 ADAPTER = "adapter"
 SECAGG = "secagg"
@@ -298,8 +300,22 @@ class SiteStatus(_ConfigContract):
     reason: str = ""
 
 
+def array_of(values: np.ndarray) -> Array:
+    """``Array(values)`` with the same bytes (``.npy``), built in one copy.
+
+    Flower's constructor runs ``np.save`` into a growing ``BytesIO``, which costs 10 ms for a
+    masked vector of a million 64-bit values (odd-sized buffers grow by copying) against
+    0.3 ms here; a site sends one every round.
+    """
+    a = np.ascontiguousarray(values)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(a))
+    data = b"".join((header.getvalue(), a.data.cast("B")))
+    return Array(dtype=str(a.dtype), shape=tuple(a.shape), stype=SType.NUMPY, data=data)
+
+
 def to_array_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
+    return ArrayRecord(array_dict={k: array_of(np.asarray(v, dtype=np.float32)) for k, v in state.items()})
 
 
 def from_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, ConfigRecordValues
+from flwr.app import ArrayRecord, ConfigRecord, ConfigRecordValues
 
 from fedtune.common.secure_aggregation.protocol import Advertisement, RoundParameters
 from fedtune.common.secure_aggregation.signed_keys import SignedKeys
+from fedtune.common.wire import array_of
 
 ADVERTISE = "train.secagg_advertise"
 SHARE_KEYS = "train.secagg_share_keys"
@@ -258,7 +259,7 @@ def unmask_reply_from(record: ConfigRecord) -> tuple[dict[int, bytes], dict[int,
 
 
 def masked_record(vector: np.ndarray) -> ArrayRecord:
-    return ArrayRecord(array_dict={"vector": Array(np.ascontiguousarray(vector, dtype=np.uint64))})
+    return ArrayRecord(array_dict={"vector": array_of(np.asarray(vector, dtype=np.uint64))})
 
 
 def masked_from(record: ArrayRecord) -> np.ndarray:

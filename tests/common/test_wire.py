@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.serde import (
     config_record_from_proto,
     config_record_to_proto,
@@ -31,6 +31,7 @@ from fedtune.common.wire import (
     TrainPlan,
     TrainReport,
     WireError,
+    array_of,
     to_array_record,
 )
 from tests.plans import train_plan
@@ -209,3 +210,26 @@ def test_a_site_refuses_a_plan_of_another_version_with_a_normal_reply(message_ty
         f"server speaks fedtune wire protocol {PROTOCOL_VERSION + 1}, this site "
         f"{PROTOCOL_VERSION}: upgrade fedtune on this site"
     )
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(1_000_001, dtype=np.uint64),
+        np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+        np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4).T,  # not C-contiguous
+        np.arange(20, dtype=np.float64)[::3],  # strided
+        np.zeros(0, dtype=np.float32),
+        np.array(2.5, dtype=np.float32),  # 0-d
+    ],
+)
+def test_array_of_sends_the_bytes_flowers_array_would(values):
+    packed = array_of(values)
+    reference = Array(np.ascontiguousarray(values))
+    assert (packed.data, packed.dtype, packed.shape, packed.stype) == (
+        reference.data,
+        reference.dtype,
+        reference.shape,
+        reference.stype,
+    )
+    np.testing.assert_array_equal(packed.numpy(), values)
