@@ -629,7 +629,13 @@ class SecureAggregationConfig(_Section):
         0, ge=0, description="Size of each site's masking neighbourhood (0: derived from the number of sites)."
     )
     threshold_fraction: float = Field(
-        0.5, ge=0.5, lt=1, description="Share of a neighbourhood that must stay to rebuild a dropped site's masks."
+        0.5,
+        ge=0.5,
+        lt=1,
+        description="Share of a neighbourhood that must stay to rebuild a dropped site's masks. Against an "
+        "operator that deviates, c sites colluding with it among a site's k neighbours are withstood only while "
+        "2t > k + 1 + c (t this share of k + 1): none at 0.5, fewer than a third of a neighbourhood at 0.67, "
+        "which in turn fails a round when more than a third of a neighbourhood drops.",
     )
     clip_range: float = Field(
         0.0,

@@ -177,26 +177,30 @@ class PreparedRound:
 
 
 def set_up_round(exchange: SecureExchange, tag: bytes, nodes: list[int], settings: SecureSettings) -> PreparedRound:
-    """Steps 1-2 as two exchanges before training; raises SecureAggregationError if too few sites answer."""
-    replies = exchange("secagg advertise", ADVERTISE, {n: tag_record(tag) for n in nodes})
-    advertised = exchange.parsed(
-        "secagg advertise", replies, lambda c: advertisement_from(c.config_records[SECAGG], tag)
-    )
-    server = settings.server_round(tag, advertised)
-    shared = exchange(
-        "secagg share keys", SHARE_KEYS, {n: params_record(p) for n, p in server.share_keys_requests().items()}
-    )
-    return PreparedRound(
-        tag,
-        server,
-        server.route_shares(
-            exchange.parsed(
+    """Steps 1-2 as two exchanges before training; raises SecureAggregationError if too few sites answer.
+
+    Sites mask with every neighbour of the public graph or not at all, so when a site does not
+    share its keys the set-up runs again, with fresh keys, among those that did.
+    """
+    while True:
+        replies = exchange("secagg advertise", ADVERTISE, {n: tag_record(tag) for n in nodes})
+        advertised = exchange.parsed(
+            "secagg advertise", replies, lambda c: advertisement_from(c.config_records[SECAGG], tag)
+        )
+        server = settings.server_round(tag, advertised)
+        shared = exchange.parsed(
+            "secagg share keys",
+            exchange(
                 "secagg share keys",
-                shared,
-                lambda c: indexed_bytes_from(c.config_records[SECAGG], what="share keys reply"),
-            )
-        ),
-    )
+                SHARE_KEYS,
+                {n: params_record(p) for n, p in server.share_keys_requests().items()},
+            ),
+            lambda c: indexed_bytes_from(c.config_records[SECAGG], what="share keys reply"),
+        )
+        if not (missing := server.unshared(shared)):
+            return PreparedRound(tag, server, server.route_shares(shared))
+        log.info("secure aggregation set-up again without nodes %s, which did not share their keys", missing)
+        nodes = [n for n in server.nodes if n not in missing]
 
 
 def finish_round(

@@ -6,7 +6,9 @@
    Shamir-shares its self-mask seed ``b`` and its ``s`` private key among its neighbours
    and itself, and returns one AES-GCM ciphertext per neighbour for the server to relay.
 3. masked input: each site quantises its weighted update (plus a count of clipped values)
-   and adds its self mask and one signed pairwise mask per neighbour still present.
+   and adds its self mask and one signed pairwise mask per neighbour; it needs every
+   neighbour's shares (a server that held some back would choose whom it masks with), so a
+   neighbour that dropped in step 2 means the round is set up again without it.
 4. unmask: each site still present returns, for every neighbour, either the share of
    ``b`` (the neighbour finished) or the share of ``s`` (it dropped), never both; the
    server rebuilds the masks, removes them and keeps only the sum.
@@ -296,10 +298,15 @@ class ClientRound:
                 raise ProtocolViolation(f"neighbour {j}'s keys differ from those its member signed")
 
     def receive_shares(self, ciphertexts: Mapping[int, bytes]) -> None:
-        """Open the shares the neighbours sent; the neighbours that did are the ones masked with.
+        """Open the shares the neighbours sent: one from every neighbour of the public graph.
 
-        Raises ProtocolViolation (or ShareDecryptionError) when the shares are unusable, so a
-        site can check them before it spends any privacy budget on training.
+        All or nothing: a site masks with each of its neighbours, since the group check at the
+        unmask step reads the public graph. A server that passed on only some neighbours' shares
+        would choose whom the site masks with, list those as dropped, and strip the site's masks
+        with keys the rest of the graph reveals (a review's attack: 7 sites of degree 4, no
+        colluder). A neighbour that did not share its keys means the round is set up again
+        without it. Raises ProtocolViolation (or ShareDecryptionError) when the shares are
+        unusable, so a site can check them before it spends any privacy budget on training.
         """
         p = self.params
         if p is None or self.alive:
@@ -307,9 +314,12 @@ class ClientRound:
         unknown = set(ciphertexts) - set(p.neighbours)
         if unknown:
             raise ProtocolViolation(f"shares from sites that are not neighbours: {sorted(unknown)}")
-        if len(ciphertexts) + 1 < p.threshold:
+        if missing := set(p.neighbours) - set(ciphertexts):
             raise ProtocolViolation(
-                f"only {len(ciphertexts)} neighbours remain; threshold {p.threshold} could never be met"
+                f"shares arrived from {len(ciphertexts)} of this site's {len(p.neighbours)} neighbours (none from "
+                f"{sorted(missing)}); a site masks with every neighbour of the round's graph or not at all, as a "
+                "server that holds shares back would choose whom it masks with. The round must be set up again "
+                "without the sites that did not share their keys"
             )
         tag, opened = _bound_tag_of(p), {}
         for j, blob in ciphertexts.items():
@@ -429,6 +439,12 @@ class ClientRound:
         alive_survivors, alive_dropped = self._check_view(survivors, dropped)
         p = self.params
         assert p is not None
+        view = (tuple(sorted(survivors)), tuple(sorted(dropped)))
+        if self.signed_view is not None and self.signed_view != view:
+            raise ProtocolViolation(
+                "asked to unmask under a list of survivors other than the one this site signed; the server is "
+                "telling sites different stories about who dropped"
+            )
         reveals_keys = bool(set(self.alive) & alive_dropped)
         if self.roster is not None and reveals_keys:
             if self.signed_view != (tuple(sorted(survivors)), tuple(sorted(dropped))):
@@ -503,8 +519,23 @@ class ServerRound:
                 f"{step}: only {count} sites remain, fewer than the {self.min_survivors} needed; the round is abandoned"
             )
 
+    def unshared(self, replies: Mapping[int, Mapping[int, bytes]]) -> list[int]:
+        """The nodes that advertised but did not send a share to each of their neighbours.
+
+        Sites mask with every neighbour or not at all (:meth:`ClientRound.receive_shares`), so a
+        round with any such node has to be set up again without it.
+        """
+        complete = {n for n, r in replies.items() if n in self.index and set(self.graph[self.index[n]]) <= set(r)}
+        return [n for n in self.nodes if n not in complete]
+
     def route_shares(self, replies: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
-        """Each site that shared its keys gets the ciphertexts its neighbours addressed to it."""
+        """Each site gets the ciphertexts its neighbours addressed to it; raises
+        SecureAggregationError unless every site that advertised shared with all its neighbours."""
+        if missing := self.unshared(replies):
+            raise SecureAggregationError(
+                f"nodes {missing} did not share their keys with all their neighbours; sites mask with every "
+                "neighbour or not at all, so the round has to be set up again without them"
+            )
         replies = {n: r for n, r in replies.items() if n in self.index}
         self.shared = {self.index[n] for n in replies}
         self._require(len(self.shared), "share keys")

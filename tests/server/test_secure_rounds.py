@@ -49,6 +49,40 @@ def test_a_malformed_reply_drops_its_site_and_the_round_completes(tmp_path, mess
     assert np.max(np.abs(result.mean_update - weighted_mean(updates, survivors))) < 1e-6
 
 
+def withhold_a_share(node: int):
+    """A Flower mod: ``node``'s share-keys reply leaves out its first neighbour's ciphertext (well formed)."""
+
+    def mod(msg: Message, context, call_next) -> Message:
+        reply = call_next(msg, context)
+        if context.node_id == node and msg.metadata.message_type == records.SHARE_KEYS:
+            record = reply.content[SECAGG]
+            reply.content[SECAGG] = ConfigRecord({"ids": list(record["ids"])[1:], "data": list(record["data"])[1:]})
+        return reply
+
+    return mod
+
+
+def test_a_site_that_shares_with_only_some_neighbours_is_set_up_without(tmp_path, caplog):
+    """Sites mask with every neighbour or not at all, so the server sets the round up again, with fresh
+    keys, among the sites that shared with all their neighbours; their mean is exact."""
+    updates = random_updates()
+    sites = Sites(tmp_path, mods=[withhold_a_share(13)])
+    exchange = sites.exchange()
+    with caplog.at_level("INFO", logger="fedtune.server.secagg"):
+        prepared = set_up_round(exchange, round_tag("run", 1), NODES, SETTINGS)
+    assert prepared.nodes == [11, 12]
+    assert "set-up again without nodes [13]" in caplog.text
+    masked = {
+        n: secure_aggregation.mask_update(
+            sites.contexts[n], prepared.tag, prepared.inboxes[n], updates[n], f"site-{n}", sites.masked_for(n)
+        )
+        for n in prepared.nodes
+    }
+    result, _ = finish_round(exchange, prepared, masked, SETTINGS)
+    assert result.survivors == [11, 12]
+    assert np.max(np.abs(result.mean_update - weighted_mean(updates, [11, 12]))) < 1e-6
+
+
 def test_shares_of_the_wrong_size_count_as_missing(tmp_path):
     updates = random_updates()
     sites = Sites(tmp_path, mods=[corrupt(13, records.UNMASK, "b-shares")])
