@@ -237,11 +237,21 @@ class ClientRound:
             )
         if not 2 <= params.threshold <= len(params.neighbours) + 1:
             raise ProtocolViolation(f"threshold {params.threshold} is not in 2..{len(params.neighbours) + 1}")
-        if 2 * params.threshold <= len(params.neighbours) + 1:
+        holders = len(params.neighbours) + 1
+        if 2 * params.threshold <= holders:
             # Below a majority, two disjoint groups of holders could rebuild both of this site's secrets.
             raise ProtocolViolation(
-                f"threshold {params.threshold} of {len(params.neighbours) + 1} shares is not a majority: the "
+                f"threshold {params.threshold} of {holders} shares is not a majority: the "
                 "server could collect both this site's self-mask seed and its mask key"
+            )
+        colluders = self.roster.colluding_neighbours if self.roster is not None else 0
+        if 2 * params.threshold <= holders + colluders:
+            # Colluders hand over shares of both secrets: honest holders must not split into two groups of t - c.
+            raise ProtocolViolation(
+                f"threshold {params.threshold} of {holders} shares cannot withstand the roster's "
+                f"colluding_neighbours = {colluders}: with that many colluders among its neighbours the server could "
+                f"collect both this site's secrets. The server needs a threshold of at least "
+                f"{(holders + colluders) // 2 + 1} (raise secure_aggregation.threshold_fraction)"
             )
         if self.num_examples < 1:
             raise ProtocolViolation(f"this site declared {self.num_examples} examples; a secure round needs at least 1")

@@ -176,3 +176,47 @@ def test_a_threshold_below_a_majority_is_refused_it_would_let_the_server_rebuild
     with pytest.raises(ProtocolViolation, match="threshold 2 of 5 shares is not a majority"):
         sites[1].share_keys(dataclasses.replace(params[1], threshold=2))
     sites[2].share_keys(params[2])  # the server's own threshold (3 of 5) is accepted
+
+
+def test_colluding_neighbours_travels_in_the_roster_and_its_fingerprint_only_when_set(tmp_path):
+    identities, roster = _members("bank-a", "bank-b")
+    guarded = dataclasses.replace(roster, colluding_neighbours=1)
+    assert guarded.fingerprint != roster.fingerprint
+    assert "colluding_neighbours" not in roster.to_toml()  # rosters pinned before it keep their fingerprint
+    guarded.save(tmp_path / "roster.toml")
+    assert load_roster(tmp_path / "roster.toml", guarded.fingerprint) == guarded
+    text = (tmp_path / "roster.toml").read_text()
+    (tmp_path / "roster.toml").write_text(text.replace("colluding_neighbours = 1", "colluding_neighbours = 0"))
+    with pytest.raises(RosterError, match="is not the pinned"):
+        load_roster(tmp_path / "roster.toml", guarded.fingerprint)
+    (tmp_path / "roster.toml").write_text(text.replace("colluding_neighbours = 1", 'colluding_neighbours = "1"'))
+    with pytest.raises(RosterError, match=r"roster.toml: roster.colluding_neighbours: expected an integer, got '1'"):
+        load_roster(tmp_path / "roster.toml")
+    with pytest.raises(RosterError, match="colluding_neighbours is at least 0"):
+        dataclasses.replace(roster, colluding_neighbours=-1)
+
+
+@pytest.mark.parametrize(("fraction", "refused"), [(0.5, True), (2 / 3, False)])
+def test_members_of_a_roster_that_withstands_a_colluder_refuse_a_bare_majority_threshold(fraction, refused):
+    """colluding_neighbours = 1 needs 2t > k + 2: with k = 4, t = 3 (a bare majority) is refused before
+    any share is encrypted, and t = 4 (threshold_fraction 2/3) is accepted."""
+    names = [f"h{i}" for i in range(1, 6)]
+    identities = {n: SiteIdentity.generate(n) for n in names}
+    roster = Roster("hospitals", {n: i.public for n, i in identities.items()}, colluding_neighbours=1)
+    sites = {i: ClientRound(100, roster=roster, identity=identities[n]) for i, n in enumerate(names, start=1)}
+    server = ServerRound(
+        _tag(1), {i: s.advertise(_tag(1)) for i, s in sites.items()}, CLIP, 2, D, threshold_fraction=fraction
+    )
+    params = server.share_keys_requests()
+    if refused:
+        with pytest.raises(
+            ProtocolViolation, match=r"threshold 3 of 5 shares cannot withstand the roster's colluding_neighbours = 1"
+        ):
+            sites[1].share_keys(params[1])
+    else:
+        assert params[1].threshold == 4
+        updates = {i: np.full(D, 0.01 * i, dtype=np.float32) for i in sites}
+        inboxes = server.route_shares({i: sites[i].share_keys(p) for i, p in params.items()})
+        masked = {i: sites[i].masked_input(box, updates[i]) for i, box in inboxes.items()}
+        result = server.unmask({i: sites[i].unmask(*r) for i, r in server.receive_masked(masked).items()})
+        np.testing.assert_allclose(result.mean_update, np.full(D, 0.03), rtol=1e-6)  # float32 inputs
