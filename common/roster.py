@@ -8,7 +8,7 @@ can leave members out of a round, never add one. Format (TOML)::
     [roster]
     federation = "banking-2027"
     min_aggregation_sites = 3       # every site enforces at least this, whatever its own floor
-    colluding_neighbours = 1        # optional: sites colluding with the operator a round must withstand
+    colluding_members = 1           # optional: members colluding with the operator rounds must withstand
 
     [members]
     bank-a = "ed25519:3q2+7w..."    # printed by `fedtune site init` on that bank's machine
@@ -39,16 +39,17 @@ class RosterError(ValueError):
 class Roster:
     """Members' Ed25519 public keys (raw bytes) by name, and the federation's minimums.
 
-    ``min_aggregation_sites``: the fewest sites any revealed sum may cover. ``colluding_neighbours``:
-    how many sites colluding with a deviating operator, among any member's neighbours, a round must
-    withstand; every member then refuses a reconstruction threshold t of k + 1 shares unless
-    2t > k + 1 + colluding_neighbours (0: a bare majority suffices, and no colluder is withstood).
+    ``min_aggregation_sites``: the fewest sites any revealed sum may cover. ``colluding_members``:
+    how many members colluding with a deviating operator rounds must withstand, counted across the
+    whole federation (the server can re-draw the neighbour graph by leaving members out, so it may
+    gather them around one site); every member then refuses a reconstruction threshold t of k + 1
+    shares unless 2t > k + 1 + colluding_members (0: a bare majority, and no colluder withstood).
     """
 
     federation: str
     members: Mapping[str, bytes]
     min_aggregation_sites: int = 2
-    colluding_neighbours: int = 0
+    colluding_members: int = 0
 
     def __post_init__(self) -> None:
         bad = [m for m in self.members if not MEMBER_NAME.fullmatch(m)]
@@ -59,16 +60,16 @@ class Roster:
             raise RosterError("two members share one public key")
         if self.min_aggregation_sites < 2:
             raise RosterError(f"min_aggregation_sites is at least 2, got {self.min_aggregation_sites}")
-        if self.colluding_neighbours < 0:
-            raise RosterError(f"colluding_neighbours is at least 0, got {self.colluding_neighbours}")
+        if self.colluding_members < 0:
+            raise RosterError(f"colluding_members is at least 0, got {self.colluding_members}")
 
     @property
     def fingerprint(self) -> str:
         """What members compare out of band: a digest of the federation, its minimums and every member's key.
 
-        ``colluding_neighbours`` counts only when set, so rosters pinned before it existed keep their fingerprint.
+        ``colluding_members`` counts only when set, so rosters pinned before it existed keep their fingerprint.
         """
-        minimums = {"colluding_neighbours": self.colluding_neighbours} if self.colluding_neighbours else {}
+        minimums = {"colluding_members": self.colluding_members} if self.colluding_members else {}
         canonical = json.dumps(
             {
                 "federation": self.federation,
@@ -93,7 +94,7 @@ class Roster:
             "[roster]",
             f"federation = {json.dumps(self.federation)}",
             f"min_aggregation_sites = {self.min_aggregation_sites}",
-            *([f"colluding_neighbours = {self.colluding_neighbours}"] if self.colluding_neighbours else []),
+            *([f"colluding_members = {self.colluding_members}"] if self.colluding_members else []),
             "",
             "[members]",
         ]
@@ -116,10 +117,10 @@ def load_roster(path: Path, pinned_fingerprint: str = "") -> Roster:
     if not isinstance(head, dict) or not isinstance(members, dict) or not members:
         raise RosterError(f"{path}: expected a [roster] table and a non-empty [members] table")
     federation, floor = head.get("federation"), head.get("min_aggregation_sites", 2)
-    colluders = head.get("colluding_neighbours", 0)
+    colluders = head.get("colluding_members", 0)
     if not isinstance(federation, str) or not federation:
         raise RosterError(f"{path}: roster.federation: expected the federation's name (a string)")
-    for field, value in (("min_aggregation_sites", floor), ("colluding_neighbours", colluders)):
+    for field, value in (("min_aggregation_sites", floor), ("colluding_members", colluders)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise RosterError(f"{path}: roster.{field}: expected an integer, got {value!r}")
     try:

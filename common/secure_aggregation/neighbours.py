@@ -48,8 +48,9 @@ def public_graph(num_sites: int, k: int, round_seed: bytes) -> dict[int, tuple[i
     """The graph over indices 1..n that every site can recompute from the round's public data.
 
     The server states only ``k`` (each site sees its neighbour count); the ordering comes from
-    ``round_seed``, a digest of the round's tag, parameters and signed keys, so the server cannot
-    place chosen sites next to each other.
+    ``round_seed``: the round's tag, ``k`` and the members' signatures on keys they made fresh
+    (``protocol.graph_seed``), so no one knows the graph before the keys arrive. The server can
+    re-draw it only by leaving members out or running the set-up again, both on the round's record.
     """
     return neighbour_graph(list(range(1, num_sites + 1)), k, _public_seed(round_seed))
 

@@ -117,28 +117,61 @@ class SecureSum:
 
 
 def bound_round_tag(
-    round_tag: bytes, threshold: int, min_survivors: int, clip_range: float, num_participants: int, total_examples: int
+    round_tag: bytes,
+    threshold: int,
+    min_survivors: int,
+    clip_range: float,
+    num_participants: int,
+    total_examples: int,
+    neighbours: int = 0,
+    members: Mapping[int, SignedKeys] | None = None,
 ) -> bytes:
     """``round_tag`` with a digest of the parameters every site of the round must share appended.
 
     Used in place of the bare tag wherever a key is derived or a share sealed, so two sites told
     different parameters (another ``total_examples`` or ``num_participants`` to shrink one site's
-    weight, another grid) agree on no pairwise mask: their masks do not cancel and the server
-    learns nothing from the sum. Computed once per round, not per coordinate.
+    weight, another grid, another degree) agree on no pairwise mask: their masks do not cancel and
+    the server learns nothing from the sum. ``members`` (every participant's signed keys) is bound
+    too: a server holding several signed advertisements of a site for one tag (a set-up run
+    again) could otherwise give each site its own list of members, hence its own public graph,
+    and shape every neighbourhood at will (a review's attack read one site's update with 11 sites
+    of degree 4). Computed once per round, not per coordinate.
     """
-    fields = struct.pack("<qqdqq", threshold, min_survivors, clip_range, num_participants, total_examples)
-    digest = hashlib.sha256(len(round_tag).to_bytes(4, "little") + round_tag + fields).hexdigest()
+    fields = struct.pack("<qqdqqq", threshold, min_survivors, clip_range, num_participants, total_examples, neighbours)
+    listed = b"".join(
+        i.to_bytes(4, "big")
+        + len(m.member).to_bytes(4, "big")
+        + m.member.encode()
+        + m.c_public
+        + m.s_public
+        + m.signature
+        for i, m in sorted((members or {}).items())
+    )
+    digest = hashlib.sha256(len(round_tag).to_bytes(4, "little") + round_tag + fields + listed).hexdigest()
     return round_tag + f"|params:{digest}".encode()
 
 
-def graph_seed(bound_tag: bytes, members: Mapping[int, SignedKeys]) -> bytes:
-    """What orders the round's neighbour graph: the bound tag and every member's signature (when signed)."""
-    return bound_tag + b"".join(members[i].signature for i in sorted(members))
+def graph_seed(round_tag: bytes, neighbours: int, members: Mapping[int, SignedKeys]) -> bytes:
+    """What orders the round's neighbour graph: the round's tag, its degree and every member's signature.
+
+    Nothing the server sets freely (the clip range, the stated totals) goes in: it could re-draw
+    the graph by nudging them. The members' signatures cover keys the sites made fresh, so no one
+    knows the graph before the advertisements arrive; the server can re-draw it only by leaving
+    members out of the round or running its set-up again, which the round's record shows.
+    """
+    return round_tag + f"|k:{neighbours}|".encode() + b"".join(members[i].signature for i in sorted(members))
 
 
 def _bound_tag_of(p: RoundParameters) -> bytes:
     return bound_round_tag(
-        p.round_tag, p.threshold, p.min_survivors, p.clip_range, p.num_participants, p.total_examples
+        p.round_tag,
+        p.threshold,
+        p.min_survivors,
+        p.clip_range,
+        p.num_participants,
+        p.total_examples,
+        len(p.neighbours),
+        p.members,
     )
 
 
@@ -244,12 +277,12 @@ class ClientRound:
                 f"threshold {params.threshold} of {holders} shares is not a majority: the "
                 "server could collect both this site's self-mask seed and its mask key"
             )
-        colluders = self.roster.colluding_neighbours if self.roster is not None else 0
+        colluders = self.roster.colluding_members if self.roster is not None else 0
         if 2 * params.threshold <= holders + colluders:
             # Colluders hand over shares of both secrets: honest holders must not split into two groups of t - c.
             raise ProtocolViolation(
                 f"threshold {params.threshold} of {holders} shares cannot withstand the roster's "
-                f"colluding_neighbours = {colluders}: with that many colluders among its neighbours the server could "
+                f"colluding_members = {colluders}: with that many colluders among its neighbours the server could "
                 f"collect both this site's secrets. The server needs a threshold of at least "
                 f"{(holders + colluders) // 2 + 1} (raise secure_aggregation.threshold_fraction)"
             )
@@ -271,7 +304,9 @@ class ClientRound:
     def _check_graph(self, params: RoundParameters) -> None:
         """The neighbours are this site's in the graph every site recomputes from the round's public data."""
         graph = public_graph(
-            params.num_participants, len(params.neighbours), graph_seed(_bound_tag_of(params), params.members)
+            params.num_participants,
+            len(params.neighbours),
+            graph_seed(params.round_tag, len(params.neighbours), params.members),
         )
         if set(graph[params.index]) != set(params.neighbours) or len(graph[params.index]) != len(params.neighbours):
             raise ProtocolViolation(
@@ -397,7 +432,9 @@ class ClientRound:
                 f"{len(self.alive)} neighbours whose shares it holds); unmasking would reveal a sum over fewer "
                 f"than its min_aggregation_sites = {floor} sites"
             )
-        graph = public_graph(p.num_participants, len(p.neighbours), graph_seed(_bound_tag_of(p), p.members))
+        graph = public_graph(
+            p.num_participants, len(p.neighbours), graph_seed(p.round_tag, len(p.neighbours), p.members)
+        )
         if (group := smallest_group(graph, sorted(alive_survivors))) < floor:
             raise ProtocolViolation(
                 f"with these dropouts the finished sites fall apart into groups whose masks cancel within "
@@ -501,9 +538,16 @@ class ServerRound:
         self.members = {i: s for i, s in signed.items() if s is not None} if all(signed.values()) else {}
         #: The round tag bound to the parameters every site is told (:func:`bound_round_tag`).
         self.bound_tag = bound_round_tag(
-            round_tag, self.threshold, self.min_survivors, clip_range, len(self.nodes), self.total_examples
+            round_tag,
+            self.threshold,
+            self.min_survivors,
+            clip_range,
+            len(self.nodes),
+            self.total_examples,
+            k,
+            self.members,
         )
-        self.graph = public_graph(len(self.nodes), k, graph_seed(self.bound_tag, self.members))
+        self.graph = public_graph(len(self.nodes), k, graph_seed(round_tag, k, self.members))
         self.shared: set[int] = set()
         self.masked: dict[int, np.ndarray] = {}
 

@@ -90,11 +90,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--min-aggregation-sites", type=int, default=2, help="the fewest sites any revealed sum may cover"
     )
     build.add_argument(
-        "--colluding-neighbours",
+        "--colluding-members",
         type=int,
         default=0,
-        help="sites colluding with a deviating operator, among any member's neighbours, that rounds must withstand "
-        "(0: none; each member then refuses a reconstruction threshold t unless 2t > k + 1 + this)",
+        help="members colluding with a deviating operator that rounds must withstand, counted across the "
+        "federation (0: none; each member then refuses a reconstruction threshold t unless 2t > k + 1 + this)",
     )
     build.set_defaults(run=_roster_build)
 
@@ -143,7 +143,7 @@ def _site_pin(args: argparse.Namespace) -> ExitCode:
     print(
         f"roster of {roster.federation!r}: {len(roster.members)} members ({', '.join(sorted(roster.members))}), "
         f"min_aggregation_sites = {roster.min_aggregation_sites}, "
-        f"colluding_neighbours = {roster.colluding_neighbours}\nfingerprint: {roster.fingerprint}\n\n"
+        f"colluding_members = {roster.colluding_members}\nfingerprint: {roster.fingerprint}\n\n"
         "compare the fingerprint with the other members out of band, then add to policy.toml's [policy]:\n"
         f'  roster = "{Path(args.roster).resolve()}"\n  roster_fingerprint = "{roster.fingerprint}"\n'
         f'  identity_key = "{Path(args.identity).resolve()}"'
@@ -181,7 +181,7 @@ def _roster_build(args: argparse.Namespace) -> ExitCode:
             if not sep or name in members:
                 raise ConfigError(f"--member {item!r}: expected NAME=ed25519:KEY, each name once")
             members[name] = decode_public_key(key, f"--member {name}")
-        roster = Roster(args.federation, members, args.min_aggregation_sites, args.colluding_neighbours)
+        roster = Roster(args.federation, members, args.min_aggregation_sites, args.colluding_members)
     except (IdentityError, RosterError) as exc:
         raise ConfigError(str(exc)) from exc
     if Path(args.out).exists():
@@ -192,7 +192,7 @@ def _roster_build(args: argparse.Namespace) -> ExitCode:
     roster.save(args.out)
     print(
         f"wrote {args.out}: {len(members)} members, min_aggregation_sites = {roster.min_aggregation_sites}, "
-        f"colluding_neighbours = {roster.colluding_neighbours}\n"
+        f"colluding_members = {roster.colluding_members}\n"
         f"fingerprint: {roster.fingerprint}\n\nsend the file to every member; each runs "
         "`fedtune site pin` and compares the fingerprint with the others out of band"
     )

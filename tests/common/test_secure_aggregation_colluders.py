@@ -37,7 +37,7 @@ def _attack_with_one_colluder(threshold_fraction: float) -> tuple[np.ndarray, np
     ads = {i: s.advertise(TAG) for i, s in sites.items()}
     server = ServerRound(TAG, ads, CLIP, 2, D, neighbours=K, threshold_fraction=threshold_fraction)
     params = server.share_keys_requests()
-    ring = public_ring(N, graph_seed(server.bound_tag, server.members))
+    ring = public_ring(N, graph_seed(TAG, K, server.members))
     victim, colluder, h = ring[0], ring[-1], K // 2
     inboxes = server.route_shares({i: sites[i].share_keys(p) for i, p in params.items()})
     rng = np.random.default_rng(6)

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from fedtune.common.roster import Roster
 from fedtune.common.secure_aggregation import protocol
 from fedtune.common.secure_aggregation.neighbours import public_graph, public_ring, smallest_group
 from fedtune.common.secure_aggregation.protocol import (
@@ -16,6 +17,7 @@ from fedtune.common.secure_aggregation.protocol import (
     ServerRound,
     graph_seed,
 )
+from fedtune.common.site_identity import SiteIdentity
 
 TAG = b"fedtune/run/1"
 D = 50
@@ -58,8 +60,8 @@ def test_a_site_refuses_to_unmask_when_dropouts_cut_the_survivors_into_a_group_b
     rng = np.random.default_rng(0)
     masked = {i: sites[i].masked_input(box, rng.normal(0, 0.01, D)) for i, box in inboxes.items()}
     p = params[1]
-    ring = public_ring(n, graph_seed(_bound(p), {}))
-    graph = public_graph(n, len(p.neighbours), graph_seed(_bound(p), {}))
+    ring = public_ring(n, graph_seed(p.round_tag, len(p.neighbours), {}))
+    graph = public_graph(n, len(p.neighbours), graph_seed(p.round_tag, len(p.neighbours), {}))
     assert graph == server.graph
     group, dropped = ring[10:18], ring[3:10] + ring[18:25]
     survivors = sorted(set(range(1, n + 1)) - set(dropped))
@@ -77,5 +79,19 @@ def test_a_site_refuses_to_unmask_when_dropouts_cut_the_survivors_into_a_group_b
     fresh[1].unmask(list(range(1, n + 1)), [])
 
 
-def _bound(p):
-    return protocol._bound_tag_of(p)
+def test_the_server_cannot_redraw_the_graph_by_nudging_the_clip_range():
+    """A second review placed four chosen sites around a victim (20 sites, degree 4) by moving the clip range
+    a few units in its last place while the round's bound parameters seeded the graph (the old seed, rebuilt
+    here, gives a new graph each time); now the graph stays the same."""
+    ids = {i: SiteIdentity.generate(f"h{i}") for i in range(1, 21)}
+    roster = Roster("hospitals", {x.member: x.public for x in ids.values()}, min_aggregation_sites=3)
+    ads = {i: ClientRound(100, roster=roster, identity=ids[i]).advertise(TAG) for i in ids}
+    old, now, clip = set(), set(), 0.1
+    for _ in range(20):
+        server = ServerRound(TAG, ads, clip, 3, 10, neighbours=4, threshold_fraction=0.67)
+        signatures = b"".join(server.members[i].signature for i in sorted(server.members))
+        old_seed = protocol.bound_round_tag(TAG, server.threshold, 3, clip, 20, server.total_examples) + signatures
+        old.add(tuple(sorted(public_graph(20, 4, old_seed).items())))
+        now.add(tuple(sorted(server.graph.items())))
+        clip = float(np.nextafter(clip, 1.0))
+    assert len(old) == 20 and len(now) == 1

@@ -178,31 +178,31 @@ def test_a_threshold_below_a_majority_is_refused_it_would_let_the_server_rebuild
     sites[2].share_keys(params[2])  # the server's own threshold (3 of 5) is accepted
 
 
-def test_colluding_neighbours_travels_in_the_roster_and_its_fingerprint_only_when_set(tmp_path):
+def test_colluding_members_travels_in_the_roster_and_its_fingerprint_only_when_set(tmp_path):
     identities, roster = _members("bank-a", "bank-b")
-    guarded = dataclasses.replace(roster, colluding_neighbours=1)
+    guarded = dataclasses.replace(roster, colluding_members=1)
     assert guarded.fingerprint != roster.fingerprint
-    assert "colluding_neighbours" not in roster.to_toml()  # rosters pinned before it keep their fingerprint
+    assert "colluding_members" not in roster.to_toml()  # rosters pinned before it keep their fingerprint
     guarded.save(tmp_path / "roster.toml")
     assert load_roster(tmp_path / "roster.toml", guarded.fingerprint) == guarded
     text = (tmp_path / "roster.toml").read_text()
-    (tmp_path / "roster.toml").write_text(text.replace("colluding_neighbours = 1", "colluding_neighbours = 0"))
+    (tmp_path / "roster.toml").write_text(text.replace("colluding_members = 1", "colluding_members = 0"))
     with pytest.raises(RosterError, match="is not the pinned"):
         load_roster(tmp_path / "roster.toml", guarded.fingerprint)
-    (tmp_path / "roster.toml").write_text(text.replace("colluding_neighbours = 1", 'colluding_neighbours = "1"'))
-    with pytest.raises(RosterError, match=r"roster.toml: roster.colluding_neighbours: expected an integer, got '1'"):
+    (tmp_path / "roster.toml").write_text(text.replace("colluding_members = 1", 'colluding_members = "1"'))
+    with pytest.raises(RosterError, match=r"roster.toml: roster.colluding_members: expected an integer, got '1'"):
         load_roster(tmp_path / "roster.toml")
-    with pytest.raises(RosterError, match="colluding_neighbours is at least 0"):
-        dataclasses.replace(roster, colluding_neighbours=-1)
+    with pytest.raises(RosterError, match="colluding_members is at least 0"):
+        dataclasses.replace(roster, colluding_members=-1)
 
 
 @pytest.mark.parametrize(("fraction", "refused"), [(0.5, True), (2 / 3, False)])
 def test_members_of_a_roster_that_withstands_a_colluder_refuse_a_bare_majority_threshold(fraction, refused):
-    """colluding_neighbours = 1 needs 2t > k + 2: with k = 4, t = 3 (a bare majority) is refused before
+    """colluding_members = 1 needs 2t > k + 2: with k = 4, t = 3 (a bare majority) is refused before
     any share is encrypted, and t = 4 (threshold_fraction 2/3) is accepted."""
     names = [f"h{i}" for i in range(1, 6)]
     identities = {n: SiteIdentity.generate(n) for n in names}
-    roster = Roster("hospitals", {n: i.public for n, i in identities.items()}, colluding_neighbours=1)
+    roster = Roster("hospitals", {n: i.public for n, i in identities.items()}, colluding_members=1)
     sites = {i: ClientRound(100, roster=roster, identity=identities[n]) for i, n in enumerate(names, start=1)}
     server = ServerRound(
         _tag(1), {i: s.advertise(_tag(1)) for i, s in sites.items()}, CLIP, 2, D, threshold_fraction=fraction
@@ -210,7 +210,7 @@ def test_members_of_a_roster_that_withstands_a_colluder_refuse_a_bare_majority_t
     params = server.share_keys_requests()
     if refused:
         with pytest.raises(
-            ProtocolViolation, match=r"threshold 3 of 5 shares cannot withstand the roster's colluding_neighbours = 1"
+            ProtocolViolation, match=r"threshold 3 of 5 shares cannot withstand the roster's colluding_members = 1"
         ):
             sites[1].share_keys(params[1])
     else:

@@ -66,7 +66,7 @@ def _federation(n: int, k: int, floor: int):
     params = server.share_keys_requests()
     assert len(params[1].neighbours) == k < n - 1, "a sparse graph"
     inboxes = server.route_shares({i: sites[i].share_keys(p) for i, p in params.items()})
-    ring = public_ring(n, graph_seed(server.bound_tag, server.members))
+    ring = public_ring(n, graph_seed(TAG, k, server.members))
     victim, h = ring[0], k // 2
     # A: h neighbours from the two far ends of the victim's window on the ring.
     left = h // 2
