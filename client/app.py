@@ -126,7 +126,15 @@ def register_secure_aggregation(
         return handler
 
     app.train("secagg_share_keys")(with_membership(secure_aggregation.share_keys))
-    app.train("secagg_sign_survivors")(with_membership(secure_aggregation.sign_survivors))
+
+    @app.train("secagg_sign_survivors")
+    def sign_survivors(msg: Message, context: Context) -> Message:
+        try:
+            revealed = revealed_for(context) if revealed_for is not None else None
+            membership = membership_of(context) if membership_of is not None else None
+        except SiteNotReady as exc:
+            return _not_ready(msg, context, exc)
+        return secure_aggregation.sign_survivors(msg, context, site_id_of(context), membership, revealed)
 
     @app.train("secagg_unmask")
     def unmask(msg: Message, context: Context) -> Message:

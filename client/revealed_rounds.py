@@ -17,11 +17,21 @@ global adapter stays as it was, and the next round proceeds.
 A site also helps reveal each round at most once (:class:`RevealedRounds`, claimed before any
 unmasking share leaves); with the record above a second request can come only from a server
 that lost or ignores it, and is refused all the same.
+
+And a site signs or unmasks under one list of survivors a round (:class:`SurvivorLists`, pinned
+before a signature or a share leaves). The same rule in the site's memory was not enough: Flower's
+SuperNode runs each message in its own process on a copy of the site's state, so two signing
+requests sent at once both found nothing signed (a third review read one site's update that way
+with 10 sites of degree 4). Every record is read, checked and written under a lock on its file.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from fedtune.common.atomic_files import atomic_write_json
@@ -45,6 +55,18 @@ class _RoundRecord:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on the record while it is read, checked and written (one site's
+        messages may be handled by several processes at once)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def tags(self) -> set[str]:
         if not self.path.exists():
@@ -70,6 +92,11 @@ class RevealedRounds(_RoundRecord):
 
     def claim(self, tag: bytes) -> None:
         """Record, before any share leaves, that this site reveals round ``tag``; refuse a second time."""
+        with self._locked():
+            self._add(tag, self.check(tag))
+
+    def check(self, tag: bytes) -> set[str]:
+        """Refuse round ``tag`` if this site already revealed it; returns the rounds recorded."""
         revealed = self.tags()
         if tag.hex() in revealed:
             raise AlreadyRevealed(
@@ -77,7 +104,42 @@ class RevealedRounds(_RoundRecord):
                 "round); a second sum of the same updates over other sites could reveal one site's update, so "
                 "it refuses"
             )
-        self._add(tag, revealed)
+        return revealed
+
+    @property
+    def survivor_lists(self) -> SurvivorLists:
+        """The lists of survivors this site signed or unmasked under, kept beside this record."""
+        return SurvivorLists(self.path.with_name(self.path.stem + "_survivor_lists.json"))
+
+
+class SurvivorLists(_RoundRecord):
+    """The one list of finished and dropped sites this site signed or unmasked under, by round tag."""
+
+    key, done, doing = "lists", "signed or unmasked under", "sign or unmask"
+
+    def pin(self, tag: bytes, survivors: Sequence[int], dropped: Sequence[int]) -> None:
+        """Record the list for round ``tag`` before a signature or a share leaves; refuse another list."""
+        digest = hashlib.sha256(json.dumps([sorted(survivors), sorted(dropped)]).encode()).hexdigest()
+        with self._locked():
+            lists = self._lists()
+            if lists.get(tag.hex(), digest) != digest:
+                raise ProtocolViolation(
+                    f"this site already signed or unmasked under another list of survivors for {tag!r}; the "
+                    "server is telling it different stories about who dropped"
+                )
+            atomic_write_json(self.path, {self.key: {**lists, tag.hex(): digest}})
+
+    def _lists(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))[self.key]
+            return {str(t): str(d) for t, d in data.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ProtocolViolation(
+                f"{self.path}: cannot read the record of lists this site {self.done} ({exc}); "
+                f"it refuses to {self.doing} until the file is restored or removed by its operator"
+            ) from exc
 
 
 class MaskedRounds(_RoundRecord):
@@ -98,7 +160,8 @@ class MaskedRounds(_RoundRecord):
 
     def claim(self, tag: bytes) -> None:
         """Record, before the masked vector leaves, that this site masked round ``tag``; refuse a second time."""
-        self._add(tag, self.check(tag))
+        with self._locked():
+            self._add(tag, self.check(tag))
 
 
-__all__ = ["AlreadyMasked", "AlreadyRevealed", "MaskedRounds", "RevealedRounds"]
+__all__ = ["AlreadyMasked", "AlreadyRevealed", "MaskedRounds", "RevealedRounds", "SurvivorLists"]

@@ -251,12 +251,25 @@ def share_keys(msg: Message, context: Context, site_id: str, membership: Members
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
 
 
-def sign_survivors(msg: Message, context: Context, site_id: str, membership: Membership | None = None) -> Message:
-    """This site's signature on the lists of finished and dropped sites it was given (the consistency step)."""
+def sign_survivors(
+    msg: Message,
+    context: Context,
+    site_id: str,
+    membership: Membership | None = None,
+    revealed: RevealedRounds | None = None,
+) -> Message:
+    """This site's signature on the lists of finished and dropped sites it was given (the consistency step).
+
+    With ``revealed`` (every real site's record), the list is pinned on disk before the signature
+    leaves: a site handles messages in several processes, and its memory alone cannot stop two
+    signatures on two lists sent at once.
+    """
     try:
         tag, survivors, dropped, _ = unmask_request_from(msg.content.config_records[SECAGG])
         state = _load(context, CURRENT, tag, membership)
         signature = state.sign_survivors(survivors, dropped)
+        if revealed is not None:
+            revealed.survivor_lists.pin(tag, survivors, dropped)
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
     _save(context, CURRENT, state, tag)
@@ -281,6 +294,8 @@ def unmask(
         state = _load(context, CURRENT, tag, membership)
         b_shares, s_shares = state.unmask(survivors, dropped, signatures)
         if revealed is not None:
+            revealed.check(tag)  # a replayed round is refused as such, before its list is compared
+            revealed.survivor_lists.pin(tag, survivors, dropped)
             revealed.claim(tag)
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))

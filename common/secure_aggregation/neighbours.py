@@ -28,6 +28,11 @@ def neighbour_graph(sites: Sequence[int], k: int, seed: int) -> dict[int, tuple[
     """Each site's neighbours (a symmetric relation, nobody their own neighbour)."""
     order = sorted(sites)
     random.Random(seed).shuffle(order)
+    return ring_graph(order, k)
+
+
+def ring_graph(order: Sequence[int], k: int) -> dict[int, tuple[int, ...]]:
+    """Each site's neighbours on the ring ``order``: the k/2 on either side (all, when k >= n - 1)."""
     n = len(order)
     if k >= n - 1:
         return {s: tuple(sorted(t for t in order if t != s)) for s in order}
@@ -47,10 +52,8 @@ def reconstruction_threshold(k: int, fraction: float = 0.5) -> int:
 def public_graph(num_sites: int, k: int, round_seed: bytes) -> dict[int, tuple[int, ...]]:
     """The graph over indices 1..n that every site can recompute from the round's public data.
 
-    The server states only ``k`` (each site sees its neighbour count); the ordering comes from
-    ``round_seed``: the round's tag, ``k`` and the members' signatures on keys they made fresh
-    (``protocol.graph_seed``), so no one knows the graph before the keys arrive. The server can
-    re-draw it only by leaving members out or running the set-up again, both on the round's record.
+    A shuffle seeded by ``round_seed``; rounds with a roster place members by their own signatures
+    instead (``protocol.round_ring``).
     """
     return neighbour_graph(list(range(1, num_sites + 1)), k, _public_seed(round_seed))
 

@@ -41,8 +41,9 @@ from fedtune.common.secure_aggregation.key_agreement import KeyPair, agree, publ
 from fedtune.common.secure_aggregation.masks import add_mask
 from fedtune.common.secure_aggregation.neighbours import (
     neighbour_count,
-    public_graph,
+    public_ring,
     reconstruction_threshold,
+    ring_graph,
     smallest_group,
 )
 from fedtune.common.secure_aggregation.quantisation import MAX_TOTAL_EXAMPLES, QuantisationGrid, dequantise, quantise
@@ -151,15 +152,33 @@ def bound_round_tag(
     return round_tag + f"|params:{digest}".encode()
 
 
-def graph_seed(round_tag: bytes, neighbours: int, members: Mapping[int, SignedKeys]) -> bytes:
-    """What orders the round's neighbour graph: the round's tag, its degree and every member's signature.
+def round_ring(
+    round_tag: bytes, neighbours: int, num_participants: int, members: Mapping[int, SignedKeys]
+) -> list[int]:
+    """The ring order of the round's neighbour graph, which every site recomputes.
 
-    Nothing the server sets freely (the clip range, the stated totals) goes in: it could re-draw
-    the graph by nudging them. The members' signatures cover keys the sites made fresh, so no one
-    knows the graph before the advertisements arrive; the server can re-draw it only by leaving
-    members out of the round or running its set-up again, which the round's record shows.
+    With a roster each member sits at the hash of the round's tag, the degree and its own signature
+    on keys it made fresh for the round: no one knows the ring before the keys arrive, the indices
+    the server hands out do not move anyone (when the signatures were hashed in index order, a
+    third review picked a victim's whole neighbourhood of 12 by renumbering 20 members), and leaving
+    a member out of the round takes only that member off the ring. Nothing the server sets freely
+    (the clip range, the stated totals) goes in: a second review re-drew the graph by nudging them.
+    Without a roster the server is trusted with the graph, which is then a shuffle seeded by the
+    tag and the degree.
     """
-    return round_tag + f"|k:{neighbours}|".encode() + b"".join(members[i].signature for i in sorted(members))
+    if not members:
+        return public_ring(num_participants, round_tag + f"|k:{neighbours}".encode())
+    prefix = (
+        b"fedtune secagg ring v2\x00" + len(round_tag).to_bytes(4, "big") + round_tag + f"|k:{neighbours}|".encode()
+    )
+    return sorted(range(1, num_participants + 1), key=lambda i: hashlib.sha256(prefix + members[i].signature).digest())
+
+
+def round_graph(
+    round_tag: bytes, neighbours: int, num_participants: int, members: Mapping[int, SignedKeys]
+) -> dict[int, tuple[int, ...]]:
+    """Each participant's neighbours on :func:`round_ring`."""
+    return ring_graph(round_ring(round_tag, neighbours, num_participants, members), neighbours)
 
 
 def _bound_tag_of(p: RoundParameters) -> bytes:
@@ -303,11 +322,7 @@ class ClientRound:
 
     def _check_graph(self, params: RoundParameters) -> None:
         """The neighbours are this site's in the graph every site recomputes from the round's public data."""
-        graph = public_graph(
-            params.num_participants,
-            len(params.neighbours),
-            graph_seed(params.round_tag, len(params.neighbours), params.members),
-        )
+        graph = round_graph(params.round_tag, len(params.neighbours), params.num_participants, params.members)
         if set(graph[params.index]) != set(params.neighbours) or len(graph[params.index]) != len(params.neighbours):
             raise ProtocolViolation(
                 "the neighbours the server assigned are not those of the round's public graph (a server that "
@@ -432,9 +447,7 @@ class ClientRound:
                 f"{len(self.alive)} neighbours whose shares it holds); unmasking would reveal a sum over fewer "
                 f"than its min_aggregation_sites = {floor} sites"
             )
-        graph = public_graph(
-            p.num_participants, len(p.neighbours), graph_seed(p.round_tag, len(p.neighbours), p.members)
-        )
+        graph = round_graph(p.round_tag, len(p.neighbours), p.num_participants, p.members)
         if (group := smallest_group(graph, sorted(alive_survivors))) < floor:
             raise ProtocolViolation(
                 f"with these dropouts the finished sites fall apart into groups whose masks cancel within "
@@ -547,7 +560,7 @@ class ServerRound:
             k,
             self.members,
         )
-        self.graph = public_graph(len(self.nodes), k, graph_seed(round_tag, k, self.members))
+        self.graph = round_graph(round_tag, k, len(self.nodes), self.members)
         self.shared: set[int] = set()
         self.masked: dict[int, np.ndarray] = {}
 

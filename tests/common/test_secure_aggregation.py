@@ -299,7 +299,7 @@ def test_forged_weights_isolate_one_sites_update_only_without_the_parameter_bind
         monkeypatch.setattr(protocol, "bound_round_tag", lambda round_tag, *_: round_tag)
     clients, server, updates, _ = _federation(3, d=2_000, counts=[1, 1, 1])
     if not bound:  # and the graph the server chose, taken on trust, as it was (else sites told n differ on it)
-        monkeypatch.setattr(protocol, "public_graph", lambda *_: server.graph)
+        monkeypatch.setattr(protocol, "round_graph", lambda *_: server.graph)
     target = 100
     params = _forge_weights(server.share_keys_requests(), target)
     if bound:
@@ -307,7 +307,7 @@ def test_forged_weights_isolate_one_sites_update_only_without_the_parameter_bind
         # with that check off too, the target could not open the others' shares.
         with pytest.raises(ProtocolViolation, match="not those of the round's public graph"):
             clients[target + 1].share_keys(params[target + 1])
-        monkeypatch.setattr(protocol, "public_graph", lambda *_: server.graph)
+        monkeypatch.setattr(protocol, "round_graph", lambda *_: server.graph)
         inboxes = server.route_shares({n: clients[n].share_keys(p) for n, p in params.items()})
         with pytest.raises(ShareDecryptionError):
             clients[target].masked_input(inboxes[target], updates[target])

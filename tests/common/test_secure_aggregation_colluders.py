@@ -14,13 +14,12 @@ import pytest
 from fedtune.common.roster import Roster
 from fedtune.common.secure_aggregation.key_agreement import agree
 from fedtune.common.secure_aggregation.masks import add_mask
-from fedtune.common.secure_aggregation.neighbours import public_ring
 from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
     SecureAggregationError,
     ServerRound,
     _info,
-    graph_seed,
+    round_ring,
 )
 from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise
 from fedtune.common.secure_aggregation.signed_keys import survivors_message
@@ -37,7 +36,7 @@ def _attack_with_one_colluder(threshold_fraction: float) -> tuple[np.ndarray, np
     ads = {i: s.advertise(TAG) for i, s in sites.items()}
     server = ServerRound(TAG, ads, CLIP, 2, D, neighbours=K, threshold_fraction=threshold_fraction)
     params = server.share_keys_requests()
-    ring = public_ring(N, graph_seed(TAG, K, server.members))
+    ring = round_ring(TAG, K, N, server.members)
     victim, colluder, h = ring[0], ring[-1], K // 2
     inboxes = server.route_shares({i: sites[i].share_keys(p) for i, p in params.items()})
     rng = np.random.default_rng(6)

@@ -15,7 +15,8 @@ from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
     ProtocolViolation,
     ServerRound,
-    graph_seed,
+    round_graph,
+    round_ring,
 )
 from fedtune.common.site_identity import SiteIdentity
 
@@ -60,8 +61,8 @@ def test_a_site_refuses_to_unmask_when_dropouts_cut_the_survivors_into_a_group_b
     rng = np.random.default_rng(0)
     masked = {i: sites[i].masked_input(box, rng.normal(0, 0.01, D)) for i, box in inboxes.items()}
     p = params[1]
-    ring = public_ring(n, graph_seed(p.round_tag, len(p.neighbours), {}))
-    graph = public_graph(n, len(p.neighbours), graph_seed(p.round_tag, len(p.neighbours), {}))
+    ring = round_ring(p.round_tag, len(p.neighbours), n, {})
+    graph = round_graph(p.round_tag, len(p.neighbours), n, {})
     assert graph == server.graph
     group, dropped = ring[10:18], ring[3:10] + ring[18:25]
     survivors = sorted(set(range(1, n + 1)) - set(dropped))
@@ -95,3 +96,30 @@ def test_the_server_cannot_redraw_the_graph_by_nudging_the_clip_range():
         now.add(tuple(sorted(server.graph.items())))
         clip = float(np.nextafter(clip, 1.0))
     assert len(old) == 20 and len(now) == 1
+
+
+def test_renumbering_or_leaving_out_members_moves_no_one_else_on_the_ring():
+    """A third review picked a victim's whole neighbourhood of 12 among 20 members by renumbering them, while
+    the signatures were hashed in index order (rebuilt here: every numbering gives another ring). Each member
+    now sits at the hash of its own signature: the ring of names is the same whatever the numbering, and
+    leaving a member out takes only that member off it."""
+    ids = {f"h{i:02d}": SiteIdentity.generate(f"h{i:02d}") for i in range(20)}
+    roster = Roster("hospitals", {m: x.public for m, x in ids.items()})
+    keys = {m: ClientRound(100, roster=roster, identity=x).advertise(TAG).signed_keys for m, x in ids.items()}
+
+    def ring_of_names(order: list[str], place) -> list[str]:
+        members = {i + 1: keys[m] for i, m in enumerate(order)}
+        ring = [order[i - 1] for i in place(TAG, 12, len(order), members)]
+        start = ring.index(min(ring))
+        return ring[start:] + ring[:start]
+
+    def index_order_ring(tag, k, n, members):
+        seed = tag + f"|k:{k}|".encode() + b"".join(members[i].signature for i in sorted(members))
+        return public_ring(n, seed)
+
+    names = sorted(keys)
+    shuffled = names[::-1]
+    assert ring_of_names(names, round_ring) == ring_of_names(shuffled, round_ring)
+    assert ring_of_names(names, index_order_ring) != ring_of_names(shuffled, index_order_ring)
+    without = [m for m in names if m != "h07"]
+    assert ring_of_names(without, round_ring) == [m for m in ring_of_names(names, round_ring) if m != "h07"]

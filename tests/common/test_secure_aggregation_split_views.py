@@ -84,6 +84,13 @@ def _bound_tag_without_members(p: RoundParameters) -> bytes:
     )
 
 
+def _graph_seeded_in_index_order(round_tag: bytes, k: int, n: int, members) -> dict[int, tuple[int, ...]]:
+    """The graph before the third review: a shuffle seeded by every signature in index order, so the
+    choice of advertisement for any member moves everyone (now each member sits at its own hash)."""
+    seed = round_tag + f"|k:{k}|".encode() + b"".join(members[i].signature for i in sorted(members))
+    return public_graph(n, k, seed)
+
+
 def _msg(record: ConfigRecord, kind: str, node: int) -> Message:
     return Message(RecordDict({SECAGG: record}), message_type=kind, dst_node_id=node)
 
@@ -105,7 +112,7 @@ def _grind(ads, live, n, generations):
         for _ in range(200_000):
             members = {i: ads[i][live[i]].signed_keys for i in fixed}
             members.update({i: ads[i][rng.randrange(generations)].signed_keys for i in free})
-            graph = public_graph(n, K, protocol.graph_seed(TAG, K, members))
+            graph = protocol.round_graph(TAG, K, n, members)
             if set(graph[x]) != wanted:
                 continue
             if x in W and smallest_group(graph, [i for i in range(1, n + 1) if i not in P]) < FLOOR:
@@ -212,14 +219,18 @@ def _attack(tmp_path, n, generations):
 @pytest.mark.parametrize(("n", "generations"), [(11, 4), (20, 2)])
 def test_with_the_members_list_unbound_split_views_read_one_sites_update(tmp_path, monkeypatch, n, generations):
     """(11, 4): the smallest federation found; (20, 2): one re-run of the set-up already gives the server
-    enough signed advertisements."""
+    enough signed advertisements. The binding and the graph as they were before the second review."""
     monkeypatch.setattr(protocol, "_bound_tag_of", _bound_tag_without_members)
+    monkeypatch.setattr(protocol, "round_graph", _graph_seeded_in_index_order)
     recovered, truth, step = _attack(tmp_path, n, generations)
     assert np.max(np.abs(recovered - truth)) <= 2 * step
     assert np.max(np.abs(truth)) > 100 * step
 
 
 @pytest.mark.parametrize(("n", "generations"), [(11, 4), (20, 2)])
-def test_sites_holding_different_lists_of_members_cannot_open_each_others_shares(tmp_path, n, generations):
+def test_sites_holding_different_lists_of_members_cannot_open_each_others_shares(tmp_path, monkeypatch, n, generations):
+    """The members' keys bound into every share's seal stop the attack even on the old graph, where the
+    server can still find a list for each site."""
+    monkeypatch.setattr(protocol, "round_graph", _graph_seeded_in_index_order)
     with pytest.raises(ShareDecryptionError):
         _attack(tmp_path, n, generations)

@@ -26,14 +26,14 @@ import pytest
 from fedtune.common.roster import Roster
 from fedtune.common.secure_aggregation.key_agreement import agree
 from fedtune.common.secure_aggregation.masks import add_mask
-from fedtune.common.secure_aggregation.neighbours import public_ring, smallest_group
+from fedtune.common.secure_aggregation.neighbours import smallest_group
 from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
     ProtocolViolation,
     ServerRound,
     _bound_tag_of,
     _info,
-    graph_seed,
+    round_ring,
 )
 from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise
 from fedtune.common.secure_aggregation.share_transport import associated_data, open_sealed
@@ -66,7 +66,7 @@ def _federation(n: int, k: int, floor: int):
     params = server.share_keys_requests()
     assert len(params[1].neighbours) == k < n - 1, "a sparse graph"
     inboxes = server.route_shares({i: sites[i].share_keys(p) for i, p in params.items()})
-    ring = public_ring(n, graph_seed(TAG, k, server.members))
+    ring = round_ring(TAG, k, n, server.members)
     victim, h = ring[0], k // 2
     # A: h neighbours from the two far ends of the victim's window on the ring.
     left = h // 2
