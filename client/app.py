@@ -115,35 +115,22 @@ def register_secure_aggregation(
         )
     )
 
-    def with_membership(step: Callable[[Message, Context, str, Membership | None], Message]) -> Callable:
+    def with_site_records(step: Callable[..., Message]) -> Callable[[Message, Context], Message]:
+        """``step`` with the site's roster membership and its on-disk round records."""
+
         def handler(msg: Message, context: Context) -> Message:
             try:
+                revealed = revealed_for(context) if revealed_for is not None else None
                 membership = membership_of(context) if membership_of is not None else None
             except SiteNotReady as exc:
                 return _not_ready(msg, context, exc)
-            return step(msg, context, site_id_of(context), membership)
+            return step(msg, context, site_id_of(context), membership=membership, revealed=revealed)
 
         return handler
 
-    app.train("secagg_share_keys")(with_membership(secure_aggregation.share_keys))
-
-    @app.train("secagg_sign_survivors")
-    def sign_survivors(msg: Message, context: Context) -> Message:
-        try:
-            revealed = revealed_for(context) if revealed_for is not None else None
-            membership = membership_of(context) if membership_of is not None else None
-        except SiteNotReady as exc:
-            return _not_ready(msg, context, exc)
-        return secure_aggregation.sign_survivors(msg, context, site_id_of(context), membership, revealed)
-
-    @app.train("secagg_unmask")
-    def unmask(msg: Message, context: Context) -> Message:
-        try:
-            revealed = revealed_for(context) if revealed_for is not None else None
-            membership = membership_of(context) if membership_of is not None else None
-        except SiteNotReady as exc:
-            return _not_ready(msg, context, exc)
-        return secure_aggregation.unmask(msg, context, site_id_of(context), revealed, membership)
+    app.train("secagg_share_keys")(with_site_records(secure_aggregation.share_keys))
+    app.train("secagg_sign_survivors")(with_site_records(secure_aggregation.sign_survivors))
+    app.train("secagg_unmask")(with_site_records(secure_aggregation.unmask))
 
 
 def _secure_round(

@@ -111,23 +111,24 @@ class RevealedRounds(_RoundRecord):
         """The lists of survivors this site signed or unmasked under, kept beside this record."""
         return SurvivorLists(self.path.with_name(self.path.stem + "_survivor_lists.json"))
 
+    @property
+    def shared_parameters(self) -> SharedParameters:
+        """The round parameters this site shared each set of keys under, kept beside this record."""
+        return SharedParameters(self.path.with_name(self.path.stem + "_shared_parameters.json"))
 
-class SurvivorLists(_RoundRecord):
-    """The one list of finished and dropped sites this site signed or unmasked under, by round tag."""
 
-    key, done, doing = "lists", "signed or unmasked under", "sign or unmask"
+class _PinnedValues(_RoundRecord):
+    """One value (a digest) a key, the first one pinned, kept in a JSON file under a lock."""
 
-    def pin(self, tag: bytes, survivors: Sequence[int], dropped: Sequence[int]) -> None:
-        """Record the list for round ``tag`` before a signature or a share leaves; refuse another list."""
-        digest = hashlib.sha256(json.dumps([sorted(survivors), sorted(dropped)]).encode()).hexdigest()
+    conflict = ""  # why a second value is refused
+
+    def _pin(self, key: str, value: bytes) -> None:
+        digest = hashlib.sha256(value).hexdigest()
         with self._locked():
-            lists = self._lists()
-            if lists.get(tag.hex(), digest) != digest:
-                raise ProtocolViolation(
-                    f"this site already signed or unmasked under another list of survivors for {tag!r}; the "
-                    "server is telling it different stories about who dropped"
-                )
-            atomic_write_json(self.path, {self.key: {**lists, tag.hex(): digest}})
+            pinned = self._lists()
+            if pinned.get(key, digest) != digest:
+                raise ProtocolViolation(self.conflict)
+            atomic_write_json(self.path, {self.key: {**pinned, key: digest}})
 
     def _lists(self) -> dict[str, str]:
         if not self.path.exists():
@@ -140,6 +141,40 @@ class SurvivorLists(_RoundRecord):
                 f"{self.path}: cannot read the record of lists this site {self.done} ({exc}); "
                 f"it refuses to {self.doing} until the file is restored or removed by its operator"
             ) from exc
+
+
+class SurvivorLists(_PinnedValues):
+    """The one list of finished and dropped sites this site signed or unmasked under, by round tag."""
+
+    key, done, doing = "lists", "signed or unmasked under", "sign or unmask"
+    conflict = (
+        "this site already signed or unmasked under another list of survivors for this round; the server is "
+        "telling it different stories about who dropped"
+    )
+
+    def pin(self, tag: bytes, survivors: Sequence[int], dropped: Sequence[int]) -> None:
+        """Record the list for round ``tag`` before a signature or a share leaves; refuse another list."""
+        self._pin(tag.hex(), json.dumps([sorted(survivors), sorted(dropped)]).encode())
+
+
+class SharedParameters(_PinnedValues):
+    """The one set of round parameters (the bound tag) each of this site's advertised keys was shared under.
+
+    A fourth review sent a site two share-keys requests at once, under two lists of members: each
+    process found the keys not yet shared, so the same self-mask seed and mask key went out under
+    both, and revealing the seed in one and the key in the other stripped the site's update.
+    """
+
+    key, done, doing = "shared", "shared its keys under", "share its keys"
+    conflict = (
+        "this site already shared these keys under other round parameters; a server that asks twice at "
+        "once could rebuild both its secrets"
+    )
+
+    def pin(self, tag: bytes, own_key: bytes, bound_tag: bytes) -> None:
+        """Record, before any ciphertext leaves, the parameters ``own_key`` (this site's public key for
+        round ``tag``) is shared under; refuse other parameters."""
+        self._pin(f"{tag.hex()}:{own_key.hex()}", bound_tag)
 
 
 class MaskedRounds(_RoundRecord):
@@ -164,4 +199,4 @@ class MaskedRounds(_RoundRecord):
             self._add(tag, self.check(tag))
 
 
-__all__ = ["AlreadyMasked", "AlreadyRevealed", "MaskedRounds", "RevealedRounds", "SurvivorLists"]
+__all__ = ["AlreadyMasked", "AlreadyRevealed", "MaskedRounds", "RevealedRounds", "SharedParameters", "SurvivorLists"]

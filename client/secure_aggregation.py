@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedtune.client.membership import Membership, MembershipSource
 from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.secure_aggregation.key_agreement import KeyPair, public_key_of
-from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation
+from fedtune.common.secure_aggregation.protocol import ClientRound, ProtocolViolation, bound_tag_of
 from fedtune.common.secure_aggregation.records import (
     SECAGG_NEXT,
     advertisement_record,
@@ -147,10 +147,14 @@ def advertise(
     return advertisement_record(state.advertise(tag), tag)
 
 
-def _share_keys(context: Context, params_rec: ConfigRecord, membership: Membership | None) -> dict[int, bytes]:
+def _share_keys(
+    context: Context, params_rec: ConfigRecord, membership: Membership | None, revealed: RevealedRounds | None
+) -> dict[int, bytes]:
     params = params_from(params_rec)
     state = _load(context, NEXT, params.round_tag, membership)
     ciphertexts = state.share_keys(params)
+    if revealed is not None:  # before any ciphertext leaves: one set of parameters per set of keys
+        revealed.shared_parameters.pin(params.round_tag, state.s_keys.public, bound_tag_of(params))
     _save(context, NEXT, state, params.round_tag)
     return ciphertexts
 
@@ -243,9 +247,15 @@ def advertise_step(
     return Message(RecordDict({SECAGG: keys, STATUS: _ok(site_id)}), reply_to=msg)
 
 
-def share_keys(msg: Message, context: Context, site_id: str, membership: Membership | None = None) -> Message:
+def share_keys(
+    msg: Message,
+    context: Context,
+    site_id: str,
+    membership: Membership | None = None,
+    revealed: RevealedRounds | None = None,
+) -> Message:
     try:
-        ciphertexts = _share_keys(context, msg.content.config_records[SECAGG], membership)
+        ciphertexts = _share_keys(context, msg.content.config_records[SECAGG], membership, revealed)
     except (ProtocolViolation, KeyError, ValueError) as exc:
         return _refuse(msg, site_id, str(exc))
     return Message(RecordDict({SECAGG: indexed_bytes_record(ciphertexts), STATUS: _ok(site_id)}), reply_to=msg)
@@ -304,7 +314,7 @@ def unmask(
     if SECAGG_NEXT in msg.content.config_records:
         try:
             content[SECAGG_NEXT] = indexed_bytes_record(
-                _share_keys(context, msg.content.config_records[SECAGG_NEXT], membership)
+                _share_keys(context, msg.content.config_records[SECAGG_NEXT], membership, revealed)
             )
         except (ProtocolViolation, KeyError, ValueError) as exc:
             log.warning("%s: next round's secure-aggregation set-up refused: %s", site_id, exc)

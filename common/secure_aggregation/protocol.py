@@ -157,8 +157,8 @@ def round_ring(
 ) -> list[int]:
     """The ring order of the round's neighbour graph, which every site recomputes.
 
-    With a roster each member sits at the hash of the round's tag, the degree and its own signature
-    on keys it made fresh for the round: no one knows the ring before the keys arrive, the indices
+    With a roster each member sits at the hash of the round's tag and its own signature on keys it
+    made fresh for the round: no one knows the ring before the keys arrive, the indices
     the server hands out do not move anyone (when the signatures were hashed in index order, a
     third review picked a victim's whole neighbourhood of 12 by renumbering 20 members), and leaving
     a member out of the round takes only that member off the ring. Nothing the server sets freely
@@ -168,9 +168,8 @@ def round_ring(
     """
     if not members:
         return public_ring(num_participants, round_tag + f"|k:{neighbours}".encode())
-    prefix = (
-        b"fedtune secagg ring v2\x00" + len(round_tag).to_bytes(4, "big") + round_tag + f"|k:{neighbours}|".encode()
-    )
+    # The degree stays out: the server chooses it, and each choice would otherwise be another ring.
+    prefix = b"fedtune secagg ring v2\x00" + len(round_tag).to_bytes(4, "big") + round_tag
     return sorted(range(1, num_participants + 1), key=lambda i: hashlib.sha256(prefix + members[i].signature).digest())
 
 
@@ -179,6 +178,11 @@ def round_graph(
 ) -> dict[int, tuple[int, ...]]:
     """Each participant's neighbours on :func:`round_ring`."""
     return ring_graph(round_ring(round_tag, neighbours, num_participants, members), neighbours)
+
+
+def bound_tag_of(p: RoundParameters) -> bytes:
+    """The bound tag of the round ``p`` describes (:func:`bound_round_tag`), as the site computes it."""
+    return _bound_tag_of(p)
 
 
 def _bound_tag_of(p: RoundParameters) -> bytes:
