@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
@@ -15,6 +15,7 @@ from fedtune.client import secure_aggregation
 from fedtune.client.app import register_secure_aggregation
 from fedtune.client.revealed_rounds import MaskedRounds, RevealedRounds
 from fedtune.common.secure_aggregation.protocol import SecureSum
+from fedtune.common.wire import SECAGG, SiteState, SiteStatus
 from fedtune.server.secure_rounds import SecureExchange, SecureSettings, finish_round, set_up_round
 
 NODES = [11, 12, 13]
@@ -104,3 +105,19 @@ def secure_round(
 def weighted_mean(updates: dict[int, np.ndarray], nodes: Sequence[int]) -> np.ndarray:
     total = sum(EXAMPLES[n] for n in nodes)
     return sum(EXAMPLES[n] * updates[n].astype(np.float64) for n in nodes) / total
+
+
+def secagg_message(record: ConfigRecord, kind: str, node: int) -> Message:
+    """A secure-aggregation request to ``node``, as the server sends it."""
+    return Message(RecordDict({SECAGG: record}), message_type=kind, dst_node_id=node)
+
+
+def status_of(reply: Message) -> SiteStatus:
+    return SiteStatus.from_content(reply.content)
+
+
+def ok_content(reply: Message) -> RecordDict:
+    """The reply's content, asserting the site answered ok (its reason otherwise)."""
+    status = status_of(reply)
+    assert status.state is SiteState.OK, status.reason
+    return reply.content

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.common.serde import context_from_proto, context_to_proto
 
 from fedtune.client import secure_aggregation as site_handlers
@@ -46,7 +46,8 @@ from fedtune.common.secure_aggregation.records import (
 )
 from fedtune.common.secure_aggregation.shamir import combine_shares
 from fedtune.common.site_identity import SiteIdentity
-from fedtune.common.wire import SECAGG, SiteState, SiteStatus
+from fedtune.common.wire import SECAGG, SiteState
+from tests.secure_sites import ok_content, secagg_message, status_of
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -56,20 +57,6 @@ L1_DROPPED, L1_UNMASK = (1, 8), (2, 3, 6, 7, 9)
 L2_DROPPED, L2_UNMASK = (2, 7, 9), (0, 1, 4, 5, 8)
 L1_SIGN = (0, 2, 3, 4, 5, 6, 7, 9)
 L2_SIGN = (0, 1, 3, 4, 5, 6, 8)
-
-
-def _msg(record: ConfigRecord, kind: str, node: int) -> Message:
-    return Message(RecordDict({SECAGG: record}), message_type=kind, dst_node_id=node)
-
-
-def _status(reply: Message) -> SiteStatus:
-    return SiteStatus.from_content(reply.content)
-
-
-def _ok(reply: Message) -> RecordDict:
-    status = _status(reply)
-    assert status.state is SiteState.OK, status.reason
-    return reply.content
 
 
 def _snapshot(context: Context) -> Context:
@@ -87,19 +74,21 @@ def _setup(tmp_path):
     ads = {}
     for i in ids:
         reply = site_handlers.advertise_step(
-            _msg(tag_record(TAG), ADVERTISE, i),
+            secagg_message(tag_record(TAG), ADVERTISE, i),
             contexts[i],
             f"h{i}",
             lambda c: (100, FLOOR),
             lambda c, i=i: membership[i],
         )
-        ads[i] = advertisement_from(_ok(reply).config_records[SECAGG], TAG)
+        ads[i] = advertisement_from(ok_content(reply).config_records[SECAGG], TAG)
     server = ServerRound(TAG, ads, CLIP, FLOOR, D, neighbours=K)  # node i gets index i
     assert server.threshold == T
     shared = {}
     for i, p in server.share_keys_requests().items():
-        reply = site_handlers.share_keys(_msg(params_record(p), SHARE_KEYS, i), contexts[i], f"h{i}", membership[i])
-        shared[i] = indexed_bytes_from(_ok(reply).config_records[SECAGG])
+        reply = site_handlers.share_keys(
+            secagg_message(params_record(p), SHARE_KEYS, i), contexts[i], f"h{i}", membership[i]
+        )
+        shared[i] = indexed_bytes_from(ok_content(reply).config_records[SECAGG])
     inboxes = server.route_shares(shared)
     rng = np.random.default_rng(7)
     updates = {i: rng.normal(0, 0.02, D) for i in ids}
@@ -119,7 +108,7 @@ def _view(ring, dropped_positions):
 
 
 def _sign(context, view, i, membership, revealed=None):
-    request = _msg(unmask_request_record(TAG, *view), SIGN_SURVIVORS, i)
+    request = secagg_message(unmask_request_record(TAG, *view), SIGN_SURVIVORS, i)
     return site_handlers.sign_survivors(request, context, f"h{i}", membership, revealed)
 
 
@@ -137,14 +126,16 @@ def test_without_a_record_on_disk_two_concurrent_sign_requests_read_one_update(t
         tasks = {c: _snapshot(contexts[x]) for c in lists}
         for c in sorted(lists, key=lambda c: c == own[x]):
             reply = _sign(tasks[c], views[c], x, membership[x])
-            signatures[c][x] = signature_from(_ok(reply).config_records[SECAGG])
+            signatures[c][x] = signature_from(ok_content(reply).config_records[SECAGG])
             contexts[x].state = tasks[c].state  # push_task_output: set_run_series_context, last writer wins
     answers = {}
     for x in ids:
         c = own[x]
         request = unmask_request_record(TAG, *views[c], server.signatures_by_index(signatures[c]))
-        reply = site_handlers.unmask(_msg(request, UNMASK, x), contexts[x], f"h{x}", revealed[x], membership[x])
-        answers[x] = unmask_reply_from(_ok(reply).config_records[SECAGG])
+        reply = site_handlers.unmask(
+            secagg_message(request, UNMASK, x), contexts[x], f"h{x}", revealed[x], membership[x]
+        )
+        answers[x] = unmask_reply_from(ok_content(reply).config_records[SECAGG])
 
     def combine(owner, kind):
         holders = sorted(h for h in answers if owner in answers[h][kind])
@@ -170,13 +161,15 @@ def test_with_the_list_pinned_on_disk_the_second_concurrent_request_is_refused(t
     ids, membership, contexts, revealed, server, ring, updates, masked = _setup(tmp_path)
     x = ring[0]
     first, second = _snapshot(contexts[x]), _snapshot(contexts[x])  # both pulled before either finished
-    _ok(_sign(first, _view(ring, L1_DROPPED), x, membership[x], revealed[x]))
-    status = _status(_sign(second, _view(ring, L2_DROPPED), x, membership[x], revealed[x]))
+    ok_content(_sign(first, _view(ring, L1_DROPPED), x, membership[x], revealed[x]))
+    status = status_of(_sign(second, _view(ring, L2_DROPPED), x, membership[x], revealed[x]))
     assert status.state is SiteState.REFUSED
     assert "already signed or unmasked under another list of survivors" in status.reason
     # Nor may it unmask under the other list, whichever process the request reaches.
     request = unmask_request_record(TAG, *_view(ring, L2_DROPPED))
-    status = _status(site_handlers.unmask(_msg(request, UNMASK, x), second, f"h{x}", revealed[x], membership[x]))
+    status = status_of(
+        site_handlers.unmask(secagg_message(request, UNMASK, x), second, f"h{x}", revealed[x], membership[x])
+    )
     assert status.state is SiteState.REFUSED
     assert not revealed[x].tags(), "nothing was revealed"
 
@@ -185,4 +178,4 @@ def test_the_same_list_signed_twice_is_no_conflict(tmp_path):
     ids, membership, contexts, revealed, server, ring, updates, masked = _setup(tmp_path)
     x = ring[0]
     for task in (_snapshot(contexts[x]), _snapshot(contexts[x])):
-        _ok(_sign(task, _view(ring, L1_DROPPED), x, membership[x], revealed[x]))
+        ok_content(_sign(task, _view(ring, L1_DROPPED), x, membership[x], revealed[x]))

@@ -26,7 +26,7 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 
 from fedtune.client import secure_aggregation as site_handlers
 from fedtune.client.membership import Membership
@@ -59,7 +59,8 @@ from fedtune.common.secure_aggregation.records import (
 )
 from fedtune.common.secure_aggregation.shamir import combine_shares
 from fedtune.common.site_identity import SiteIdentity
-from fedtune.common.wire import SECAGG, SiteState, SiteStatus
+from fedtune.common.wire import SECAGG
+from tests.secure_sites import ok_content, secagg_message
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -89,16 +90,6 @@ def _graph_seeded_in_index_order(round_tag: bytes, k: int, n: int, members) -> d
     choice of advertisement for any member moves everyone (now each member sits at its own hash)."""
     seed = round_tag + f"|k:{k}|".encode() + b"".join(members[i].signature for i in sorted(members))
     return public_graph(n, k, seed)
-
-
-def _msg(record: ConfigRecord, kind: str, node: int) -> Message:
-    return Message(RecordDict({SECAGG: record}), message_type=kind, dst_node_id=node)
-
-
-def _ok(reply: Message) -> RecordDict:
-    status = SiteStatus.from_content(reply.content)
-    assert status.state is SiteState.OK, status.reason
-    return reply.content
 
 
 def _grind(ads, live, n, generations):
@@ -138,13 +129,13 @@ def _attack(tmp_path, n, generations):
     for _ in range(generations):
         for i in ids:
             reply = site_handlers.advertise_step(
-                _msg(tag_record(TAG), ADVERTISE, i),
+                secagg_message(tag_record(TAG), ADVERTISE, i),
                 contexts[i],
                 f"h{i}",
                 lambda c: (100, FLOOR),
                 lambda c, i=i: membership[i],
             )
-            ads[i].append(advertisement_from(_ok(reply).config_records[SECAGG], TAG))
+            ads[i].append(advertisement_from(ok_content(reply).config_records[SECAGG], TAG))
     live = {i: generations - 1 for i in ids}
     total = 100 * n
 
@@ -165,9 +156,9 @@ def _attack(tmp_path, n, generations):
         )
         params_of[x] = params
         reply = site_handlers.share_keys(
-            _msg(params_record(params), SHARE_KEYS, x), contexts[x], f"h{x}", membership[x]
+            secagg_message(params_record(params), SHARE_KEYS, x), contexts[x], f"h{x}", membership[x]
         )
-        out[x] = indexed_bytes_from(_ok(reply).config_records[SECAGG])
+        out[x] = indexed_bytes_from(ok_content(reply).config_records[SECAGG])
         assert set(out[x]) == WANTED[x]
 
     # 3. Every site opens its inbox (all its view's neighbours' shares, all-or-nothing) and masks once.
@@ -186,9 +177,9 @@ def _attack(tmp_path, n, generations):
     signatures = {}
     for w in W:
         reply = site_handlers.sign_survivors(
-            _msg(unmask_request_record(TAG, *star), SIGN_SURVIVORS, w), contexts[w], f"h{w}", membership[w]
+            secagg_message(unmask_request_record(TAG, *star), SIGN_SURVIVORS, w), contexts[w], f"h{w}", membership[w]
         )
-        signatures[w] = signature_from(_ok(reply).config_records[SECAGG])
+        signatures[w] = signature_from(ok_content(reply).config_records[SECAGG])
     answers = {}
     for x in ACTIVE:
         request = (
@@ -196,8 +187,10 @@ def _attack(tmp_path, n, generations):
             if x in W
             else unmask_request_record(TAG, everyone, [], signatures)
         )
-        reply = site_handlers.unmask(_msg(request, UNMASK, x), contexts[x], f"h{x}", revealed[x], membership[x])
-        answers[x] = unmask_reply_from(_ok(reply).config_records[SECAGG])
+        reply = site_handlers.unmask(
+            secagg_message(request, UNMASK, x), contexts[x], f"h{x}", revealed[x], membership[x]
+        )
+        answers[x] = unmask_reply_from(ok_content(reply).config_records[SECAGG])
 
     # 5. The server: V's self-mask seed from V and P; each partner's mask key from its 3 helpers.
     def combine(owner, kind):
