@@ -30,12 +30,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from fedtune.common.atomic_files import atomic_write_json
 from fedtune.common.secure_aggregation.protocol import ALREADY_MASKED, ALREADY_REVEALED, ProtocolViolation
+
+_T = TypeVar("_T")
 
 
 class AlreadyRevealed(ProtocolViolation):
@@ -69,12 +72,15 @@ class _RoundRecord:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def tags(self) -> set[str]:
+        return self._read(lambda data: {str(t) for t in data}, set())
+
+    def _read(self, parse: Callable[[Any], _T], empty: _T) -> _T:
+        """``parse`` of what the file holds under ``key`` (``empty`` without a file)."""
         if not self.path.exists():
-            return set()
+            return empty
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return {str(t) for t in data[self.key]}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return parse(json.loads(self.path.read_text(encoding="utf-8"))[self.key])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             # Unreadable means unknown: refuse rather than risk a second sum.
             raise ProtocolViolation(
                 f"{self.path}: cannot read the record of rounds this site {self.done} ({exc}); "
@@ -131,16 +137,7 @@ class _PinnedValues(_RoundRecord):
             atomic_write_json(self.path, {self.key: {**pinned, key: digest}})
 
     def _lists(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))[self.key]
-            return {str(t): str(d) for t, d in data.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ProtocolViolation(
-                f"{self.path}: cannot read the record of lists this site {self.done} ({exc}); "
-                f"it refuses to {self.doing} until the file is restored or removed by its operator"
-            ) from exc
+        return self._read(lambda data: {str(t): str(d) for t, d in data.items()}, {})
 
 
 class SurvivorLists(_PinnedValues):

@@ -182,10 +182,6 @@ def round_graph(
 
 def bound_tag_of(p: RoundParameters) -> bytes:
     """The bound tag of the round ``p`` describes (:func:`bound_round_tag`), as the site computes it."""
-    return _bound_tag_of(p)
-
-
-def _bound_tag_of(p: RoundParameters) -> bytes:
     return bound_round_tag(
         p.round_tag,
         p.threshold,
@@ -258,7 +254,7 @@ class ClientRound:
         b_shares = split_secret(self.self_seed, holders, params.threshold)
         s_shares = split_secret(self.s_keys.private, holders, params.threshold)
         self.held_shares[params.index] = (_encode_share(b_shares[-1]), _encode_share(s_shares[-1]))
-        tag, out = _bound_tag_of(params), {}
+        tag, out = bound_tag_of(params), {}
         for row, j in enumerate(holders[:-1]):
             key = agree(self.c_keys.private, params.neighbours[j][0], _info("share", tag, params.index, j))
             plaintext = _encode_share(b_shares[row]) + _encode_share(s_shares[row])
@@ -385,7 +381,7 @@ class ClientRound:
                 "server that holds shares back would choose whom it masks with. The round must be set up again "
                 "without the sites that did not share their keys"
             )
-        tag, opened = _bound_tag_of(p), {}
+        tag, opened = bound_tag_of(p), {}
         for j, blob in ciphertexts.items():
             key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", tag, j, p.index))
             plaintext = open_sealed(key, blob, associated_data(tag, j, p.index))
@@ -416,7 +412,7 @@ class ClientRound:
         self.clipped = clipped
         vector[-1] = clipped
         add_mask(vector, self.self_seed, +1)
-        tag = _bound_tag_of(p)
+        tag = bound_tag_of(p)
         for j in self.alive:
             seed = agree(self.s_keys.private, p.neighbours[j][1], _info("mask", tag, p.index, j))
             add_mask(vector, seed, +1 if p.index < j else -1)
@@ -472,13 +468,13 @@ class ClientRound:
                 "sites different stories about who dropped"
             )
         self.signed_view = view
-        return self.identity.sign(survivors_message(_bound_tag_of(self.params), *view))
+        return self.identity.sign(survivors_message(bound_tag_of(self.params), *view))
 
     def _check_signatures(self, survivors: set[int], signatures: Mapping[int, bytes]) -> None:
         """A majority of this site's neighbourhood (the threshold) signed the list it signed itself."""
         p = self.params
         assert p is not None and self.roster is not None and self.signed_view is not None
-        message = survivors_message(_bound_tag_of(p), *self.signed_view)
+        message = survivors_message(bound_tag_of(p), *self.signed_view)
         voters = (set(self.alive) | {p.index}) & survivors
         valid = {
             i

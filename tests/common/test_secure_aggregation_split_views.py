@@ -198,7 +198,7 @@ def _attack(tmp_path, n, generations):
         rows = np.stack([_decode_share(answers[h][kind][owner]) for h in holders])
         return combine_shares(holders, rows, T, SEED_BYTES)
 
-    vector, bound = masked[V].copy(), protocol._bound_tag_of(params_of[V])
+    vector, bound = masked[V].copy(), protocol.bound_tag_of(params_of[V])
     add_mask(vector, combine(V, 0), -1)
     s_victim_public = ads[V][live[V]].s_public
     for j in P:
@@ -213,7 +213,7 @@ def _attack(tmp_path, n, generations):
 def test_with_the_members_list_unbound_split_views_read_one_sites_update(tmp_path, monkeypatch, n, generations):
     """(11, 4): the smallest federation found; (20, 2): one re-run of the set-up already gives the server
     enough signed advertisements. The binding and the graph as they were before the second review."""
-    monkeypatch.setattr(protocol, "_bound_tag_of", _bound_tag_without_members)
+    monkeypatch.setattr(protocol, "bound_tag_of", _bound_tag_without_members)
     monkeypatch.setattr(protocol, "round_graph", _graph_seeded_in_index_order)
     recovered, truth, step = _attack(tmp_path, n, generations)
     assert np.max(np.abs(recovered - truth)) <= 2 * step

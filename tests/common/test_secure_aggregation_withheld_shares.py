@@ -31,8 +31,8 @@ from fedtune.common.secure_aggregation.protocol import (
     ClientRound,
     ProtocolViolation,
     ServerRound,
-    _bound_tag_of,
     _info,
+    bound_tag_of,
     round_ring,
 )
 from fedtune.common.secure_aggregation.quantisation import QuantisationGrid, dequantise
@@ -50,7 +50,7 @@ def _receive_some_shares(self: ClientRound, ciphertexts: Mapping[int, bytes]) ->
     assert p is not None
     if len(ciphertexts) + 1 < p.threshold:
         raise ProtocolViolation("threshold could never be met")
-    tag = _bound_tag_of(p)
+    tag = bound_tag_of(p)
     for j, blob in ciphertexts.items():
         key = agree(self.c_keys.private, p.neighbours[j][0], _info("share", tag, j, p.index))
         plaintext = open_sealed(key, blob, associated_data(tag, j, p.index))
