@@ -51,6 +51,8 @@ class Workload:
     private_rounds: int = 0  # rounds of the DP-SGD variants (0: ``rounds``); noise is calibrated to them
     server_optimisers: tuple[ServerOptimiser, ...] = ()  # each also runs as dp-eps<e>-<strategy>
     server_epsilons: tuple[float, ...] = ()  # the epsilons at which the server optimisers run
+    prior_settings: tuple[str, ...] = ()  # --set overrides of the dp-eps<e>-prior variants (a label-name head)
+    prior_epsilons: tuple[float, ...] = ()  # the epsilons at which the label-name prior runs
 
     @property
     def metric(self) -> str:
@@ -70,6 +72,8 @@ def _banking77(
     private_rounds: int = 0,
     server_optimisers: tuple[ServerOptimiser, ...] = (),
     server_epsilons: tuple[float, ...] = (),
+    prior_settings: tuple[str, ...] = (),
+    prior_epsilons: tuple[float, ...] = (),
 ) -> Workload:
     settings = (
         f"data.path='{DATA / 'banking77/train.csv'}'",
@@ -94,6 +98,8 @@ def _banking77(
         private_rounds=private_rounds,
         server_optimisers=server_optimisers,
         server_epsilons=server_epsilons,
+        prior_settings=prior_settings,
+        prior_epsilons=prior_epsilons,
     )
 
 
@@ -145,6 +151,14 @@ SERVER_OPTIMISERS = (
     ServerOptimiser("fedavgm", ("federation.server_optimizer.lr=0.3", "federation.server_optimizer.momentum=0.9")),
 )
 
+# The head starts from the encoder's features of the label names (model.head_init, common/models/
+# label_prior.py): zero-shot 0.62 on the held-out set before any step. Chosen with
+# benchmarks/pooling_probe.py --label-prior (head only, 3 seeds each): at epsilon 1 a random head reaches
+# 0.53 at its best lr (30), the prior at norm 3 and lr 20 reaches 0.70 (0.68-0.71); lr 60 throws most of
+# the prior away under the noise (0.60 at norm 2). At epsilon 8 and without DP the prior gains nothing
+# (0.828 both; 0.800 against 0.838 non-private at norm 5), so it is a variant for strong privacy only.
+LABEL_PRIOR = ("model.head_init='label_names'", "model.head_init_scale=3.0", "train.lr=20.0")
+
 WORKLOADS = {
     # Non-private: the preset's Adam, 8 steps of 64 a round, 6 rounds. DP-SGD: one full-batch step
     # a round (sample rate 1: every record, no subsampling to amplify) for 8 rounds, plain SGD with
@@ -169,6 +183,8 @@ WORKLOADS = {
         private_rounds=8,
         server_optimisers=SERVER_OPTIMISERS,
         server_epsilons=(8.0, 1.0),
+        prior_settings=LABEL_PRIOR,
+        prior_epsilons=(1.0,),
     ),
     "medquad": _medquad("medquad", 60, 32, 2, Schedule(3, 8, 2e-3), Schedule(1, 24, 2e-3), (8.0, 4.0, 1.0), (0, 4), 64),
 }
@@ -186,6 +202,7 @@ def variant_names(w: Workload) -> list[str]:
         "federated",
         *[f"dp-eps{e:g}" for e in w.epsilons],
         *[f"dp-eps{e:g}-{o.strategy}" for e in w.server_epsilons for o in w.server_optimisers],
+        *[f"dp-eps{e:g}-prior" for e in w.prior_epsilons],
         *[f"local-site-{k}" for k in w.local_sites],
     ]
 
@@ -217,7 +234,7 @@ def variant_settings(w: Workload, variant: str, num_sites: int) -> list[str]:
             f"privacy.epsilon={float(epsilon)}",
             *_schedule_settings(w.private),
             *w.private_settings,
-            *(_server_settings(w, strategy) if strategy else []),
+            *(w.prior_settings if strategy == "prior" else _server_settings(w, strategy) if strategy else []),
         ]
     if variant.startswith("local-site-"):
         # Only this site's own training records, and the federation's held-out set (written by site_files).

@@ -113,6 +113,21 @@ class ModelConfig(_Section):
         "as MiniLM were trained); `model` keeps the architecture's own head; `auto` picks `mean` for BERT-style "
         "encoders (see common/models/pooling.py).",
     )
+    head_init: Literal["random", "label_names"] = Field(
+        "random",
+        description="Classification: how the head over the agreed labels starts. `random`: the architecture's "
+        "own initialisation. `label_names`: each label's row is the model's pooled features of the label's name "
+        "(underscores as spaces) scaled to model.head_init_scale, so round 0 already classifies zero-shot; only "
+        "the agreed label list goes in, so it reads no record and spends no epsilon. Helps under strong DP "
+        "(Banking77 at epsilon 1, docs/benchmarks.md); without DP or at epsilon 8 a random head did as well or "
+        "better (common/models/label_prior.py).",
+    )
+    head_init_scale: float = Field(
+        3.0,
+        gt=0,
+        description="L2 norm of each label's row under model.head_init = 'label_names': larger trusts the names "
+        "longer against the training steps.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -836,6 +851,11 @@ class FedtuneConfig(_Section):
             )
         if self.task.classifies and not (self.data.labels or self.data.labels_file):
             raise ValueError("classification needs the agreed label set: set data.labels or data.labels_file")
+        if self.model.head_init == "label_names" and not self.task.classifies:
+            raise ValueError(
+                f"model.head_init = 'label_names' starts a classification head; data.task = {self.data.task!r} "
+                "has none: set model.head_init = 'random'"
+            )
         return self
 
     @model_validator(mode="after")

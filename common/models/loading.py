@@ -25,6 +25,9 @@ class BaseModelSpec:
     labels: tuple[str, ...] = ()
     pooling: str = "auto"  # classification only: see common.models.pooling
     quantization: str = "none"  # model.quantization: none, 8bit or 4bit (bitsandbytes, CUDA only)
+    head_init: str = "random"  # model.head_init: random or label_names (common/models/label_prior.py)
+    head_init_scale: float = 3.0
+    max_length: int = 64  # model.max_length: the label names are tokenised with it under label_names
 
 
 def resolve_model_dir(model: ModelConfig, seed: int = 0) -> Path:
@@ -65,6 +68,9 @@ def model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
         tuple(agreed_labels(cfg)),
         cfg.model.pooling,
         cfg.model.quantization,
+        cfg.model.head_init,
+        cfg.model.head_init_scale,
+        cfg.model.max_length,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.common.config import ConfigError, FedtuneConfig, LoraSettings
+from fedtune.common.models.label_prior import LabelPriorError, install_label_prior
 from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer, model_spec
 from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import task_for
@@ -179,6 +180,11 @@ def build_adapted_model(spec: BaseModelSpec, settings: LoraSettings) -> tuple[An
     tokenizer = load_tokenizer(spec)
     torch.manual_seed(settings.init_seed)
     base = load_base_model(spec, pad_token_id=tokenizer.pad_token_id)
+    if spec.head_init == "label_names":
+        try:
+            install_label_prior(base, tokenizer, spec.labels, spec.head_init_scale, spec.max_length)
+        except LabelPriorError as exc:
+            raise ConfigError(str(exc)) from None
     torch.manual_seed(settings.init_seed + 1)
     transposed = stores_weights_transposed(base, settings)
     model = get_peft_model(

@@ -63,7 +63,11 @@ def test_server_optimiser_variants_are_the_dp_variant_with_another_server_step(w
     banking = dataclasses.replace(variants.WORKLOADS["banking77"], settings=workload.settings)  # sample data
 
     def server_variants(w):
-        return [v for v in variants.variant_names(w) if v.startswith("dp-eps") and v.count("-") == 2]
+        return [
+            v
+            for v in variants.variant_names(w)
+            if v.startswith("dp-eps") and v.count("-") == 2 and not v.endswith("-prior")
+        ]
 
     names = server_variants(banking)
     assert names == ["dp-eps8-fedadam", "dp-eps8-fedavgm", "dp-eps1-fedadam", "dp-eps1-fedavgm"]
@@ -86,6 +90,21 @@ def test_server_optimiser_variants_are_the_dp_variant_with_another_server_step(w
     assert server_variants(variants.WORKLOADS["medquad"]) == []
     with pytest.raises(ValueError, match="no server optimiser 'fedyogi'"):
         variants.variant_settings(banking, "dp-eps8-fedyogi", 10)
+
+
+def test_the_label_prior_variant_is_the_dp_variant_with_a_label_name_head_and_its_own_step(workload, tmp_path):
+    banking = dataclasses.replace(variants.WORKLOADS["banking77"], settings=workload.settings)  # sample data
+    assert [v for v in variants.variant_names(banking) if v.endswith("-prior")] == ["dp-eps1-prior"]
+    cfg = variants.config_for(banking, "dp-eps1-prior", tmp_path)
+    plain = variants.config_for(banking, "dp-eps1", tmp_path)
+    assert (plain.model.head_init, cfg.model.head_init, cfg.model.head_init_scale) == ("random", "label_names", 3.0)
+    assert (plain.train.lr, cfg.train.lr) == (60.0, 20.0)
+    dump, plain_dump = cfg.model_dump(), plain.model_dump()
+    for section, keys in (("model", ("head_init", "head_init_scale")), ("train", ("lr",)), ("run", ("name",))):
+        for key in keys:
+            dump[section].pop(key), plain_dump[section].pop(key)
+    assert dump == plain_dump  # same data, privacy, schedule and rounds
+    assert [v for v in variants.variant_names(variants.WORKLOADS["medquad"]) if v.endswith("-prior")] == []
 
 
 def test_local_site_trains_on_exactly_its_federated_records(workload, tmp_path):
