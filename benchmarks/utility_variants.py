@@ -153,10 +153,10 @@ SERVER_OPTIMISERS = (
 
 # The head starts from the encoder's features of the label names (model.head_init, common/models/
 # label_prior.py): zero-shot 0.62 on the held-out set before any step. Chosen with
-# benchmarks/pooling_probe.py --label-prior (head only, 3 seeds each): at epsilon 1 a random head reaches
-# 0.53 at its best lr (30), the prior at norm 3 and lr 20 reaches 0.70 (0.68-0.71); lr 60 throws most of
-# the prior away under the noise (0.60 at norm 2). At epsilon 8 and without DP the prior gains nothing
-# (0.828 both; 0.800 against 0.838 non-private at norm 5), so it is a variant for strong privacy only.
+# benchmarks/label_prior_probe.py (head only, 3 noise seeds a cell): at epsilon 1 a random head reaches
+# 0.53 at its best lr (30), the prior at norm 3 and lr 20 reaches 0.70 (0.68-0.71); lr 60 throws much of
+# the prior away under the noise (0.62 at norm 3). At epsilon 8 and without noise the prior gains
+# nothing (0.828 both at lr 60), so it is a variant for strong privacy only.
 LABEL_PRIOR = ("model.head_init='label_names'", "model.head_init_scale=3.0", "train.lr=20.0")
 
 WORKLOADS = {

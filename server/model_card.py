@@ -61,6 +61,7 @@ class CardFacts:
     fedtune_version: str
     run_name: str
     remote_code: bool = False  # a mean-pooled classifier shipping modeling_fedtune.py
+    head_from_label_names: bool = False  # model.head_init = "label_names"
 
 
 def _base_model(cfg: FedtuneConfig) -> tuple[str, str | None]:
@@ -118,6 +119,7 @@ def card_facts(
         fedtune_version=fedtune_version(),
         run_name=cfg.run.name,
         remote_code=remote_code,
+        head_from_label_names=cfg.task.classifies and cfg.model.head_init == "label_names",
     )
 
 
@@ -189,6 +191,14 @@ def render_card(facts: CardFacts) -> str:
         "",
         f"- Rounds: this model is round {facts.round} of the {facts.rounds_run} the run trained",
         f"- Sites that trained: {_sites_trained(facts)}",
+        *(
+            [
+                "- Head: started from the base model's features of the label names (`model.head_init = "
+                "'label_names'`), built from the label list alone: no record, no ε"
+            ]
+            if facts.head_from_label_names
+            else []
+        ),
         "",
         "## Privacy",
         "",

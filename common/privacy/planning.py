@@ -33,6 +33,8 @@ HIGH_NOISE = 5.0
 ADAM_FRESH_STEPS = 100
 #: Expected passes over a site's records in the whole run above which the noise pays for many small steps.
 MANY_PASSES = 20.0
+#: At or below this per-site epsilon a classifier's random head learns slowly under the noise (see label_prior_note).
+STRONG_DP_EPSILON = 2.0
 #: Rounds shown one by one; a longer run shows about this many, evenly spaced, the last included.
 SHOWN_ROUNDS = 24
 
@@ -257,6 +259,25 @@ def adam_warning(cfg: FedtuneConfig, plan: PrivacyPlan) -> PlanWarning | None:
     )
 
 
+def label_prior_note(cfg: FedtuneConfig, plan: PrivacyPlan) -> PlanWarning | None:
+    """A classifier under strong DP that starts from a random head, when the label names could start it.
+
+    At epsilon 1 on Banking77 the noise on each site's mean gradient outweighs the clipped signal, and a
+    random head has 77 labels to learn from it; the label-name prior (common/models/label_prior.py) starts
+    near a zero-shot answer from the agreed label list alone, at no cost in epsilon.
+    """
+    if not (plan.dp and cfg.task.classifies and cfg.model.head_init == "random" and plan.epsilon <= STRONG_DP_EPSILON):
+        return None
+    return PlanWarning(
+        "random-head-strong-dp",
+        "note",
+        f"privacy.epsilon = {plan.epsilon:g} with a random classification head: the noise leaves little signal to "
+        "learn a head from scratch; model.head_init = 'label_names' starts the head from the label names "
+        "(zero-shot, no epsilon spent) and with a smaller train.lr keeps more of it (Banking77 at epsilon 1, "
+        "docs/benchmarks.md)",
+    )
+
+
 def plan_warnings(cfg: FedtuneConfig, plan: PrivacyPlan) -> list[PlanWarning]:
     """Where these settings are known to waste the budget, or will not run; most serious first."""
     out: list[PlanWarning] = []
@@ -323,6 +344,8 @@ def plan_warnings(cfg: FedtuneConfig, plan: PrivacyPlan) -> list[PlanWarning]:
                     "the same epsilon with less noise on each",
                 )
             )
+    if (prior := label_prior_note(cfg, plan)) is not None:
+        out.append(prior)
     if plan.site_sampling_rate < 1:
         out.append(
             PlanWarning(

@@ -18,6 +18,7 @@ from fedtune.common.privacy.planning import (
     MANY_PASSES,
     SHOWN_ROUNDS,
     SMALL_BATCH,
+    STRONG_DP_EPSILON,
     PrivacyPlan,
     SitePlan,
     plan_privacy,
@@ -144,6 +145,17 @@ def test_a_fresh_adam_taking_few_noisy_steps_is_flagged():
     assert "fresh-adam-few-noisy-steps" not in _warned(_cfg("train.keep_optimizer_state=true"), _site())
     assert "fresh-adam-few-noisy-steps" not in _warned(_cfg("privacy.enabled=false"), _site())
     assert "fresh-adam-few-noisy-steps" not in _warned(_cfg(f"train.local_steps={ADAM_FRESH_STEPS}"), _site())
+
+
+def test_a_random_classifier_head_under_strong_dp_gets_the_label_prior_note():
+    strong = plan_privacy(_cfg(f"privacy.epsilon={STRONG_DP_EPSILON}", "train.optimizer='sgd'"), SIZES)
+    note = next(w for w in strong.warnings if w.code == "random-head-strong-dp")
+    assert note.severity == "note" and "model.head_init = 'label_names'" in note.message
+    assert "random-head-strong-dp" not in _codes(plan_privacy(_cfg("privacy.epsilon=4.0"), SIZES))
+    with_prior = _cfg("privacy.epsilon=1.0", "model.head_init='label_names'")
+    assert "random-head-strong-dp" not in _codes(plan_privacy(with_prior, SIZES))
+    generative = load_config(preset_path("medquad-smollm2"), ["privacy.epsilon=1.0"])
+    assert "random-head-strong-dp" not in _codes(plan_privacy(generative, [100] * 9))
 
 
 def test_a_small_expected_batch_under_dp_is_flagged():

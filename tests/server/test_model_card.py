@@ -66,6 +66,14 @@ def test_the_card_states_base_model_data_rounds_sites_privacy_and_metrics(tmp_pa
         assert fact in text, fact
 
 
+def test_a_head_started_from_the_label_names_is_stated(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert "label names" not in render_card(card_facts(cfg, _records(), 2, "merged", labels=("x", "y")))
+    prior = cfg.model_copy(update={"model": cfg.model.model_copy(update={"head_init": "label_names"})})
+    text = render_card(card_facts(prior, _records(), 2, "merged", labels=("x", "y")))
+    assert "Head: started from the base model's features of the label names" in text and "no ε" in text
+
+
 def test_without_dp_or_description_the_card_says_so(tmp_path):
     cfg = _cfg(tmp_path).model_copy(update={"privacy": _cfg(tmp_path).privacy.model_copy(update={"enabled": False})})
     records = [{"round": 1, "train": {"a": {"epsilon": math.inf}}, "server": {}}]
