@@ -5,7 +5,9 @@ the one before it did, and the run directory's ``best.json`` is a view that can 
 
 - The watched metric is ``federation.early_stopping.metric``, else the task's headline metric
   (accuracy for classification, loss for generative tasks); lower is better for loss and perplexity.
-- Candidates are trained rounds (1 and up): round 0 is the base model, which has no checkpoint.
+- Candidates are trained rounds (1 and up), and round 0 when it has a checkpoint: a head started from
+  the label names (``model.head_init``) already classifies before any training, and a run whose steps
+  are too large for the noise can end below it; the merged model is then never worse than the start.
 - A round *improves* when its value beats the reference by more than ``min_delta``; the reference
   is the first round's value, moved only by an improvement (as Keras' ``EarlyStopping`` does). The run
   stops after ``patience`` rounds in a row without one (Prechelt, "Early Stopping - But When?", 1998).
@@ -60,12 +62,13 @@ class Watch:
         return value - reference > min_delta if self.higher_is_better else reference - value > min_delta
 
 
-def metric_history(records: Sequence[dict[str, Any]], metric: str) -> list[tuple[int, float]]:
-    """``(round, server held-out metric)`` of every trained round (1 and up) whose record holds it."""
+def metric_history(records: Sequence[dict[str, Any]], metric: str, first_round: int = 1) -> list[tuple[int, float]]:
+    """``(round, server held-out metric)`` of every round from ``first_round`` on (0 only when round 0 has a
+    checkpoint) whose record holds it."""
     out = []
     for r in records:
         value = r.get("server", {}).get(metric)
-        if r.get("round", 0) >= 1 and isinstance(value, (int, float)):
+        if r.get("round", 0) >= first_round and isinstance(value, (int, float)):
             out.append((int(r["round"]), float(value)))
     return out
 

@@ -82,6 +82,8 @@ log = logging.getLogger("fedtune.server")
 
 #: The round status that ends a federation early: no site was willing to train.
 EVERY_SITE_REFUSED = "stopped: every site refused"
+#: Round 0's status when the head started from the label names (model.head_init): a model that already classifies.
+BASE_MODEL_WITH_LABEL_PRIOR = "base model, head from the label names"
 
 #: How the status of a round begins whose mean update failed its check (the global adapter is kept).
 DISCARDED = "discarded"
@@ -273,7 +275,12 @@ class FederationServer:
             log.info("resuming after round %d from %s", latest.round, latest.directory)
         else:
             self.metrics.keep_through(-1)
-            self.metrics.append(self.evaluate_round(grid, nodes, 0) | {"status": "base model"})
+            prior = self.cfg.task.classifies and self.cfg.model.head_init == "label_names"
+            status = BASE_MODEL_WITH_LABEL_PRIOR if prior else "base model"
+            if prior:  # round 0 already classifies: it competes for the best round, so it needs a checkpoint
+                info = {"status": status, "run-id": self.run_id, "strategy": self.strategy.name}
+                self.store.save(0, self.model.model, info, self.strategy.state_dict())
+            self.metrics.append(self.evaluate_round(grid, nodes, 0) | {"status": status})
             start = 1
         if (ended := early_stopping.stopped_early(self.metrics.read())) is not None:
             log.info("%s; the run trains no more rounds", ended[1])
@@ -313,13 +320,17 @@ class FederationServer:
         """Early stopping's decision joins ``record`` (key ``stopped-early``) and ``best.json`` is rewritten:
         both from the held-out metric history (server.early_stopping), so a resumed run decides alike."""
         fed, watch = self.cfg.federation, early_stopping.Watch.of(self.cfg)
-        history = early_stopping.metric_history([*self.metrics.read(), record], watch.metric)
+        history = early_stopping.metric_history([*self.metrics.read(), record], watch.metric, self._first_candidate())
         if fed.early_stopping.enabled and round_ < fed.rounds:
             if (decision := early_stopping.stop_decision(history, watch)) is not None:
                 record[early_stopping.STOPPED_EARLY] = decision.reason
         best = early_stopping.best_round(history, watch)
         kept, why = early_stopping.kept_round(best, fed.keep, self.store.rounds())
         early_stopping.write_best(self.run_dir, best, kept, why, record.get(early_stopping.STOPPED_EARLY))
+
+    def _first_candidate(self) -> int:
+        """The first round that may be kept: 0 when it was checkpointed (a head from the label names), else 1."""
+        return 0 if 0 in self.store.rounds() else 1
 
     def tell_sites_run_ended(self, grid: Grid, round_: int, reason: str) -> None:
         """Every connected site hears that the run ended after ``round_``: it then refuses to train for this
@@ -613,7 +624,8 @@ class FederationServer:
         """Merged model from the best (or newest: federation.keep) checkpoint, plus the summary table and plot."""
         task = self.cfg.task
         watch = early_stopping.Watch.of(self.cfg)
-        best = early_stopping.best_round(early_stopping.metric_history(records, watch.metric), watch)
+        history = early_stopping.metric_history(records, watch.metric, self._first_candidate())
+        best = early_stopping.best_round(history, watch)
         kept, why = early_stopping.kept_round(best, self.cfg.federation.keep, self.store.rounds())
         ended = early_stopping.stopped_early(records)
         stopped = ended[1] if ended else None

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LabelPriorError", "install_label_prior", "label_text"]
+__all__ = ["LabelPriorError", "install_label_prior", "label_prior_problem", "label_text"]
 
 
 class LabelPriorError(ValueError):
@@ -31,17 +32,30 @@ def label_text(label: str) -> str:
     return re.sub(r"[_\-\s]+", " ", label).strip() or label
 
 
-def _linear_head(model: Any) -> Any:
+def _head_problem(model: Any) -> str | None:
+    """Why ``model``'s head cannot take the prior: only a linear ``classifier`` over one pooled vector a record
+    can (BERT, MiniLM, DeBERTa-v2); a decoder's ``score`` reads every token's state, RoBERTa's head is two layers."""
     import torch
 
-    for name in ("classifier", "score"):  # peft's SEQ_CLS heads (BERT, DeBERTa; decoder models)
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Linear):
-            return head
-    raise LabelPriorError(
-        f"model.head_init = 'label_names' needs a single linear head over pooled features; "
-        f"{type(model).__name__} ({model.config.model_type}) has none: set model.head_init = 'random'"
+    if isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+        return None
+    return (
+        f"model.head_init = 'label_names' needs a single linear head over pooled features (BERT-style encoders "
+        f"such as MiniLM, DeBERTa-v2); {type(model).__name__} ({model.config.model_type}) has none: set "
+        "model.head_init = 'random'"
     )
+
+
+def label_prior_problem(directory: Path, num_labels: int) -> str | None:
+    """Why the model in ``directory`` cannot take the prior, from its structure alone: built on the meta
+    device, so no weight is read and a run is refused before it writes anything."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(directory, num_labels=num_labels)
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return _head_problem(model)
 
 
 def install_label_prior(model: Any, tokenizer: Any, labels: Sequence[str], scale: float, max_length: int) -> None:
@@ -52,7 +66,10 @@ def install_label_prior(model: Any, tokenizer: Any, labels: Sequence[str], scale
     """
     import torch
 
-    head = _linear_head(model)
+    problem = _head_problem(model)
+    if problem:
+        raise LabelPriorError(problem)
+    head = model.classifier
     if head.out_features != len(labels):
         raise LabelPriorError(f"the head has {head.out_features} outputs for {len(labels)} agreed labels")
     seen: list[torch.Tensor] = []

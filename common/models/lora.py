@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.common.config import ConfigError, FedtuneConfig, LoraSettings
-from fedtune.common.models.label_prior import LabelPriorError, install_label_prior
+from fedtune.common.models.label_prior import LabelPriorError, install_label_prior, label_prior_problem
 from fedtune.common.models.loading import BaseModelSpec, load_base_model, load_tokenizer, model_spec
 from fedtune.common.tasks.base import TaskShape
 from fedtune.common.tasks.registry import task_for
@@ -147,6 +147,8 @@ def checked_model_spec(cfg: FedtuneConfig) -> BaseModelSpec:
     """
     spec = model_spec(cfg)
     check_target_modules(spec, cfg.lora, private=cfg.privacy.enabled)
+    if spec.head_init == "label_names" and (problem := label_prior_problem(spec.directory, len(spec.labels))):
+        raise ConfigError(problem)
     return spec
 
 

@@ -272,9 +272,9 @@ def label_prior_note(cfg: FedtuneConfig, plan: PrivacyPlan) -> PlanWarning | Non
         "random-head-strong-dp",
         "note",
         f"privacy.epsilon = {plan.epsilon:g} with a random classification head: the noise leaves little signal to "
-        "learn a head from scratch; model.head_init = 'label_names' starts the head from the label names "
-        "(zero-shot, no epsilon spent) and with a smaller train.lr keeps more of it (Banking77 at epsilon 1, "
-        "docs/benchmarks.md)",
+        "learn a head from scratch; for an encoder with a linear head (BERT, MiniLM, DeBERTa-v2), model.head_init = "
+        "'label_names' starts the head from the label names (zero-shot, no epsilon spent) and with a smaller "
+        "train.lr keeps more of it (Banking77 at epsilon 1, docs/benchmarks.md)",
     )
 
 

@@ -79,6 +79,19 @@ def test_a_head_over_token_states_is_refused_naming_the_model(tiny_llama_spec):
         build_adapted_model(spec, LoraSettings(rank=2))
 
 
+def test_a_run_on_a_model_whose_head_cannot_take_the_prior_is_refused_before_anything_is_written(tmp_path):
+    from fedtune.common.models.lora import checked_model_spec
+
+    overrides = ["model.name='tiny-llama'", "lora.target_modules=['q_proj', 'v_proj']", f"run.output_dir='{tmp_path}'"]
+    cfg = load_config(preset_path("banking77-minilm"), [*overrides, "model.head_init='label_names'"])
+    with pytest.raises(ConfigError, match=r"needs a single linear head.*LlamaForSequenceClassification \(llama\)"):
+        checked_model_spec(cfg)
+    assert list(tmp_path.iterdir()) == []
+    assert checked_model_spec(load_config(preset_path("banking77-minilm"), overrides)).head_init == "random"
+    encoder = load_config(preset_path("banking77-minilm"), ["model.name='tiny-bert'", "model.head_init='label_names'"])
+    assert checked_model_spec(encoder).head_init == "label_names"
+
+
 def test_a_generative_task_with_a_label_prior_is_refused_at_the_config():
     with pytest.raises(ConfigError, match=r"model.head_init = 'label_names' starts a classification head"):
         load_config(preset_path("medquad-smollm2"), ["model.head_init='label_names'"])

@@ -260,6 +260,43 @@ def test_a_run_stops_early_tells_its_sites_merges_the_kept_round_and_a_resume_tr
     assert again.model.merged_from == [run_dir / "checkpoints" / f"round-{kept:04d}"]
 
 
+def test_a_head_from_the_label_names_makes_round_0_a_candidate_that_can_be_kept(tmp_path):
+    class NoSites:
+        def get_node_ids(self):
+            return [NODE]
+
+    def zero_shot(grid, nodes, round_):  # the label-name head before training: better than every trained round
+        return {"round": round_, "server": {"accuracy": 0.95, "loss": 2.0}, "clients": {}}
+
+    changes = ["federation.early_stopping.enabled=false"]
+    server, trained = _server(tmp_path / "run", [*changes, "model.head_init='label_names'"])
+    server.evaluate_round = zero_shot  # type: ignore[method-assign]
+    records = server.run(NoSites(), resume=False)  # type: ignore[arg-type]
+    outcome = server.finish(records)
+    assert trained == [1, 2, 3, 4, 5, 6] and records[0]["status"] == "base model, head from the label names"
+    assert (tmp_path / "run" / "checkpoints" / "round-0000" / "round.json").exists()
+    assert outcome["kept-round"] == 0
+    assert (
+        "kept round 0: best held-out accuracy (max): 0.9500 at round 0"
+        in (tmp_path / "run" / "summary.txt").read_text()
+    )
+    assert server.model.merged_from == [tmp_path / "run" / "checkpoints" / "round-0000"]
+
+    # Without the prior round 0 is the base model: no checkpoint, and the best trained round is kept.
+    plain, _ = _server(tmp_path / "plain", changes)
+    plain.evaluate_round = zero_shot  # type: ignore[method-assign]
+    assert plain.finish(plain.run(NoSites(), resume=False))["kept-round"] == 5  # type: ignore[arg-type]
+    assert not (tmp_path / "plain" / "checkpoints" / "round-0000").exists()
+
+
+def test_round_0_in_the_history_is_the_reference_that_training_must_beat():
+    records = [{"round": r, "server": {"accuracy": a}} for r, a in enumerate([0.62, 0.5, 0.6, 0.625])]
+    assert metric_history(records, "accuracy", first_round=0)[0] == (0, 0.62)
+    with_zero = stop_decision(metric_history(records, "accuracy", first_round=0), Watch("accuracy", True, 3, 0.01))
+    assert with_zero is not None and with_zero.reference_round == 0  # 0.625 is not 0.01 above 0.62
+    assert stop_decision(metric_history(records, "accuracy"), Watch("accuracy", True, 3, 0.01)) is None
+
+
 def test_without_early_stopping_every_round_trains_and_the_best_is_still_merged(tmp_path):
     server, trained = _server(tmp_path / "run", ["federation.early_stopping.enabled=false"])
 
