@@ -29,6 +29,7 @@ SEEDS = 3
 EPSILONS = (1.0, 8.0, None)  # None: the same clipped steps without noise
 # (prior norm or None for the architecture's random head, server-side lr of the one SGD step)
 CELLS = (
+    (None, 15.0),
     (None, 30.0),
     (None, 60.0),
     (2.0, 15.0),

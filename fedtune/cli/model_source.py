@@ -114,7 +114,12 @@ class TrainedModel:
         seed = int(self.raw_config.get("run", {}).get("seed", 0))
         model_cfg = self.model_config()
         spec = BaseModelSpec(
-            resolve_model_dir(model_cfg, seed), self.task.name, model_cfg.dtype, tuple(self.labels()), model_cfg.pooling
+            resolve_model_dir(model_cfg, seed),
+            self.task.name,
+            model_cfg.dtype,
+            tuple(self.labels()),
+            model_cfg.pooling,
+            model_cfg.quantization,  # the base the adapter was trained on, quantised as it was
         )
         tokenizer = load_tokenizer(spec)
         return _loaded(spec.directory, lambda: load_base_model(spec, tokenizer.pad_token_id)).eval(), tokenizer

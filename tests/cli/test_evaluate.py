@@ -123,3 +123,23 @@ def test_predict_and_generate_refuse_the_other_task(classifier_run, lm_run, caps
 def test_generate_completes_a_prompt(lm_run, capsys):
     assert main(["generate", str(lm_run.run_dir), "What is CFS?", "--max-new-tokens", "3"]) == ExitCode.OK
     assert capsys.readouterr().err == ""
+
+
+def test_a_checkpoint_trained_on_a_quantised_base_is_loaded_on_that_base(classifier_run, monkeypatch):
+    """Not silently on a full-precision one: the base keeps model.quantization (and refuses where it cannot run)."""
+    import dataclasses
+
+    import fedtune.common.models.loading as loading
+    from fedtune.cli.model_source import locate
+
+    seen = []
+    monkeypatch.setattr(loading, "load_base_model", lambda spec, *args, **kwargs: seen.append(spec) or _Eval())
+    trained = locate(classifier_run.run_dir / "checkpoints" / "round-0002")
+    raw = {**trained.raw_config, "model": {**trained.raw_config["model"], "quantization": "4bit"}}
+    dataclasses.replace(trained, raw_config=raw).load_base()
+    assert seen[-1].quantization == "4bit"
+
+
+class _Eval:
+    def eval(self):
+        return self
